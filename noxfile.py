@@ -1,0 +1,124 @@
+"""The test matrix (ARCHITECTURE §10). `nox` runs the default sessions; `nox -l` lists them.
+
+Each backend session installs core plus that backend only, torch first from the local CPU wheel
+so pip never pulls a CUDA build. Wheels are built once per run and the `wheels` session installs
+them (not editable checkouts) to catch missing package data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = ROOT / "packages"
+TORCH = "torch==2.13.0"  # the CPU wheel on this machine's disk; never let pip choose
+TEST_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "core", "wheels", "hf", "docs"]
+
+
+def _enable_pyenv_versions() -> None:
+    """Let `python3.12` resolve through pyenv shims when only 3.11 is the global version."""
+    if "PYENV_VERSION" in os.environ or not shutil.which("pyenv"):
+        return
+    try:
+        out = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    versions = [v.strip() for v in out.splitlines() if v.strip() and v.strip()[0].isdigit()]
+    wanted = [v for v in versions if v.startswith(("3.11.", "3.12."))]
+    if wanted:
+        os.environ["PYENV_VERSION"] = ":".join(sorted(wanted))
+
+
+_enable_pyenv_versions()
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    session.run("python", "-m", "pytest", *paths, *session.posargs, env=TEST_ENV)
+
+
+def _install_fixture_backend(session: nox.Session) -> None:
+    session.install("--no-deps", "--no-build-isolation", str(ROOT / "tests/core/fixtures/primus-toy-backend"))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python=["3.11", "3.12"])
+def core(session: nox.Session) -> None:
+    session.install("-e", str(PACKAGES / "primus-core"), "pytest", "hatchling")
+    _install_fixture_backend(session)
+    _pytest(session, "tests/core")
+
+
+@nox.session(python="3.11")
+def wheels(session: nox.Session) -> None:
+    """Build every package's wheel, install the wheels (not checkouts), smoke-test them."""
+    dist = ROOT / ".nox" / "_wheels"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.install("build")
+    packages = sorted(p for p in PACKAGES.iterdir() if (p / "pyproject.toml").exists())
+    for pkg in packages:
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), str(pkg), silent=True)
+    session.install(TORCH)
+    session.install(*[str(w) for w in sorted(dist.glob("*.whl"))])
+    session.run("python", "-m", "pytest", "tests/wheels", *session.posargs, env=TEST_ENV)
+
+
+def _backend_session(session: nox.Session, name: str, *, torch: bool) -> None:
+    if torch:
+        session.install(TORCH)
+    session.install("-e", str(PACKAGES / "primus-core"), "-e", str(PACKAGES / f"primus-{name}"), "pytest")
+    _pytest(session, f"tests/{name}")
+
+
+@nox.session(python="3.11")
+def hf(session: nox.Session) -> None:
+    _backend_session(session, "hf", torch=True)
+
+
+@nox.session(python="3.11")
+def megatron(session: nox.Session) -> None:
+    _backend_session(session, "megatron", torch=True)
+
+
+@nox.session(python="3.11")
+def torchtitan(session: nox.Session) -> None:
+    _backend_session(session, "torchtitan", torch=True)
+
+
+@nox.session(python="3.12")
+def maxtext(session: nox.Session) -> None:
+    _backend_session(session, "maxtext", torch=False)
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Generated docs match the registries of every backend package in the repo."""
+    session.install(TORCH)
+    installable = [p for p in sorted(PACKAGES.iterdir()) if (p / "pyproject.toml").exists()
+                   and p.name != "primus-maxtext"]  # maxtext needs Python 3.12; its page is checked there
+    args = []
+    for p in installable:
+        args += ["-e", str(p)]
+    session.install(*args, "pytest")
+    _pytest(session, "tests/docs")
+
+
+@nox.session(python="3.11", default=False)
+def bench(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", str(PACKAGES / "primus-core"), "-e", str(PACKAGES / "primus-hf"))
+    session.run("python", "bench/cli_startup.py")
+    session.run("python", "bench/overhead.py", "hf", env=TEST_ENV)

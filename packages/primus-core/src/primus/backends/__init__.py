@@ -1,0 +1,1 @@
+"""Backend discovery: the `primus.backends` entry-point group and the light spec each one exports."""

@@ -1,0 +1,60 @@
+"""The heavy half of a backend: what runs in each worker process.
+
+Core builds a `RunContext` and calls `Adapter.run()`. The adapter translates the resolved config
+into the framework's objects, calls `ctx.apply_patches(phase)` at each phase, trains, and reports
+every logged step through `ctx.metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from primus.config.resolve import ResolvedModule
+from primus.patches.registry import Phase, PatchContext, PatchSet
+from primus.runs.metrics import MetricsWriter
+
+
+@dataclass
+class RunContext:
+    module: ResolvedModule
+    run_dir: Path
+    platform: str
+    arch: str | None
+    rank: int
+    local_rank: int
+    world_size: int
+    patches: PatchSet
+    patch_context: PatchContext
+    metrics: MetricsWriter
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def native(self) -> dict[str, Any]:
+        return self.module.native
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        configured = self.module.module.checkpoint.dir
+        return Path(configured).expanduser().resolve() if configured else self.run_dir / "checkpoints"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or "LOCAL_RANK" in os.environ
+
+    def apply_patches(self, phase: Phase, **state: Any) -> list[str]:
+        """Apply `phase`'s patches; `state` (model, args, trainer, ...) is visible to them."""
+        self.patch_context.state.update(state)
+        return self.patches.apply_phase(phase, self.patch_context)
+
+
+class Adapter:
+    """Subclass per backend; `run` trains and returns normally or raises."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def run(self) -> None:
+        raise NotImplementedError

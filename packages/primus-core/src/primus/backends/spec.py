@@ -1,0 +1,62 @@
+"""`BackendSpec`: what a backend package tells core, as plain data.
+
+A backend package's top-level `__init__` builds one of these and nothing else, so loading every
+entry point stays cheap. Everything heavy is named by an import string and loaded on use:
+
+- `translator` (light): turns neutral sections and model specs into native keys, knows the native
+  key set, checks the config before anything is created. Must not import the framework.
+- `patches`, `env` (light): the backend's patch and env records; patch functions import the
+  framework inside their bodies.
+- `adapter` (heavy): runs training; imported only when a run of this backend starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+ProcessModel = Literal["torchrun", "per-host"]
+
+
+def load_object(ref: str) -> Any:
+    """Import `"package.module:attribute"`."""
+    module_name, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    framework: str  # the framework's distribution name, e.g. "transformers"
+    supported: str  # PEP 440 range of the framework, e.g. ">=5.0,<6"
+    presets: str  # package holding module presets (and models/), read with importlib.resources
+    adapter: str  # "primus_hf.adapter:HFAdapter"
+    translator: str  # "primus_hf.translate:HFTranslator"
+    process_model: ProcessModel = "torchrun"
+    patches: str | None = None  # "primus_hf.patches:PATCHES"
+    env: str | None = None  # "primus_hf.env:ENV"
+    model_families: tuple[str, ...] = ()
+    description: str = ""
+    install_hint: str = ""  # what to pip install; default "primus-<name>"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def preset_dir(self) -> Path:
+        return Path(str(resources.files(self.presets)))
+
+    def load_translator(self) -> Any:
+        return load_object(self.translator)()
+
+    def load_adapter_class(self) -> Any:
+        return load_object(self.adapter)
+
+    def load_patches(self) -> list[Any]:
+        return list(load_object(self.patches)) if self.patches else []
+
+    def load_env(self) -> list[Any]:
+        return list(load_object(self.env)) if self.env else []

@@ -1,0 +1,124 @@
+"""`primus` argument parsing and error handling (exit codes: 0 ok, 1 training failure, 2 usage)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from primus import __version__
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other usage error
+        sys.stderr.write(f"primus: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("launch (defaults from GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT)")
+    g.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (torch backends)")
+    g.add_argument("--nnodes", type=int, default=None)
+    g.add_argument("--node-rank", type=int, default=None)
+    g.add_argument("--master-addr", default=None)
+    g.add_argument("--master-port", type=int, default=None)
+    g.add_argument("--max-restarts", type=int, default=None, help="torchrun restarts of failed workers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="primus", description="One experiment YAML, one command, four training backends.")
+    parser.add_argument("--version", action="version", version=f"primus {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="resolve an experiment and train")
+    run.add_argument("exp", help="experiment YAML")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted paths inside the module (train.steps=10); a bare key is a native override")
+    run.add_argument("--module", help="run only this module")
+    run.add_argument("--dry-run", action="store_true", help="print what would happen and exit 0; touch nothing")
+    _add_launch_args(run)
+
+    train = sub.add_parser("train", help="upstream form: primus train pretrain --config EXP [key=value ...]")
+    train.add_argument("task", choices=["pretrain", "posttrain", "sft"])
+    train.add_argument("--config", "--exp", dest="exp", required=True)
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("--module", help="run only this module")
+    train.add_argument("--dry-run", action="store_true")
+    _add_launch_args(train)
+
+    sub.add_parser("backends", help="list installed backends")
+
+    config = sub.add_parser("config", help="show, validate or describe experiment configs")
+    csub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True, parser_class=_Parser)
+    show = csub.add_parser("show", help="print the resolved module config")
+    show.add_argument("exp")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument("--module")
+    show.add_argument("--explain", metavar="KEY", help="which layer and file set KEY")
+    show.add_argument("--sources", action="store_true", help="print the layer of every value")
+    validate = csub.add_parser("validate", help="check an experiment without running it")
+    validate.add_argument("exp")
+    validate.add_argument("overrides", nargs="*", metavar="key=value")
+    validate.add_argument("--nproc-per-node", type=int, default=1)
+    validate.add_argument("--nnodes", type=int, default=1)
+    csub.add_parser("schema", help="print the JSON Schema of experiment files")
+
+    patches = sub.add_parser("patches", help="list patches and whether they would apply")
+    patches.add_argument("--backend")
+    patches.add_argument("--markdown", action="store_true")
+    patches.add_argument("--platform", choices=["rocm", "cuda", "cpu"])
+    patches.add_argument("--exp", help="decide with this experiment's config")
+
+    env = sub.add_parser("env", help="print the environment Primus would set")
+    env.add_argument("--backend", required=True)
+    env.add_argument("--platform", choices=["rocm", "cuda", "cpu"])
+    env.add_argument("--arch", help="gfx arch on ROCm, e.g. gfx942")
+    env.add_argument("--all", action="store_true", help="also list entries that would not apply")
+
+    presets = sub.add_parser("presets", help="list model presets")
+    presets.add_argument("--backend")
+
+    docs = sub.add_parser("docs", help="generate docs/backends from the installed packages")
+    docs.add_argument("--out", default="docs/backends")
+    docs.add_argument("--check", action="store_true", help="exit 1 if the committed files differ")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command in ("run", "train"):
+        from primus.cli.run_cmd import cmd_run
+
+        return cmd_run(args)
+    if command == "config":
+        from primus.cli import config_cmd
+
+        return {"show": config_cmd.cmd_show, "validate": config_cmd.cmd_validate,
+                "schema": config_cmd.cmd_schema}[args.config_command](args)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    from primus.cli import info_cmd
+
+    handlers = {"backends": info_cmd.cmd_backends, "patches": info_cmd.cmd_patches, "env": info_cmd.cmd_env,
+                "presets": info_cmd.cmd_presets, "docs": info_cmd.cmd_docs}
+    return handlers[command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    from primus.errors import ConfigError
+
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"primus: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

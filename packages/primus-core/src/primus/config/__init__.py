@@ -1,0 +1,1 @@
+"""Experiment configuration: YAML loading, schema, resolution layers and provenance."""

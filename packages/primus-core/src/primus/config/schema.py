@@ -1,0 +1,124 @@
+"""The experiment file's schema: the skeleton and the neutral sections, as pydantic models.
+
+Neutral sections say what a training engineer means (steps, lr, batch sizes, parallel degrees) in
+one vocabulary for every backend; each backend translates them to its native keys. A field left
+unset (None) means "keep the backend preset's value", so only what the user wrote is translated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainSection(_Strict):
+    steps: PositiveInt | None = Field(None, description="Optimizer steps to train.")
+    lr: PositiveFloat | None = Field(None, description="Peak learning rate.")
+    min_lr: float | None = Field(None, ge=0, description="Learning rate at the end of the decay.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] | None = Field(None, description="Decay after warmup.")
+    micro_batch_size: PositiveInt | None = Field(None, description="Sequences per device per micro step.")
+    global_batch_size: PositiveInt | None = Field(
+        None, description="Sequences per optimizer step: micro x data-parallel x accumulation.")
+    seq_length: PositiveInt | None = Field(None, description="Tokens per sequence.")
+    seed: int | None = Field(None, ge=0, description="Random seed.")
+    weight_decay: float | None = Field(None, ge=0)
+    grad_clip: float | None = Field(None, ge=0, description="Max global grad norm; 0 disables clipping.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
+        None, description="auto: bf16 on GPUs, fp32 on CPU.")
+    log_interval: PositiveInt | None = Field(None, description="Steps between logged metrics.")
+    eval_interval: PositiveInt | None = Field(None, description="Steps between validation passes.")
+    eval_steps: PositiveInt | None = Field(None, description="Batches per validation pass.")
+
+
+class ParallelSection(_Strict):
+    tensor: PositiveInt | None = None
+    pipeline: PositiveInt | None = None
+    data: PositiveInt | Literal["auto"] | None = Field(None, description="auto: world / (tensor x pipeline x context).")
+    expert: PositiveInt | None = None
+    context: PositiveInt | None = None
+    fsdp: bool | None = Field(None, description="Shard parameters, grads and optimizer state (FSDP).")
+
+
+class DataSection(_Strict):
+    mock: bool | None = Field(None, description="Synthetic tokens, seeded; needs no files.")
+    path: str | None = Field(None, description="Local text or JSONL corpus.")
+    text_key: str | None = Field(None, description="JSONL field holding the text (default 'text').")
+    tokenizer: str | None = Field(None, description="Local tokenizer directory.")
+    valid_fraction: float | None = Field(None, ge=0, lt=1, description="Share of documents held out for validation.")
+
+    @model_validator(mode="after")
+    def _mock_or_path(self) -> DataSection:
+        if self.mock and self.path:
+            raise ValueError("set either `mock: true` or `path`, not both")
+        return self
+
+
+class CheckpointSection(_Strict):
+    dir: str | None = Field(None, description="Default: <run dir>/checkpoints.")
+    interval: PositiveInt | None = Field(None, description="Steps between checkpoints.")
+    resume: Literal["auto", "never"] | bool | None = Field(
+        None, description="auto: continue from the newest complete checkpoint.")
+    keep_last: PositiveInt | None = Field(None, description="Checkpoints kept on disk.")
+
+
+NEUTRAL_SECTIONS: dict[str, type[_Strict]] = {
+    "train": TrainSection,
+    "parallel": ParallelSection,
+    "data": DataSection,
+    "checkpoint": CheckpointSection,
+}
+
+
+class ModuleConfig(_Strict):
+    """One module of an experiment (`modules.pre_trainer`, ...)."""
+
+    framework: str = Field(description="A backend name from the primus.backends entry-point group.")
+    config: str | None = Field(None, description="The backend's module preset, e.g. pre_trainer.yaml.")
+    model: str | dict[str, Any] | None = Field(
+        None, description="A model preset file (neutral or backend-native) or an inline mapping.")
+    train: TrainSection = Field(default_factory=TrainSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Backend-native keys.")
+    # module_base fields (upstream names); None keeps module_base.yaml's value.
+    trainable: bool | None = None
+    sink_level: LogLevel | None = None
+    file_sink_level: LogLevel | None = None
+    stderr_sink_level: LogLevel | None = None
+
+
+class Experiment(_Strict):
+    """The experiment file."""
+
+    work_group: str = "amd"
+    user_name: str = "root"
+    exp_name: str
+    workspace: str = "./output"
+    env: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Exported before the backend is imported; wins over platform defaults.")
+    modules: dict[str, ModuleConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_are_path_safe(self) -> Experiment:
+        for field_name in ("work_group", "user_name", "exp_name"):
+            value = getattr(self, field_name)
+            if not value or value in (".", "..") or "/" in value or "\0" in value:
+                raise ValueError(f"{field_name} must be a plain name (no '/', not '.' or '..'), got {value!r}")
+        return self
+
+
+def experiment_json_schema() -> dict[str, Any]:
+    """JSON Schema of the experiment file, for editors."""
+    schema = Experiment.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Primus experiment"
+    return schema

@@ -1,0 +1,1 @@
+"""Launch plans: how the worker processes start (ARCHITECTURE §8)."""

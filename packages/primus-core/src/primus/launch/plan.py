@@ -1,0 +1,100 @@
+"""A launch plan is the worker command plus the environment, rendered for a launcher.
+
+Primus never manages processes itself: one process runs in-process, more are handed to torchrun
+(`os.execvpe`, so signals reach the launcher and its exit code is ours).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from primus.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    max_restarts: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @classmethod
+    def from_args(cls, *, nproc_per_node: int | None, nnodes: int | None, node_rank: int | None,
+                  master_addr: str | None, master_port: int | None, max_restarts: int | None = None,
+                  default_nproc: int = 1, environ: dict[str, str] | None = None) -> LaunchOptions:
+        """Command-line values win; then NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE."""
+        env = os.environ if environ is None else environ
+
+        def pick(value: int | str | None, var: str, default: int | str, cast: type) -> int | str:
+            if value is not None:
+                return value
+            raw = env.get(var)
+            if raw in (None, ""):
+                return default
+            try:
+                return cast(raw)
+            except ValueError:
+                raise ConfigError(f"{var}={raw!r} is not a valid {cast.__name__}", key=var,
+                                  fix=f"unset {var} or give a number") from None
+
+        opts = cls(
+            nproc_per_node=int(pick(nproc_per_node, "GPUS_PER_NODE", default_nproc, int)),
+            nnodes=int(pick(nnodes, "NNODES", 1, int)),
+            node_rank=int(pick(node_rank, "NODE_RANK", 0, int)),
+            master_addr=str(pick(master_addr, "MASTER_ADDR", "127.0.0.1", str)),
+            master_port=int(pick(master_port, "MASTER_PORT", 29500, int)),
+            max_restarts=int(max_restarts or 0),
+        )
+        if opts.nproc_per_node < 1 or opts.nnodes < 1:
+            raise ConfigError("--nproc-per-node and --nnodes must be at least 1", key="launch")
+        if not 0 <= opts.node_rank < opts.nnodes:
+            raise ConfigError(f"--node-rank {opts.node_rank} is outside 0..{opts.nnodes - 1}", key="launch")
+        return opts
+
+
+@dataclass
+class LaunchPlan:
+    kind: str  # "in-process" | "torchrun"
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def render(self) -> str:
+        if self.kind == "in-process":
+            return "in-process (one worker in this process)"
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (f"{env} " if env else "") + shlex.join(self.argv)
+
+
+def worker_argv(run_dir: Path, module: str) -> list[str]:
+    return ["-m", "primus.runs.worker", str(run_dir), module]
+
+
+def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOptions) -> LaunchPlan:
+    if opts.world_size == 1 and opts.nnodes == 1:
+        return LaunchPlan("in-process")
+    if process_model == "torchrun":
+        argv = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nproc-per-node", str(opts.nproc_per_node),
+            "--nnodes", str(opts.nnodes),
+            "--node-rank", str(opts.node_rank),
+            "--master-addr", opts.master_addr,
+            "--master-port", str(opts.master_port),
+        ]
+        if opts.max_restarts:
+            argv += ["--max-restarts", str(opts.max_restarts)]
+        return LaunchPlan("torchrun", argv + worker_argv(run_dir, module))
+    # per-host (JAX): one process on this host; the coordinator comes from the environment
+    env = {"PRIMUS_COORDINATOR": f"{opts.master_addr}:{opts.master_port}", "PRIMUS_NUM_PROCESSES": str(opts.nnodes),
+           "PRIMUS_PROCESS_ID": str(opts.node_rank)}
+    return LaunchPlan("per-host", [sys.executable, *worker_argv(run_dir, module)], env)

@@ -1,0 +1,1 @@
+"""Neutral model descriptions that every backend translates to its own keys."""

@@ -1,0 +1,192 @@
+"""Patch records and the machinery that decides, applies and undoes them.
+
+A patch is data plus a function. Core decides whether it applies (selection by PRIMUS_PATCHES,
+platform, framework version, enabling key or predicate) and applies it at its phase; `apply`
+returns the undo. A patch whose target is missing in the installed framework fails loudly with its
+id and the framework version, unless it is optional.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+Phase = Literal["before_import", "build_args", "setup", "before_train", "after_train"]
+PHASES: tuple[Phase, ...] = ("before_import", "build_args", "setup", "before_train", "after_train")
+ALL_PLATFORMS = frozenset({"rocm", "cuda", "cpu"})
+
+Undo = Callable[[], None]
+
+
+@dataclass
+class PatchContext:
+    """What a patch sees when deciding and applying."""
+
+    backend: str
+    platform: str
+    framework_version: str | None
+    config: dict[str, Any] = field(default_factory=dict)  # the module's resolved native keys
+    arch: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # objects the adapter shares (model, args, ...)
+
+
+@dataclass(frozen=True)
+class Patch:
+    id: str
+    backend: str
+    target: str  # dotted name it changes, e.g. "torch.distributed.set_timeout"
+    phase: Phase
+    description: str
+    apply: Callable[[PatchContext], Undo | None]
+    versions: str = ""  # PEP 440 range of the framework; "" = any
+    platforms: frozenset[str] = ALL_PLATFORMS
+    enabled_by: str | None = None  # native config key that must be truthy
+    enabled_by_default: bool = True  # value assumed when enabled_by is missing from the config
+    predicate: Callable[[PatchContext], bool] | None = None
+    predicate_doc: str = ""  # when the predicate holds, for the docs
+    optional: bool = False  # a missing target skips the patch instead of failing
+    kind: Literal["feature", "platform"] = "platform"
+    check_target: bool = True  # False for targets that exist only after an import or are being added
+
+
+@dataclass(frozen=True)
+class PatchDecision:
+    patch: Patch
+    applies: bool
+    reason: str
+
+
+class PatchTargetMissing(RuntimeError):
+    pass
+
+
+def resolve_target(dotted: str) -> Any:
+    """Import the longest importable module prefix of `dotted`, then walk attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def _selection(environ: dict[str, str] | os._Environ[str]) -> tuple[str, set[str]]:
+    raw = environ.get("PRIMUS_PATCHES", "all").strip()
+    if raw in ("", "all"):
+        return "all", set()
+    if raw == "none":
+        return "none", set()
+    return "ids", {p.strip() for p in raw.split(",") if p.strip()}
+
+
+class PatchSet:
+    """The patches of one backend, applied phase by phase, undone in reverse."""
+
+    def __init__(self, patches: Iterable[Patch], environ: dict[str, str] | None = None) -> None:
+        self.patches = list(patches)
+        ids = [p.id for p in self.patches]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate patch ids: {sorted(dup)}")
+        self.environ = os.environ if environ is None else environ
+        self._undo: list[tuple[str, Undo]] = []
+        self.applied: list[str] = []
+
+    def decide(self, patch: Patch, ctx: PatchContext) -> PatchDecision:
+        mode, ids = _selection(self.environ)
+        if mode == "none":
+            return PatchDecision(patch, False, "PRIMUS_PATCHES=none")
+        if mode == "ids" and patch.id not in ids:
+            return PatchDecision(patch, False, "not selected by PRIMUS_PATCHES")
+        if ctx.platform not in patch.platforms:
+            return PatchDecision(patch, False, f"platform {ctx.platform} not in {sorted(patch.platforms)}")
+        if patch.versions:
+            if ctx.framework_version is None:
+                return PatchDecision(patch, False, "framework not installed")
+            if Version(ctx.framework_version) not in SpecifierSet(patch.versions):
+                return PatchDecision(patch, False, f"framework {ctx.framework_version} outside {patch.versions}")
+        if patch.enabled_by is not None:
+            value = ctx.config.get(patch.enabled_by, patch.enabled_by_default)
+            if not value:
+                return PatchDecision(patch, False, f"{patch.enabled_by} is off")
+        if patch.predicate is not None and not patch.predicate(ctx):
+            return PatchDecision(patch, False, f"condition not met: {patch.predicate_doc or 'predicate'}")
+        reason = "selected" if mode == "ids" else "applies"
+        if patch.enabled_by:
+            reason = f"{patch.enabled_by} is on"
+        return PatchDecision(patch, True, reason)
+
+    def explain(self, ctx: PatchContext) -> list[PatchDecision]:
+        return [self.decide(p, ctx) for p in self.patches]
+
+    def apply_phase(self, phase: Phase, ctx: PatchContext) -> list[str]:
+        """Apply the patches of `phase` that should apply; returns their ids."""
+        done = []
+        for patch in self.patches:
+            if patch.phase != phase or not self.decide(patch, ctx).applies:
+                continue
+            if patch.check_target and phase != "before_import":
+                try:
+                    resolve_target(patch.target)
+                except (ImportError, AttributeError):
+                    if patch.optional:
+                        continue
+                    raise PatchTargetMissing(
+                        f"patch {patch.id}: target {patch.target} not found in {ctx.backend}'s framework "
+                        f"{ctx.framework_version or '(not installed)'}; set PRIMUS_PATCHES to skip it"
+                    ) from None
+            undo = patch.apply(ctx)
+            if undo is not None:
+                self._undo.append((patch.id, undo))
+            done.append(patch.id)
+            self.applied.append(patch.id)
+        return done
+
+    def undo_all(self) -> None:
+        while self._undo:
+            _, undo = self._undo.pop()
+            undo()
+
+
+def replace_attr(owner: Any, name: str, new: Any) -> Undo:
+    """Set `owner.name = new` and return the undo (restores or deletes)."""
+    missing = object()
+    old = getattr(owner, name, missing)
+    setattr(owner, name, new)
+
+    def undo() -> None:
+        if old is missing:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
+
+    return undo
+
+
+def patches_markdown(backend: str, patches: list[Patch]) -> str:
+    """The generated patch-notes table of one backend (docs/backends/<backend>.md)."""
+    lines = [
+        "| id | kind | phase | target | versions | platforms | enabled by | what it does |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in patches:
+        enabled = f"`{p.enabled_by}`" if p.enabled_by else (p.predicate_doc or "always")
+        if p.enabled_by:
+            enabled += " (default on)" if p.enabled_by_default else " (default off)"
+        lines.append(
+            f"| `{p.id}` | {p.kind} | {p.phase} | `{p.target}` | {p.versions or 'any'} | "
+            f"{', '.join(sorted(p.platforms))} | {enabled} | {p.description} |"
+        )
+    if not patches:
+        lines.append("| (none) | | | | | | | |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Core presets (package data): module_base.yaml and the neutral model presets under models/."""

@@ -1,0 +1,1 @@
+"""A run: its directory, logging, metrics stream and the worker entry that trains."""

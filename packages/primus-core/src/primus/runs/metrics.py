@@ -1,0 +1,100 @@
+"""The common metrics stream and the rank-0 progress line (ARCHITECTURE §4.7).
+
+Every backend calls `MetricsWriter.train_step` once per logged step; `metrics.jsonl` then has the
+same keys on every backend: step, loss, lr, grad_norm, tokens_per_s, step_time_s. Validation
+passes add lines with step, eval_loss and eval_ppl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s")
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step (rank 0 only) and prints the progress line."""
+
+    def __init__(self, path: Path, *, total_steps: int, rank: int = 0, module: str = "") -> None:
+        self.path = path
+        self.total_steps = total_steps
+        self.rank = rank
+        self.module = module
+        self._started = time.monotonic()
+        self._first_step: int | None = None
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if not self.is_writer:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train_step(self, step: int, *, loss: float, lr: float | None, grad_norm: float | None,
+                   tokens: int, step_time_s: float, **extra: Any) -> dict[str, Any]:
+        """Record one logged step. `tokens` is what the whole job processed in that step."""
+        step_time = max(float(step_time_s), 1e-9)
+        record = {
+            "step": int(step),
+            "loss": _num(loss),
+            "lr": _num(lr),
+            "grad_norm": _num(grad_norm),
+            "tokens_per_s": round(tokens / step_time, 3),
+            "step_time_s": round(step_time, 6),
+            **{k: _num(v) if isinstance(v, (int, float)) else v for k, v in extra.items()},
+        }
+        self._append(record)
+        if self.is_writer:
+            if self._first_step is None:
+                self._first_step, self._started = step, time.monotonic() - step_time
+            done = step - self._first_step + 1
+            elapsed = time.monotonic() - self._started
+            eta = elapsed / max(done, 1) * (self.total_steps - step)
+            parts = [f"step {step}/{self.total_steps}", f"loss {record['loss']:.4f}" if record["loss"] is not None
+                     else "loss nan"]
+            if record["lr"] is not None:
+                parts.append(f"lr {record['lr']:.2e}")
+            if record["grad_norm"] is not None:
+                parts.append(f"grad {record['grad_norm']:.3f}")
+            parts += [f"{record['tokens_per_s']:,.0f} tok/s", f"ETA {_eta(eta)}"]
+            logger.info(" | ".join(parts))
+        return record
+
+    def eval_step(self, step: int, *, loss: float) -> dict[str, Any]:
+        value = _num(loss)
+        ppl = math.exp(min(value, 50.0)) if value is not None else None
+        record = {"step": int(step), "eval_loss": value, "eval_ppl": ppl}
+        self._append(record)
+        if self.is_writer and value is not None:
+            logger.info(f"eval at step {step} | loss {value:.4f} | ppl {ppl:.2f}")
+        return record
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

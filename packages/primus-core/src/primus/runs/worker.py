@@ -1,0 +1,86 @@
+"""The worker entry: one per training process (ARCHITECTURE §4.7).
+
+`primus run` calls `run_worker` in-process for a single process, or execs torchrun with
+`python -m primus.runs.worker RUN_DIR MODULE`; each worker reads the resolved config back from the
+run directory, sets up logging, applies patches by phase and hands over to the backend's adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from loguru import logger
+
+from primus.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError
+
+
+def _int_env(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def run_worker(run_dir: Path, module_name: str) -> int:
+    from primus.backends.adapter import RunContext
+    from primus.backends.discovery import discover
+    from primus.patches.registry import PatchContext, PatchSet
+    from primus.platform.detect import detect_platform
+    from primus.runs.logs import setup_logging
+    from primus.runs.metrics import MetricsWriter
+    from primus.runs.rundir import read_module
+
+    run_dir = run_dir.resolve()
+    resolved, data = read_module(run_dir, module_name)
+    rank, local_rank = _int_env("RANK", 0), _int_env("LOCAL_RANK", 0)
+    world_size = _int_env("WORLD_SIZE", 1)
+    native = resolved.native
+    setup_logging(run_dir=run_dir, module=module_name, rank=rank,
+                  stderr_level=native.get("stderr_sink_level") or "INFO",
+                  file_level=native.get("file_sink_level") or "DEBUG",
+                  sink_level=native.get("sink_level"))
+    platform = detect_platform()
+    backend = discover().get(resolved.framework)
+    patches = PatchSet(backend.spec.load_patches())
+    pctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
+                        framework_version=backend.framework_version, config=native)
+    total = int(resolved.module.train.steps or native.get("train_iters") or native.get("max_steps") or 0)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", total_steps=total, rank=rank, module=module_name)
+    ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
+                     local_rank=local_rank, world_size=world_size, patches=patches, patch_context=pctx,
+                     metrics=metrics)
+    try:
+        ctx.apply_patches("before_import")
+        adapter_cls = backend.spec.load_adapter_class()
+        logger.info(f"training {module_name} with {backend.name} ({backend.spec.framework} "
+                    f"{backend.framework_version}) on {platform.describe()}, rank {rank}/{world_size}")
+        adapter_cls(ctx).run()
+    except ConfigError as exc:
+        logger.error(f"configuration error: {exc}")
+        print(f"primus: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    except Exception as exc:  # a failure in training: log it whole, exit 1
+        logger.error(f"training failed on rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        return EXIT_FAILURE
+    finally:
+        patches.undo_all()
+    logger.info(f"{module_name} finished; run directory {run_dir}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m primus.runs.worker RUN_DIR MODULE", file=sys.stderr)
+        return EXIT_USAGE
+    return run_worker(Path(args[0]), args[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
