@@ -330,9 +330,24 @@ def _check_parallel(module: ModuleConfig, model: ModelSpec | None, world_size: i
                 fix=f"use a multiple of {t.micro_batch_size * dp}")
 
 
+def _absolute_paths(module: ModuleConfig, base: Path) -> ModuleConfig:
+    """Relative data, tokenizer and checkpoint paths are relative to the experiment file's folder."""
+
+    def absolute(value: str | None) -> str | None:
+        if not value:
+            return value
+        p = Path(os.path.expandvars(value)).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    data = module.data.model_copy(update={"path": absolute(module.data.path),
+                                          "tokenizer": absolute(module.data.tokenizer)})
+    ckpt = module.checkpoint.model_copy(update={"dir": absolute(module.checkpoint.dir)})
+    return module.model_copy(update={"data": data, "checkpoint": ckpt})
+
+
 def resolve_module(name: str, experiment: Experiment, doc: YamlDoc, discovery: Discovery,
                    cli: CliOverrides, world_size: int, environ: dict[str, str] | None) -> ResolvedModule:
-    module = experiment.modules[name]
+    module = _absolute_paths(experiment.modules[name], doc.path.parent)
     file = str(doc.path)
     backend = discovery.get(module.framework, file=file, key=f"modules.{name}.framework")
     translator: Translator = backend.spec.load_translator()
