@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 ProcessModel = Literal["torchrun", "per-host"]
+Runtime = Literal["torch", "jax"]
 
 
 def load_object(ref: str) -> Any:
@@ -39,6 +40,7 @@ class BackendSpec:
     adapter: str  # "primus_hf.adapter:HFAdapter"
     translator: str  # "primus_hf.translate:HFTranslator"
     process_model: ProcessModel = "torchrun"
+    runtime: Runtime = "torch"  # picks core's env set (the ROCm torch set for "torch")
     patches: str | None = None  # "primus_hf.patches:PATCHES"
     env: str | None = None  # "primus_hf.env:ENV"
     model_families: tuple[str, ...] = ()

@@ -72,7 +72,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
     backend = discover().get(args.backend)
     platform, arch = _platform(args.platform, args.arch)
-    entries = core_entries(backend.name) + backend.spec.load_env()
+    entries = core_entries(backend.spec.runtime) + backend.spec.load_env()
     changes, decisions = plan_env(entries, platform=platform, arch=arch, environ=os.environ)
     print(f"# {backend.name} on {platform}" + (f" ({arch})" if arch else ""))
     for dec in decisions:

@@ -105,9 +105,36 @@ def _dispatch(args: argparse.Namespace) -> int:
     return handlers[command](args)
 
 
+def _extra_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Overrides after options, and upstream's `--key value` / `--key=value` form, as key=value."""
+    out: list[str] = []
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if item.startswith("--") and len(item) > 2:
+            key = item[2:]
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+                out.append(f"{key}={extra[i + 1]}")
+                i += 1
+            else:
+                out.append(f"{key}=true")
+        elif "=" in item and not item.startswith("-"):
+            out.append(item)
+        else:
+            parser.error(f"unrecognized argument: {item}")
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("run", "train"):
+            parser.error("unrecognized arguments: " + " ".join(extra))
+        args.overrides = list(args.overrides) + _extra_overrides(extra, parser)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

@@ -39,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     env_changes: dict[str, str] = {}
     for backend in resolved.backends.values():
-        entries = core_entries(backend.name) + backend.spec.load_env()
+        entries = core_entries(backend.spec.runtime) + backend.spec.load_env()
         changes, _ = plan_env(entries, platform=platform.kind, arch=platform.arch, environ=os.environ,
                               experiment_env=resolved.experiment.env)
         env_changes.update(changes)

@@ -36,15 +36,20 @@ class Layered:
         self.sources: dict[KeyPath, Source] = {}
 
     def apply(self, values: dict[str, Any], layer: str, file: str | None = None,
-              lines: dict[KeyPath, int] | None = None, sources: dict[KeyPath, Source] | None = None) -> None:
-        """Merge `values` over what is there; leaves get `sources[path]`, else (layer, file, line)."""
+              lines: dict[KeyPath, int] | None = None, sources: dict[KeyPath, Source] | None = None,
+              keep_layer_names: bool = False) -> None:
+        """Merge `values` over what is there; leaves get `sources[path]`, else (layer, file, line).
+
+        With `keep_layer_names` the layer names inside `sources` are kept (e.g. "neutral train").
+        """
         self.data = deep_merge(self.data, values)
         for path in flatten(values):
             # A leaf that replaces a mapping (or the reverse) drops the stale sources below it.
             for old in [p for p in self.sources if p[: len(path)] == path or path[: len(p)] == p]:
                 del self.sources[old]
             if sources and path in sources:
-                self.sources[path] = Source(layer, sources[path].file, sources[path].line)
+                src = sources[path]
+                self.sources[path] = src if keep_layer_names else Source(layer, src.file, src.line)
             else:
                 self.sources[path] = Source(layer, file, (lines or {}).get(path))
 

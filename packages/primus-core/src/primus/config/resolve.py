@@ -396,7 +396,7 @@ def resolve_module(name: str, experiment: Experiment, doc: YamlDoc, discovery: D
     layered.apply(neutral.values, "neutral", sources={
         tuple(k.split(".")): Source("neutral " + origin.split(".")[0], file,
                                     doc.line_of((*base_path, *origin.split("."))))
-        for k, origin in neutral.origins.items()})
+        for k, origin in neutral.origins.items()}, keep_layer_names=True)
     for level_key in ("trainable", "sink_level", "file_sink_level", "stderr_sink_level"):
         value = getattr(module, level_key)
         if value is not None:

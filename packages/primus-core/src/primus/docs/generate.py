@@ -58,6 +58,6 @@ def generate_docs() -> dict[str, str]:
         text.append("## Patches\n\n" + patches_markdown(name, patches) + "\n")
         text.append("## Environment (backend entries; core's entries for this backend follow)\n\n")
         text.append(_env_table(env) if env else "The backend adds no entries of its own.\n")
-        text.append("\n### Core entries\n\n" + _env_table(core_entries(name)))
+        text.append("\n### Core entries\n\n" + _env_table(core_entries(b.spec.runtime)))
         pages[f"{name}.md"] = "".join(text)
     return pages

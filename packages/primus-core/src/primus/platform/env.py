@@ -90,8 +90,6 @@ def plan_env(entries: Iterable[EnvEntry], *, platform: str, arch: str | None, en
 
 # ---------------------------------------------------------------- core's sets (shared/notes/rocm-env.md)
 
-TORCH_BACKENDS = frozenset({"megatron", "torchtitan", "hf"})
-
 ROCM_TORCH_BASE: list[EnvEntry] = [
     *env_entries(
         [
@@ -135,7 +133,7 @@ AINIC: list[EnvEntry] = env_entries(
 )
 
 
-def core_entries(backend: str) -> list[EnvEntry]:
-    """Core's entries for a backend: the torch set for torch backends, deterministic mode for all."""
-    entries = list(ROCM_TORCH_BASE) if backend in TORCH_BACKENDS else []
+def core_entries(runtime: str) -> list[EnvEntry]:
+    """Core's entries for a backend's runtime: the ROCm torch set for torch, deterministic mode for all."""
+    entries = list(ROCM_TORCH_BASE) if runtime == "torch" else []
     return entries + DETERMINISTIC + AINIC

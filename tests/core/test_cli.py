@@ -1,0 +1,129 @@
+import json
+import subprocess
+import sys
+
+from primus.runs.metrics import TRAIN_KEYS, read_metrics
+
+from .conftest import run_primus
+
+HEAVY = ("torch", "jax", "megatron", "transformers", "torchtitan", "maxtext")
+
+
+def test_help_and_backends_import_no_framework():
+    code = (
+        "import sys\n"
+        "from primus.cli.main import main\n"
+        "for argv in (['backends'], ['patches'], ['env', '--backend', 'toy']):\n"
+        "    assert main(argv) == 0\n"
+        f"heavy = [m for m in sys.modules if m.split('.')[0] in {HEAVY!r}]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import sys; from primus.cli.main import main\n"
+                        "try:\n  main(['--help'])\nexcept SystemExit: pass\n"
+                        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic','torch','loguru')))"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().endswith("[]"), r.stdout  # --help does not even import pydantic
+
+
+def test_backends_lists_toy():
+    r = run_primus("backends")
+    assert r.returncode == 0 and "toy" in r.stdout and "primus-toy-backend" in r.stdout
+
+
+def test_config_show_explain_and_schema(toy_exp):
+    exp, _ = toy_exp
+    r = run_primus("config", "show", str(exp), "seed=3")
+    assert r.returncode == 0 and "iters: 12" in r.stdout and "seed: 3" in r.stdout
+    r = run_primus("config", "show", str(exp), "--explain", "batch")
+    assert r.returncode == 0 and f"overrides ({exp}:12)" in r.stdout
+    r = run_primus("config", "show", str(exp), "--explain", "bach")
+    assert r.returncode == 2 and "did you mean 'batch'" in r.stderr
+    r = run_primus("config", "schema")
+    schema = json.loads(r.stdout)
+    assert "modules" in schema["properties"] and "TrainSection" in schema["$defs"]
+
+
+def test_dry_run_prints_plan_and_touches_nothing(toy_exp):
+    exp, ws = toy_exp
+    r = run_primus("run", str(exp), "--dry-run", "--nproc-per-node", "2", "--master-port", "29999")
+    assert r.returncode == 0, r.stderr
+    assert "torch.distributed.run --nproc-per-node 2" in r.stdout and "--master-port 29999" in r.stdout
+    assert "toy.mark_env" in r.stdout and "TOY_CPU_SETTING=on" in r.stdout
+    assert not ws.exists()
+
+
+def test_run_writes_run_dir_metrics_logs(toy_exp):
+    exp, ws = toy_exp
+    r = run_primus("run", str(exp), env={"XLA_FLAGS": "--other=9", "PRIMUS_TEAM": "x"})
+    assert r.returncode == 0, r.stderr
+    run_dir = ws / "team" / "me" / "toy"
+    for name in ("config.yaml", "env.json", "versions.json", "metrics.jsonl", "checkpoints"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "logs" / "pre_trainer" / "rank-0" / "primus.log").read_text().count("step ") >= 12
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(set(TRAIN_KEYS) <= set(row) for row in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"] / 4
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["TOY_CPU_SETTING"] == "on"
+    assert env["XLA_FLAGS"] == "--other=9 --toy_flag=1"  # merged flag by flag; the user's value wins
+    assert "step 12/12 | loss" in r.stderr  # the rank-0 progress line
+    assert json.loads((run_dir / "versions.json").read_text())["packaging"]
+
+
+def test_upstream_train_pretrain_alias(toy_exp):
+    exp, ws = toy_exp
+    r = run_primus("train", "pretrain", "--config", str(exp), "train.steps=3")
+    assert r.returncode == 0, r.stderr
+    assert len(read_metrics(ws / "team" / "me" / "toy" / "metrics.jsonl")) == 3
+
+
+def test_training_failure_exits_1(toy_exp):
+    exp, ws = toy_exp
+    r = run_primus("run", str(exp), "fail_at_step=3")
+    assert r.returncode == 1
+    assert "toy failure at step 3" in r.stderr
+    log = (ws / "team" / "me" / "toy" / "logs" / "pre_trainer" / "rank-0" / "primus.log").read_text()
+    assert "Traceback" in log  # the whole story is in the log file
+
+
+def test_experiment_env_wins_over_shell(toy_exp, write):
+    exp, ws = toy_exp
+    text = exp.read_text().replace("modules:", "env: {TOY_CPU_SETTING: from-exp, PRIMUS_X: 1}\nmodules:")
+    exp2 = write("exp2.yaml", text)
+    r = run_primus("run", str(exp2), env={"TOY_CPU_SETTING": "from-shell"})
+    assert r.returncode == 0, r.stderr
+    env = json.loads((ws / "team" / "me" / "toy" / "env.json").read_text())
+    assert env["TOY_CPU_SETTING"] == "from-exp" and env["PRIMUS_X"] == "1"
+
+
+def test_patches_and_env_commands():
+    r = run_primus("patches", "--backend", "toy")
+    assert r.returncode == 0
+    assert "apply  toy.mark_env" in r.stdout
+    assert "skip   toy.rocm_only" in r.stdout and "platform cpu" in r.stdout
+    assert "skip   toy.old_framework" in r.stdout and "outside <1" in r.stdout
+    r = run_primus("patches", "--backend", "toy", "--platform", "rocm")
+    assert "apply  toy.rocm_only" in r.stdout
+    r = run_primus("patches", "--backend", "toy", env={"PRIMUS_PATCHES": "none"})
+    assert "PRIMUS_PATCHES=none" in r.stdout
+    r = run_primus("patches", "--markdown")
+    assert "| `toy.mark_env` | feature | setup |" in r.stdout
+    r = run_primus("env", "--backend", "toy", "--platform", "rocm", "--arch", "gfx950")
+    assert r.returncode == 0 and "RCCL_WARP_SPEED_AUTO=0" in r.stdout and "HSA_NO_SCRATCH_RECLAIM=1" in r.stdout
+    r = run_primus("env", "--backend", "toy", "--platform", "rocm", "--arch", "gfx942")
+    assert "RCCL_WARP_SPEED_AUTO" not in r.stdout
+    r = run_primus("env", "--backend", "toy", "--platform", "rocm", env={"USING_AINIC": "1"})
+    assert "NCCL_IB_GID_INDEX=1" in r.stdout
+    r = run_primus("env", "--backend", "toy", "--platform", "rocm", env={"NCCL_IB_GID_INDEX": "7"})
+    assert "NCCL_IB_GID_INDEX" not in r.stdout
+    r = run_primus("env", "--backend", "toy", "--platform", "cpu")
+    assert "HSA_ENABLE_SDMA" not in r.stdout
+
+
+def test_presets_command():
+    r = run_primus("presets")
+    assert r.returncode == 0 and "llama3.1_8B.yaml" in r.stdout and "deepseek_v3.yaml" in r.stdout
