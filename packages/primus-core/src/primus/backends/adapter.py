@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from primus.config.resolve import ResolvedModule
-from primus.patches.registry import Phase, PatchContext, PatchSet
+from primus.patches.registry import PatchContext, PatchSet, Phase
 from primus.runs.metrics import MetricsWriter
 
 

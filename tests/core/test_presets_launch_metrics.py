@@ -1,0 +1,78 @@
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from primus.config.resolve import core_preset_dir
+from primus.errors import ConfigError
+from primus.launch.plan import LaunchOptions, plan_launch
+from primus.models.spec import ModelSpec
+from primus.runs.metrics import TRAIN_KEYS, MetricsWriter, read_metrics
+
+PRESETS = sorted((core_preset_dir() / "models").glob("*.yaml"))
+REQUIRED = {
+    "llama2_7B", "llama2_13B", "llama2_70B", "llama3_8B", "llama3_70B", "llama3.1_8B", "llama3.1_70B",
+    "llama3.1_405B", "llama3.2_1B", "llama3.2_3B", "llama3.3_70B", "qwen2.5_7B", "qwen2.5_72B", "qwen3_0.6B",
+    "qwen3_1.7B", "qwen3_8B", "qwen3_32B", "qwen3_30B_A3B", "mixtral_8x7B", "mixtral_8x22B", "deepseek_v2_lite",
+    "deepseek_v3", "llama3_tiny",
+}
+# total parameters (billions) from the model cards, where the name does not say it
+TOTALS = {"mixtral_8x7B": 46.7, "mixtral_8x22B": 141, "deepseek_v2_lite": 15.7, "deepseek_v3": 671,
+          "qwen3_30B_A3B": 30.5, "qwen2.5_7B": 7.61, "llama3.2_1B": 1.24}
+
+
+def test_all_required_presets_exist():
+    assert {p.stem for p in PRESETS} >= REQUIRED
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_is_a_valid_model_spec_of_its_size(path: Path):
+    spec = ModelSpec.model_validate(yaml.safe_load(path.read_text()))
+    billions = spec.parameter_count() / 1e9
+    expected = TOTALS.get(path.stem)
+    if expected is None:
+        m = re.search(r"_(\d+(?:\.\d+)?)B$", path.stem)
+        if not m:
+            assert billions < 0.01  # the tiny ones
+            return
+        expected = float(m.group(1))
+    assert math.isclose(billions, expected, rel_tol=0.08), (path.stem, billions)
+
+
+def test_launch_options_from_env_and_args():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "GPUS_PER_NODE": "8"}
+    o = LaunchOptions.from_args(nproc_per_node=None, nnodes=None, node_rank=None, master_addr=None,
+                                master_port=None, environ=env)
+    assert (o.nproc_per_node, o.nnodes, o.node_rank, o.master_addr, o.master_port) == (8, 2, 1, "10.0.0.1", 1234)
+    assert o.world_size == 16
+    o = LaunchOptions.from_args(nproc_per_node=2, nnodes=1, node_rank=0, master_addr=None, master_port=None,
+                                environ=env)
+    assert o.world_size == 2
+    plan = plan_launch("torchrun", Path("/runs/x"), "pre_trainer", o)
+    assert plan.kind == "torchrun"
+    assert plan.argv[1:9] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+                              "--node-rank", "0"]
+    assert plan.argv[-3:] == ["primus.runs.worker", "/runs/x", "pre_trainer"]
+    single = LaunchOptions.from_args(nproc_per_node=1, nnodes=1, node_rank=0, master_addr=None, master_port=None,
+                                     environ={})
+    assert plan_launch("torchrun", Path("/r"), "m", single).kind == "in-process"
+    with pytest.raises(ConfigError, match="NNODES='two'"):
+        LaunchOptions.from_args(nproc_per_node=None, nnodes=None, node_rank=None, master_addr=None,
+                                master_port=None, environ={"NNODES": "two"})
+    with pytest.raises(ConfigError, match="node-rank 3"):
+        LaunchOptions.from_args(nproc_per_node=1, nnodes=2, node_rank=3, master_addr=None, master_port=None,
+                                environ={})
+
+
+def test_metrics_writer_rank0_only_and_keys(tmp_path: Path):
+    w0 = MetricsWriter(tmp_path / "m.jsonl", total_steps=2, rank=0)
+    w1 = MetricsWriter(tmp_path / "m.jsonl", total_steps=2, rank=1)
+    w0.train_step(1, loss=2.0, lr=1e-3, grad_norm=float("nan"), tokens=1000, step_time_s=0.5)
+    w1.train_step(1, loss=9.0, lr=1e-3, grad_norm=1.0, tokens=1000, step_time_s=0.5)
+    w0.eval_step(1, loss=1.0)
+    rows = read_metrics(tmp_path / "m.jsonl")
+    assert len(rows) == 2
+    assert tuple(rows[0]) == TRAIN_KEYS and rows[0]["tokens_per_s"] == 2000 and rows[0]["grad_norm"] is None
+    assert rows[1] == {"step": 1, "eval_loss": 1.0, "eval_ppl": math.e}
