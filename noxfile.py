@@ -21,7 +21,9 @@ TEST_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHA
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "core", "wheels", "hf", "docs"]
+# Default sessions: a backend's session joins once its package exists in packages/.
+_BACKENDS = [b for b in ("hf", "megatron", "torchtitan", "maxtext") if (PACKAGES / f"primus-{b}").is_dir()]
+nox.options.sessions = ["lint", "core", "wheels", *_BACKENDS, "docs", "e2e"]
 
 
 def _enable_pyenv_versions() -> None:
@@ -103,17 +105,28 @@ def maxtext(session: nox.Session) -> None:
     _backend_session(session, "maxtext", torch=False)
 
 
+def _install_all_torch_backends(session: nox.Session) -> None:
+    """Core and every backend package that runs on Python 3.11 (maxtext needs 3.12: its own session)."""
+    session.install(TORCH)
+    args = []
+    for p in sorted(PACKAGES.iterdir()):
+        if (p / "pyproject.toml").exists() and p.name != "primus-maxtext":
+            args += ["-e", str(p)]
+    session.install(*args, "pytest")
+
+
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
-    """Generated docs match the registries of every backend package in the repo."""
-    session.install(TORCH)
-    installable = [p for p in sorted(PACKAGES.iterdir()) if (p / "pyproject.toml").exists()
-                   and p.name != "primus-maxtext"]  # maxtext needs Python 3.12; its page is checked there
-    args = []
-    for p in installable:
-        args += ["-e", str(p)]
-    session.install(*args, "pytest")
+    """Generated docs/backends pages match the registries of every backend package."""
+    _install_all_torch_backends(session)
     _pytest(session, "tests/docs")
+
+
+@nox.session(python="3.11")
+def e2e(session: nox.Session) -> None:
+    """Every backend installed together: discovery stays light, every example resolves and dry-runs."""
+    _install_all_torch_backends(session)
+    _pytest(session, "tests/e2e")
 
 
 @nox.session(python="3.11", default=False)

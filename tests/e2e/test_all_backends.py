@@ -1,0 +1,37 @@
+"""With every backend package installed (nox session `e2e`): discovery stays light, examples resolve."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "jax", "megatron", "transformers", "torchtitan", "maxtext", "numpy")
+
+
+def test_backends_command_imports_no_framework():
+    code = (
+        "import sys\nfrom primus.cli.main import main\n"
+        "assert main(['backends']) == 0\nassert main(['patches']) == 0\n"
+        f"print('HEAVY', sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY []" in r.stdout, r.stdout
+    assert "hf" in r.stdout
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_example_validates_and_dry_runs_without_side_effects(example: Path, tmp_path: Path):
+    from importlib.util import find_spec
+
+    if find_spec(f"primus_{example.parent.name}") is None:
+        pytest.skip(f"primus-{example.parent.name} not installed in this session")
+    ws = tmp_path / "ws"
+    for cmd in (["config", "validate", str(example), f"workspace={ws}"],
+                ["run", str(example), "--dry-run", f"workspace={ws}"]):
+        r = subprocess.run([sys.executable, "-m", "primus", *cmd], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    assert not ws.exists()
