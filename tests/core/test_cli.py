@@ -127,3 +127,14 @@ def test_patches_and_env_commands():
 def test_presets_command():
     r = run_primus("presets")
     assert r.returncode == 0 and "llama3.1_8B.yaml" in r.stdout and "deepseek_v3.yaml" in r.stdout
+
+
+def test_data_prepare_calls_the_backend_hook(toy_exp, write):
+    exp, _ = toy_exp
+    corpus = write("corpus.jsonl", '{"text": "a"}\n{"text": "b"}\n')
+    exp2 = write("exp_data.yaml", exp.read_text().replace("overrides:", "data: {path: corpus.jsonl}\n    overrides:"))
+    r = run_primus("data", "prepare", str(exp2))
+    assert r.returncode == 0, r.stderr
+    assert corpus.with_suffix(".toycache").read_text() == "2"
+    r = run_primus("data", "prepare", str(exp))
+    assert "nothing to prepare" in r.stdout

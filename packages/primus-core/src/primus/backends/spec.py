@@ -43,6 +43,9 @@ class BackendSpec:
     runtime: Runtime = "torch"  # picks core's env set (the ROCm torch set for "torch")
     patches: str | None = None  # "primus_hf.patches:PATCHES"
     env: str | None = None  # "primus_hf.env:ENV"
+    # "primus_megatron.data:prepare": f(resolved_module) -> str, converts local data to the
+    # backend's own format ahead of a run (`primus data prepare`); returns a one-line summary
+    data_prepare: str | None = None
     model_families: tuple[str, ...] = ()
     description: str = ""
     install_hint: str = ""  # what to pip install; default "primus-<name>"

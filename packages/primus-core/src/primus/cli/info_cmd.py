@@ -125,3 +125,24 @@ def cmd_docs(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(("checked " if args.check else "wrote ") + ", ".join(str(out / n) for n in pages))
     return EXIT_OK
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from primus.backends.spec import load_object
+    from primus.config.resolve import resolve
+    from primus.errors import ConfigError
+
+    resolved = resolve(args.exp, args.overrides, module=args.module)
+    modules = [m for m in resolved.modules.values() if not args.backend or m.framework == args.backend]
+    if not modules:
+        raise ConfigError(f"no module of backend '{args.backend}' in the experiment", file=args.exp)
+    for m in modules:
+        spec = resolved.backends[m.framework].spec
+        if spec.data_prepare is None:
+            print(f"{m.name}: backend {m.framework} reads data directly; nothing to prepare")
+            continue
+        if not m.module.data.path:
+            print(f"{m.name}: no data.path (mock data?); nothing to prepare")
+            continue
+        print(f"{m.name}: {load_object(spec.data_prepare)(m)}")
+    return EXIT_OK

@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="list model presets")
     presets.add_argument("--backend")
 
+    data = sub.add_parser("data", help="prepare local data in a backend's own format")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True, parser_class=_Parser)
+    prepare = dsub.add_parser("prepare", help="convert the experiment's corpus once (cached) before a run")
+    prepare.add_argument("exp")
+    prepare.add_argument("overrides", nargs="*", metavar="key=value")
+    prepare.add_argument("--module")
+    prepare.add_argument("--backend", help="only modules of this backend")
+
     docs = sub.add_parser("docs", help="generate docs/backends from the installed packages")
     docs.add_argument("--out", default="docs/backends")
     docs.add_argument("--check", action="store_true", help="exit 1 if the committed files differ")
@@ -100,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     from primus.cli import info_cmd
 
-    handlers = {"backends": info_cmd.cmd_backends, "patches": info_cmd.cmd_patches, "env": info_cmd.cmd_env,
+    handlers = {"data": info_cmd.cmd_data_prepare, "backends": info_cmd.cmd_backends, "patches": info_cmd.cmd_patches, "env": info_cmd.cmd_env,
                 "presets": info_cmd.cmd_presets, "docs": info_cmd.cmd_docs}
     return handlers[command](args)
 
