@@ -1,0 +1,19 @@
+"""Primus's Megatron backend. This module is the entry point and stays light: no torch, no megatron."""
+
+from primus.backends.spec import BackendSpec
+
+BACKEND = BackendSpec(
+    name="megatron",
+    framework="megatron-core",
+    supported=">=0.16,<0.17",
+    presets="primus_megatron.presets",
+    adapter="primus_megatron.adapter:MegatronAdapter",
+    translator="primus_megatron.translate:MegatronTranslator",
+    process_model="torchrun",
+    runtime="torch",
+    patches="primus_megatron.patches:PATCHES",
+    env="primus_megatron.env:ENV",
+    model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek"),
+    description="Pretraining on megatron-core: tensor, pipeline, data and expert parallel; dist checkpoints.",
+    install_hint="primus-megatron",
+)

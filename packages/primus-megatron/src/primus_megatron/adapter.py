@@ -1,0 +1,51 @@
+"""The worker side of the megatron backend: native config -> PretrainLoop, metrics -> core.
+
+Phases (ARCHITECTURE §5): `build_args` patches fix up the native arguments, `setup` patches change
+megatron-core before anything is built (the CPU patches), `before_train` patches change the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+from loguru import logger
+
+from primus.backends.adapter import Adapter
+
+
+class MegatronAdapter(Adapter):
+    def run(self) -> None:
+        ctx = self.ctx
+        ctx.apply_patches("build_args", checkpoint_dir=ctx.checkpoint_dir)
+        args = SimpleNamespace(**ctx.native)
+        if ctx.platform == "cpu":
+            # imported late: torch reads the thread count at import time
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+        ctx.apply_patches("setup")
+
+        import torch
+
+        from primus_megatron.trainer import PretrainLoop
+
+        if ctx.platform == "cpu":
+            device = torch.device("cpu")
+        else:
+            torch.cuda.set_device(ctx.local_rank)
+            device = torch.device("cuda", ctx.local_rank)
+
+        loop = PretrainLoop(
+            args, checkpoint_dir=ctx.checkpoint_dir, device=device,
+            on_step=lambda r: ctx.metrics.train_step(r.step, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
+                                                     tokens=r.tokens, step_time_s=r.step_time_s),
+            on_eval=lambda step, loss: ctx.metrics.eval_step(step, loss=loss),
+        )
+        ctx.state["loop"] = loop
+        try:
+            loop.setup()
+            ctx.apply_patches("before_train", loop=loop)
+            loop.train()
+            ctx.apply_patches("after_train", loop=loop)
+        finally:
+            loop.close()
+        logger.info(f"trained {loop.step} steps")

@@ -1,0 +1,205 @@
+"""Platform patches that let megatron-core 0.16 train without a GPU (shared/notes/cpu-frameworks.md).
+
+megatron-core assumes CUDA in three places that a CPU run reaches:
+1. the tensor-parallel RNG tracker keeps `torch.cuda` generator states;
+2. a handful of call sites create tensors with `device='cuda'`, ask `torch.cuda.current_device()`
+   or synchronize streams;
+3. `clip_grad_by_total_norm_fp32` asserts that every grad is a `torch.cuda.FloatTensor`.
+Each fix is scoped to the megatron modules that need it (a module-local `torch` that places
+`cuda` tensors on the CPU), never to torch itself, and each apply returns its undo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+from typing import Any
+
+from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
+
+CPU = frozenset({"cpu"})
+VERSIONS = ">=0.16,<0.17"
+
+
+# --------------------------------------------------------------------------- 1. RNG tracker
+
+
+def _patch_rng_tracker(ctx: PatchContext) -> Undo:
+    import torch
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    def add(self: Any, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        outer = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+    @contextlib.contextmanager
+    def fork(self: Any, name: str = mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        # On CPU the tracked "device" generator is the CPU generator itself, so swap it in and out
+        # (the CUDA version also warns when the CPU state moves inside a fork, which is the point here).
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    undos = [
+        replace_attr(mrandom, "_get_cuda_rng_state", get_state),
+        replace_attr(mrandom, "_set_cuda_rng_state", set_state),
+        replace_attr(mrandom.CudaRNGStatesTracker, "add", add),
+        replace_attr(mrandom.CudaRNGStatesTracker, "fork", fork),
+    ]
+    return lambda: [u() for u in reversed(undos)]
+
+
+# --------------------------------------------------------------------------- 2. device call sites
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return getattr(device, "type", None) == "cuda"
+
+
+class _CpuStream:
+    """Stands in for a CUDA stream: work on the CPU is already ordered."""
+
+    def wait_stream(self, other: Any) -> None:
+        return None
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> _CpuStream:
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        return None
+
+    def __enter__(self) -> _CpuStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _cpu_torch() -> types.ModuleType:
+    """A stand-in for the `torch` module, for one megatron module's globals: tensors asked for on
+    'cuda' are made on the CPU, and `torch.cuda`'s device/stream calls answer for the CPU."""
+    import torch
+
+    def on_cpu(factory: Any) -> Any:
+        def make(*args: Any, **kwargs: Any) -> Any:
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
+            return factory(*args, **kwargs)
+
+        return make
+
+    cuda = types.ModuleType("torch.cuda")
+    cuda.__getattr__ = lambda name: getattr(torch.cuda, name)  # type: ignore[attr-defined]
+    cuda.current_device = lambda: torch.device("cpu")  # type: ignore[attr-defined]
+    cuda.synchronize = lambda *a, **k: None  # type: ignore[attr-defined]
+    cuda.current_stream = lambda *a, **k: _CpuStream()  # type: ignore[attr-defined]
+    cuda.Stream = lambda *a, **k: _CpuStream()  # type: ignore[attr-defined]
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[attr-defined]
+
+    proxy = types.ModuleType("torch")
+    proxy.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[attr-defined]
+    for name in ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand", "empty_like", "zeros_like"):
+        setattr(proxy, name, on_cpu(getattr(torch, name)))
+    proxy.cuda = cuda  # type: ignore[attr-defined]
+    return proxy
+
+
+def _module_torch_on_cpu(module_name: str) -> Any:
+    def apply(ctx: PatchContext) -> Undo:
+        module = importlib.import_module(module_name)
+        return replace_attr(module, "torch", _cpu_torch())
+
+    return apply
+
+
+# The megatron modules whose CUDA-only call sites a CPU run reaches, with what each one does there.
+CUDA_CALL_SITES: dict[str, str] = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "puts the RoPE frequencies on the current CUDA device",
+    "megatron.core.models.gpt.gpt_model": "builds a position-id tensor on the current CUDA device",
+    "megatron.core.utils": "the global memory buffer and local multi-tensor helpers allocate on CUDA",
+    "megatron.core.optimizer.optimizer": "loss-scale and found-inf tensors are made on CUDA",
+    "megatron.core.optimizer.clip_grads": "grad-norm accumulators are made on CUDA",
+    "megatron.core.distributed.param_and_grad_buffer": "grad buffers are allocated on the current CUDA device",
+    "megatron.core.distributed.distributed_data_parallel": "creates a CUDA communication stream, synchronizes",
+    "megatron.core.pipeline_parallel.schedules": "the token counter of a step is a CUDA tensor",
+    "megatron.core.pipeline_parallel.p2p_communication": "shape messages between stages are CUDA tensors",
+    "megatron.core.transformer.dot_product_attention": "attention scratch tensors are made on CUDA",
+    "megatron.core.transformer.utils": "the default causal attention mask is built on CUDA",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "the checkpoint writer synchronizes CUDA "
+    "before copying tensors",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "the save's success flags are CUDA tensors",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "the writer's liveness flags are CUDA tensors",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "parallel save/load synchronizes CUDA",
+}
+
+
+# --------------------------------------------------------------------------- 3. grad clipping
+
+
+def _patch_clip_grad(ctx: PatchContext) -> Undo:
+    import torch
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters: Any, max_norm: float, total_norm: float,
+                                     use_decoupled_grad: bool = False) -> None:
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, coeff)
+
+    undos = [replace_attr(clip_grads, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32),
+             replace_attr(optimizer, "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_fp32)]
+    return lambda: [u() for u in reversed(undos)]
+
+
+CPU_PATCHES: list[Patch] = [
+    Patch(id="megatron.cpu.rng_tracker", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
+          target="megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
+          description="The tensor-parallel RNG tracker keeps CPU generator states instead of torch.cuda ones.",
+          apply=_patch_rng_tracker),
+    *[
+        Patch(id="megatron.cpu.device." + name.removeprefix("megatron.core."), backend="megatron", phase="setup",
+              platforms=CPU, versions=VERSIONS, target=f"{name}.torch",
+              description=f"CUDA call sites made CPU-local: {why}.", apply=_module_torch_on_cpu(name))
+        for name, why in CUDA_CALL_SITES.items()
+    ],
+    Patch(id="megatron.cpu.clip_grad", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
+          target="megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+          description="Grad clipping without the assertion that every grad is a torch.cuda.FloatTensor.",
+          apply=_patch_clip_grad),
+]

@@ -1,0 +1,265 @@
+"""Neutral config -> Megatron's argument names, and the checks Megatron-LM would make before a run.
+
+Light on purpose: core calls this while resolving (`primus config show`, `primus run --dry-run`),
+so nothing here imports torch or megatron.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from primus.backends.translator import NativeValues, Translator
+from primus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from primus.config.resolve import ResolvedModule
+    from primus.config.schema import ModuleConfig
+    from primus.models.spec import ModelSpec
+
+# Upstream Primus flags that need Primus-Turbo (AMD GPU kernels) or TransformerEngine. An upstream
+# experiment file that sets them still loads; a truthy value is reported as unavailable here.
+_TURBO = "needs Primus-Turbo, which this package does not use"
+_TE = "needs TransformerEngine; this trainer builds megatron-core's local (TE-free) layer spec"
+UNAVAILABLE: dict[str, str] = {
+    **{key: _TURBO for key in (
+        "enable_primus_turbo", "use_turbo_autotune", "turbo_gemm_backend", "turbo_grouped_gemm_backend",
+        "use_turbo_attention", "use_sink_attention", "sink_sliding_window", "sink_window_even_layers_only",
+        "enable_turbo_attention_float8", "use_turbo_gemm", "use_turbo_grouped_gemm", "use_turbo_grouped_mlp",
+        "turbo_fused_grouped_gemm", "turbo_grouped_gemm_without_padding", "use_turbo_fused_act_with_probs",
+        "moe_use_fused_router_with_aux_score", "use_turbo_deepep", "turbo_deepep_num_cu",
+        "turbo_deepep_use_comm_stream", "turbo_sync_free_moe_stage", "use_turbo_mega_moe",
+        "turbo_mega_moe_precision", "use_turbo_rms_norm", "use_turbo_norm_te_linear", "patch_moe_overlap",
+        "mxfp4_gradient_stochastic_rounding", "mxfp4_scale_rounding_mode", "te_precision_config_file",
+        "no_fp8_weight_transpose_cache", "patch_zero_bubble", "enable_zero_bubble", "zero_bubble_v_schedule",
+    )},
+    **{key: _TE for key in ("fp8", "fp8_recipe", "fp4", "te_rng_tracker", "transformer_impl")},
+}
+
+# Which neutral value became which native key, for the sections that map one to one.
+_TRAIN = {
+    "steps": "train_iters", "lr": "lr", "min_lr": "min_lr", "warmup_steps": "lr_warmup_iters",
+    "lr_schedule": "lr_decay_style", "micro_batch_size": "micro_batch_size",
+    "global_batch_size": "global_batch_size", "seq_length": "seq_length", "seed": "seed",
+    "weight_decay": "weight_decay", "grad_clip": "clip_grad", "log_interval": "log_interval",
+    "eval_interval": "eval_interval", "eval_steps": "eval_iters",
+}
+_PARALLEL = {
+    "tensor": "tensor_model_parallel_size", "pipeline": "pipeline_model_parallel_size",
+    "expert": "expert_model_parallel_size", "context": "context_parallel_size", "fsdp": "use_torch_fsdp2",
+}
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek")
+
+
+class MegatronTranslator(Translator):
+    default_module_preset = "pre_trainer.yaml"
+    unavailable_keys = UNAVAILABLE
+
+    # ------------------------------------------------------------------ model
+
+    def translate_model(self, spec: ModelSpec) -> NativeValues:
+        if spec.family not in SUPPORTED_FAMILIES:
+            raise ConfigError(f"model family '{spec.family}' is not supported by the megatron backend",
+                              fix="supported: " + ", ".join(SUPPORTED_FAMILIES))
+        out = NativeValues()
+        out.set("num_layers", spec.num_layers, "num_layers")
+        out.set("hidden_size", spec.hidden_size, "hidden_size")
+        out.set("ffn_hidden_size", spec.ffn_hidden_size, "ffn_hidden_size")
+        out.set("num_attention_heads", spec.num_heads, "num_heads")
+        out.set("vocab_size", spec.vocab_size, "vocab_size")
+        out.set("max_position_embeddings", spec.max_position_embeddings, "max_position_embeddings")
+        out.set("position_embedding_type", "rope", "family")
+        out.set("rotary_base", int(spec.rope_theta), "rope_theta")
+        out.set("norm_epsilon", spec.norm_eps, "norm_eps")
+        out.set("normalization", "RMSNorm", "family")
+        out.set("swiglu", True, "family")
+        out.set("add_bias_linear", False, "family")
+        out.set("untie_embeddings_and_output_weights", not spec.tie_embeddings, "tie_embeddings")
+        out.set("add_qkv_bias", spec.qkv_bias, "qkv_bias")
+        out.set("qk_layernorm", spec.qk_norm, "qk_norm")
+        if spec.mla is None:
+            gqa = spec.kv_heads != spec.num_heads
+            out.set("group_query_attention", gqa, "num_kv_heads")
+            out.set("num_query_groups", spec.kv_heads if gqa else None, "num_kv_heads")
+            if spec.head_dim is not None:
+                out.set("kv_channels", spec.head_dim, "head_dim")
+        else:
+            mla = spec.mla
+            out.set("multi_latent_attention", True, "mla")
+            out.set("q_lora_rank", mla.q_lora_rank, "mla.q_lora_rank")
+            out.set("kv_lora_rank", mla.kv_lora_rank, "mla.kv_lora_rank")
+            out.set("qk_head_dim", mla.qk_nope_head_dim, "mla.qk_nope_head_dim")
+            out.set("qk_pos_emb_head_dim", mla.qk_rope_head_dim, "mla.qk_rope_head_dim")
+            out.set("v_head_dim", mla.v_head_dim, "mla.v_head_dim")
+        if spec.rope_scaling is not None:
+            if spec.rope_scaling.type != "llama3":
+                raise ConfigError(f"rope_scaling type '{spec.rope_scaling.type}' is not supported by the "
+                                  "megatron backend's GPT model", fix="supported: llama3")
+            out.set("use_rope_scaling", True, "rope_scaling")
+            out.set("rope_scaling_factor", spec.rope_scaling.factor, "rope_scaling.factor")
+        if spec.moe is not None:
+            moe = spec.moe
+            out.set("num_experts", moe.experts, "moe.experts")
+            out.set("moe_router_topk", moe.top_k, "moe.top_k")
+            out.set("moe_ffn_hidden_size", moe.expert_ffn, "moe.expert_ffn")
+            if moe.shared_experts:
+                size = moe.shared_experts * (moe.shared_expert_ffn or moe.expert_ffn)
+                out.set("moe_shared_expert_intermediate_size", size, "moe.shared_experts")
+            if moe.first_dense_layers:
+                # Megatron's pattern form: one entry per layer, 0 = dense FFN, 1 = MoE.
+                pattern = [0] * moe.first_dense_layers + [1] * (spec.num_layers - moe.first_dense_layers)
+                out.set("moe_layer_freq", pattern, "moe.first_dense_layers")
+            out.set("moe_aux_loss_coeff", moe.router_aux_loss_coef, "moe.router_aux_loss_coef")
+        return out
+
+    # ------------------------------------------------------------------ neutral sections
+
+    def translate_sections(self, module: ModuleConfig, model: ModelSpec | None) -> NativeValues:
+        out = NativeValues()
+        for neutral, native in _TRAIN.items():
+            out.set(native, getattr(module.train, neutral), f"train.{neutral}")
+        precision = module.train.precision
+        if precision is not None and precision != "auto":
+            out.set("bf16", precision == "bf16", "train.precision")
+            out.set("fp16", precision == "fp16", "train.precision")
+        for neutral, native in _PARALLEL.items():
+            out.set(native, getattr(module.parallel, neutral), f"parallel.{neutral}")
+
+        data = module.data
+        if data.mock:
+            out.set("mock_data", True, "data.mock")
+        if data.path:
+            out.set("mock_data", False, "data.path")
+            out.set("data_path", data.path, "data.path")
+        if data.tokenizer:
+            out.set("tokenizer_model", data.tokenizer, "data.tokenizer")
+        if data.text_key:
+            out.set("json_keys", [data.text_key], "data.text_key")
+        if data.valid_fraction is not None:
+            valid = round(data.valid_fraction * 100, 4)
+            out.set("split", f"{100 - valid:g},{valid:g},0", "data.valid_fraction")
+
+        ckpt = module.checkpoint
+        out.set("save_interval", ckpt.interval, "checkpoint.interval")
+        out.set("ckpt_keep_last", ckpt.keep_last, "checkpoint.keep_last")
+        if ckpt.resume is not None:
+            out.set("auto_continue_train", ckpt.resume in ("auto", True), "checkpoint.resume")
+        return out
+
+    # ------------------------------------------------------------------ checks before anything runs
+
+    def check(self, resolved: ResolvedModule) -> None:
+        n = resolved.native
+        where = f"modules.{resolved.name}"
+        world = resolved.world_size
+
+        def need(key: str) -> Any:
+            if n.get(key) is None:
+                raise ConfigError("is not set", key=f"{where}.{key}",
+                                  fix="set `model:` to a model preset or give the key in overrides")
+            return n[key]
+
+        layers, heads = need("num_layers"), need("num_attention_heads")
+        need("hidden_size")
+        tp = n.get("tensor_model_parallel_size") or 1
+        pp = n.get("pipeline_model_parallel_size") or 1
+        cp = n.get("context_parallel_size") or 1
+        ep = n.get("expert_model_parallel_size") or 1
+        if world % (tp * pp * cp):
+            raise ConfigError(f"tensor ({tp}) x pipeline ({pp}) x context ({cp}) does not divide the world size "
+                              f"{world}", key=f"{where}.tensor_model_parallel_size",
+                              fix="change the parallel sizes or --nproc-per-node")
+        if heads % tp:
+            raise ConfigError(f"tensor_model_parallel_size {tp} does not divide num_attention_heads {heads}",
+                              key=f"{where}.tensor_model_parallel_size")
+        groups = n.get("num_query_groups") if n.get("group_query_attention") else None
+        if groups and groups % tp:
+            raise ConfigError(f"tensor_model_parallel_size {tp} does not divide num_query_groups {groups}",
+                              key=f"{where}.tensor_model_parallel_size")
+        split = n.get("decoder_pipeline_manual_split_list")
+        if split is not None:
+            if len(split) != pp or sum(split) != layers or min(split) < 1:
+                raise ConfigError(f"decoder_pipeline_manual_split_list {split} must have {pp} positive entries "
+                                  f"summing to num_layers {layers}", key=f"{where}.decoder_pipeline_manual_split_list")
+        elif layers % pp:
+            raise ConfigError(f"pipeline_model_parallel_size {pp} does not divide num_layers {layers}",
+                              key=f"{where}.pipeline_model_parallel_size",
+                              fix="pick a divisor or set decoder_pipeline_manual_split_list")
+        dp = world // (tp * pp * cp)
+        mbs, gbs = n.get("micro_batch_size") or 1, n.get("global_batch_size") or 1
+        if gbs % (mbs * dp):
+            raise ConfigError(f"global_batch_size {gbs} is not a multiple of micro_batch_size {mbs} x "
+                              f"data-parallel {dp}", key=f"{where}.global_batch_size",
+                              fix=f"use a multiple of {mbs * dp}")
+        experts = n.get("num_experts")
+        if ep > 1 and (not experts or experts % ep):
+            raise ConfigError(f"expert_model_parallel_size {ep} does not divide num_experts {experts}",
+                              key=f"{where}.expert_model_parallel_size")
+        if ep > 1 and dp * cp % ep:
+            raise ConfigError(f"expert_model_parallel_size {ep} does not divide data x context parallel {dp * cp}",
+                              key=f"{where}.expert_model_parallel_size")
+        self._check_pipeline_schedule(n, where, pp, layers)
+        if n.get("recompute_layer_ids") and n.get("recompute_granularity") != "full":
+            raise ConfigError("recompute_layer_ids needs recompute_granularity: full",
+                              key=f"{where}.recompute_granularity")
+        data_path = n.get("data_path")
+        if not n.get("mock_data") and not data_path:
+            raise ConfigError("no data: set data.mock: true or data.path (with data.tokenizer)", key=f"{where}.data")
+        if not n.get("mock_data") and str(data_path).endswith((".jsonl", ".json")) and not n.get("tokenizer_model"):
+            raise ConfigError("a JSONL corpus needs a tokenizer directory", key=f"{where}.data.tokenizer",
+                              fix="set data.tokenizer to a local directory with tokenizer.json")
+        from pathlib import Path
+
+        if not n.get("mock_data") and str(data_path).endswith((".jsonl", ".json")) and not Path(data_path).is_file():
+            raise ConfigError(f"corpus {data_path} does not exist", key=f"{where}.data.path")
+        if n.get("tokenizer_model") and not n.get("mock_data") and not Path(n["tokenizer_model"]).is_dir():
+            raise ConfigError(f"tokenizer directory {n['tokenizer_model']} does not exist",
+                              key=f"{where}.data.tokenizer")
+
+    @staticmethod
+    def _check_pipeline_schedule(n: dict[str, Any], where: str, pp: int, layers: int) -> None:
+        vpp = virtual_pipeline_size(n)
+        if vpp is None:
+            return
+        if pp < 2:
+            raise ConfigError("an interleaved (virtual) pipeline needs pipeline_model_parallel_size >= 2",
+                              key=f"{where}.virtual_pipeline_model_parallel_size")
+        if layers % (pp * vpp):
+            raise ConfigError(f"num_layers {layers} is not divisible by pipeline ({pp}) x virtual stages ({vpp})",
+                              key=f"{where}.num_layers_per_virtual_pipeline_stage")
+        if effective_batch_p2p_comm(n):
+            # Seen on megatron-core 0.16: same-shape messages to one peer get swapped, so the model
+            # trains silently wrong (loss flat, grad norm exploding). Megatron-LM refuses it too.
+            raise ConfigError("an interleaved pipeline with batch_p2p_comm: true trains silently wrong",
+                              key=f"{where}.batch_p2p_comm", fix="set batch_p2p_comm: false")
+        if n.get("overlap_p2p_comm") and n.get("deallocate_pipeline_outputs"):
+            raise ConfigError("overlap_p2p_comm with deallocate_pipeline_outputs: true gives NaN losses in an "
+                              "interleaved pipeline", key=f"{where}.deallocate_pipeline_outputs",
+                              fix="set deallocate_pipeline_outputs: false or overlap_p2p_comm: false")
+
+    def summary(self, resolved: ResolvedModule) -> dict[str, Any]:
+        n = resolved.native
+        return {
+            "parallel": f"tp {n.get('tensor_model_parallel_size')}, pp {n.get('pipeline_model_parallel_size')}, "
+                        f"ep {n.get('expert_model_parallel_size')}",
+            "batch": f"micro {n.get('micro_batch_size')}, global {n.get('global_batch_size')}, "
+                     f"seq {n.get('seq_length')}",
+            "steps": n.get("train_iters"),
+            "data": "mock" if n.get("mock_data") else n.get("data_path"),
+        }
+
+
+def virtual_pipeline_size(n: dict[str, Any]) -> int | None:
+    """Model chunks per pipeline stage, from either of Megatron's two spellings (None: not interleaved)."""
+    if n.get("virtual_pipeline_model_parallel_size"):
+        return int(n["virtual_pipeline_model_parallel_size"])
+    per_stage = n.get("num_layers_per_virtual_pipeline_stage")
+    pp = n.get("pipeline_model_parallel_size") or 1
+    if per_stage and n.get("num_layers"):
+        return n["num_layers"] // pp // per_stage
+    return None
+
+
+def effective_batch_p2p_comm(n: dict[str, Any]) -> bool:
+    """Megatron-LM's rule: batch_p2p_comm unset means `not overlap_p2p_comm`."""
+    value = n.get("batch_p2p_comm")
+    return (not n.get("overlap_p2p_comm")) if value is None else bool(value)
