@@ -25,6 +25,13 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--master-addr", default=None)
     g.add_argument("--master-port", type=int, default=None)
     g.add_argument("--max-restarts", type=int, default=None, help="torchrun restarts of failed workers")
+    g.add_argument("--launcher", choices=["local", "slurm", "container"], default=None,
+                   help="default: the experiment's launch.launcher, else local")
+    g.add_argument("--wait", action="store_true", help="slurm: follow the job and return its exit code")
+    g.add_argument("--srun-arg", action="append", metavar="ARG", help="slurm: extra srun option (repeatable)")
+    g.add_argument("--sbatch-arg", action="append", metavar="ARG", help="slurm: extra sbatch option (repeatable)")
+    g.add_argument("--container", action="store_true", help="slurm: run each node inside the container")
+    g.add_argument("--image", help="container image (launch.container.image)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,20 @@
-"""`primus run` (and its upstream alias `primus train pretrain`)."""
+"""`primus run` (and its upstream alias `primus train pretrain`).
+
+Resolve and validate everything first; only then create the run directory and hand the module to
+its launcher: in-process, torchrun (local, one or more nodes), an sbatch script, or a container.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-from primus.errors import EXIT_OK, EXIT_USAGE
+from primus.errors import EXIT_OK, EXIT_USAGE, ConfigError
 
 
 def _warn(text: str) -> None:
@@ -17,16 +23,19 @@ def _warn(text: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from primus.backends.discovery import discover
-    from primus.config.resolve import resolve
+    from primus.config.resolve import load_experiment, parse_cli_overrides, resolve
     from primus.launch.plan import LaunchOptions, plan_launch
-    from primus.patches.registry import PatchContext, PatchSet
     from primus.platform.detect import detect_platform
     from primus.platform.env import core_entries, plan_env
 
     platform = detect_platform()
+    experiment, _ = load_experiment(Path(args.exp), parse_cli_overrides(args.overrides))
+    launch = experiment.launch
+    launcher = args.launcher or launch.launcher
     opts = LaunchOptions.from_args(
-        nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
-        master_addr=args.master_addr, master_port=args.master_port, max_restarts=args.max_restarts,
+        nproc_per_node=args.nproc_per_node or launch.nproc_per_node, nnodes=args.nnodes or launch.nnodes,
+        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port or launch.master_port,
+        max_restarts=args.max_restarts if args.max_restarts is not None else launch.max_restarts,
         default_nproc=platform.devices or 1)
     discovery = discover()
     for w in discovery.warnings:
@@ -36,6 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for m in resolved.modules.values():
         for note in m.notices:
             _warn(f"{m.name}: {note}")
+    if len(resolved.modules) > 1 and (opts.world_size > 1 or launcher != "local"):
+        raise ConfigError(f"the experiment has {len(resolved.modules)} modules; a multi-process launch runs one",
+                          file=args.exp, key="modules", fix="pass --module NAME")
 
     env_changes: dict[str, str] = {}
     for backend in resolved.backends.values():
@@ -45,40 +57,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         env_changes.update(changes)
 
     run_dir = resolved.run_dir.resolve()
-    plans = {name: plan_launch(resolved.backends[m.framework].spec.process_model, run_dir, name, opts)
-             for name, m in resolved.modules.items()}
-    if len(plans) > 1 and any(p.kind != "in-process" for p in plans.values()):
-        from primus.errors import ConfigError
+    names = list(resolved.modules)
+    process_models = {n: resolved.backends[m.framework].spec.process_model for n, m in resolved.modules.items()}
 
-        raise ConfigError(f"the experiment has {len(plans)} modules; a multi-process launch runs one",
-                          file=args.exp, key="modules", fix="pass --module NAME")
+    if launcher == "local":
+        plans = {n: plan_launch(process_models[n], run_dir, n, opts) for n in names}
+        rendered = {n: p.render() for n, p in plans.items()}
+    else:
+        name = names[0]
+        node_cmd = [sys.executable, "-m", "primus.launch.node", "--run-dir", str(run_dir), "--module", name,
+                    "--process-model", process_models[name], "--nproc-per-node", str(opts.nproc_per_node),
+                    "--nnodes", str(opts.nnodes), "--master-port", str(opts.master_port)]
+        if opts.max_restarts:
+            node_cmd += ["--max-restarts", str(opts.max_restarts)]
+        if args.image:
+            launch.container.image = args.image
+        launch.slurm.srun_args = [*launch.slurm.srun_args, *(args.srun_arg or [])]
+        launch.slurm.sbatch = [*launch.slurm.sbatch, *(args.sbatch_arg or [])]
+        if launcher == "slurm":
+            from primus.launch.slurm import render_sbatch
+
+            if getattr(args, "container", False):
+                node_cmd.append("--container")
+            gpus = launch.slurm.gpus_per_node
+            if gpus is None:
+                gpus = opts.nproc_per_node if platform.kind != "cpu" else 0
+            script = render_sbatch(exp_name=experiment.exp_name, run_dir=run_dir, nnodes=opts.nnodes,
+                                   gpus_per_node=gpus, slurm=launch.slurm, env=env_changes, node_command=node_cmd)
+            rendered = {name: script}
+        else:
+            from primus.launch.container import container_argv
+
+            exp_dir = Path(args.exp).resolve().parent
+            mounts = [Path(resolved.experiment.workspace).expanduser().resolve(), exp_dir]
+            data = resolved.modules[name].module.data
+            mounts += [Path(p).parent for p in (data.path, data.tokenizer) if p]
+            argv = container_argv(launch.container, mounts=mounts, env=env_changes,
+                                  inner=["python", *node_cmd[1:]], workdir=Path.cwd())
+            rendered = {name: shlex.join(argv)}
 
     if args.dry_run:
-        print(f"experiment  {resolved.file}")
-        print(f"run dir     {run_dir}  (not created: dry run)")
-        print(f"platform    {platform.describe()}")
-        print(f"world size  {opts.world_size} ({opts.nnodes} node(s) x {opts.nproc_per_node} process(es))")
-        for name, m in resolved.modules.items():
-            backend = resolved.backends[m.framework]
-            translator = backend.spec.load_translator()
-            print(f"\nmodule {name}: backend {backend.name} ({backend.spec.framework} "
-                  f"{backend.framework_version or 'not installed'})")
-            if m.model is not None:
-                print(f"  model     {m.model.family}, {m.model.parameter_count() / 1e6:,.1f}M parameters "
-                      f"({m.model_file})")
-            for key, value in translator.summary(m).items():
-                print(f"  {key:<9} {value}")
-            ctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
-                               framework_version=backend.framework_version, config=m.native)
-            decisions = PatchSet(backend.spec.load_patches()).explain(ctx)
-            applying = [d.patch.id for d in decisions if d.applies]
-            print(f"  patches   {', '.join(applying) or 'none'}")
-            print(f"  command   {plans[name].render()}")
-        print("\nenvironment it would set:")
-        for k, v in sorted(env_changes.items()):
-            print(f"  {k}={v}")
-        if not env_changes:
-            print("  (nothing)")
+        _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes)
         return EXIT_OK
 
     from primus.runs.rundir import create_run_dir
@@ -86,8 +105,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     existed = run_dir.exists()
     create_run_dir(resolved, env_changes, platform.describe())
+    if launcher == "slurm":
+        from primus.launch.slurm import submit, wait
+        from primus.runs.files import write_atomic
+
+        script_path = run_dir / "slurm" / "job.sbatch"
+        write_atomic(script_path, rendered[names[0]])
+        job_id = submit(script_path)
+        print(f"submitted Slurm job {job_id}; script {script_path}; output {run_dir / 'slurm'}", flush=True)
+        return wait(job_id) if args.wait else EXIT_OK
+    if launcher == "container":
+        argv = shlex.split(rendered[names[0]])
+        if shutil.which(argv[0]) is None:
+            raise ConfigError(f"{argv[0]} not found on this machine", key="launch.container.runtime")
+        os.execvpe(argv[0], argv, os.environ)
+
     os.environ.update(env_changes)
-    names = list(plans)
     for i, name in enumerate(names):
         plan = plans[name]
         if plan.kind == "in-process":
@@ -97,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             if i == len(names) - 1:
-                os.execvpe(plan.argv[0], plan.argv, env)  # noqa: S606 - hand-off to the launcher
+                os.execvpe(plan.argv[0], plan.argv, env)  # hand-off: signals reach the launcher
             code = subprocess.call(plan.argv, env=env)
         if code == EXIT_USAGE and not existed:
             shutil.rmtree(run_dir, ignore_errors=True)  # a config error caught late leaves nothing
@@ -106,3 +139,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes) -> None:
+    from primus.patches.registry import PatchContext, PatchSet
+
+    print(f"experiment  {resolved.file}")
+    print(f"run dir     {resolved.run_dir.resolve()}  (not created: dry run)")
+    print(f"platform    {platform.describe()}")
+    print(f"launcher    {launcher}")
+    print(f"world size  {opts.world_size} ({opts.nnodes} node(s) x {opts.nproc_per_node} process(es))")
+    for name, m in resolved.modules.items():
+        backend = resolved.backends[m.framework]
+        translator = backend.spec.load_translator()
+        print(f"\nmodule {name}: backend {backend.name} ({backend.spec.framework} "
+              f"{backend.framework_version or 'not installed'})")
+        if m.model is not None:
+            print(f"  model     {m.model.family}, {m.model.parameter_count() / 1e6:,.1f}M parameters "
+                  f"({m.model_file})")
+        for key, value in translator.summary(m).items():
+            print(f"  {key:<9} {value}")
+        ctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
+                           framework_version=backend.framework_version, config=m.native)
+        applying = [d.patch.id for d in PatchSet(backend.spec.load_patches()).explain(ctx) if d.applies]
+        print(f"  patches   {', '.join(applying) or 'none'}")
+        if name in rendered:
+            text = rendered[name]
+            if "\n" in text:
+                print("  sbatch script:\n" + "\n".join("    " + line for line in text.splitlines()))
+            else:
+                print(f"  command   {text}")
+    print("\nenvironment it would set:")
+    for k, v in sorted(env_changes.items()):
+        print(f"  {k}={v}")
+    if not env_changes:
+        print("  (nothing)")

@@ -96,6 +96,37 @@ class ModuleConfig(_Strict):
     stderr_sink_level: LogLevel | None = None
 
 
+class SlurmSection(_Strict):
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = Field(None, description="Wall-clock limit, e.g. 04:00:00.")
+    gpus_per_node: int | None = Field(None, ge=0, description="Default: --nproc-per-node on GPU platforms, 0 on CPU.")
+    signal: str | None = Field("TERM@120", description="sbatch --signal: preemption notice before the time limit.")
+    sbatch: list[str] = Field(default_factory=list, description="Extra sbatch options, e.g. --qos=high.")
+    srun_args: list[str] = Field(default_factory=list, description="Extra srun options.")
+    requeue: bool = Field(False, description="sbatch --requeue: Slurm requeues a preempted job.")
+
+
+class ContainerSection(_Strict):
+    runtime: Literal["docker", "podman"] = "docker"
+    image: str | None = Field(None, description="Image with Primus and the backend installed.")
+    shm_size: str = "64g"
+    devices: list[str] = Field(default_factory=lambda: ["/dev/kfd", "/dev/dri"], description="ROCm devices.")
+    mounts: list[str] = Field(default_factory=list, description="Extra host:container[:mode] mounts.")
+    env: list[str] = Field(default_factory=list, description="Variables passed in (allowlist), besides Primus's.")
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class LaunchSection(_Strict):
+    launcher: Literal["local", "slurm", "container"] = "local"
+    nnodes: PositiveInt | None = None
+    nproc_per_node: PositiveInt | None = None
+    master_port: PositiveInt | None = None
+    max_restarts: int | None = Field(None, ge=0, description="torchrun restarts; workers resume from checkpoints.")
+    slurm: SlurmSection = Field(default_factory=SlurmSection)
+    container: ContainerSection = Field(default_factory=ContainerSection)
+
+
 class Experiment(_Strict):
     """The experiment file."""
 
@@ -106,6 +137,7 @@ class Experiment(_Strict):
     env: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Exported before the backend is imported; wins over platform defaults.")
     modules: dict[str, ModuleConfig] = Field(min_length=1)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
 
     @model_validator(mode="after")
     def _names_are_path_safe(self) -> Experiment:

@@ -79,18 +79,28 @@ def worker_argv(run_dir: Path, module: str) -> list[str]:
     return ["-m", "primus.runs.worker", str(run_dir), module]
 
 
+def rendezvous_id(run_dir: Path) -> str:
+    """One id per job: Slurm's job id when there is one, else derived from the run directory."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"slurm-{job}"
+    import hashlib
+
+    return "primus-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+
+
 def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOptions) -> LaunchPlan:
     if opts.world_size == 1 and opts.nnodes == 1:
         return LaunchPlan("in-process")
     if process_model == "torchrun":
-        argv = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nproc-per-node", str(opts.nproc_per_node),
-            "--nnodes", str(opts.nnodes),
-            "--node-rank", str(opts.node_rank),
-            "--master-addr", opts.master_addr,
-            "--master-port", str(opts.master_port),
-        ]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(opts.nproc_per_node),
+                "--nnodes", str(opts.nnodes)]
+        if opts.nnodes > 1:
+            # c10d rendezvous: nodes may start in any order; the store lives at the first node
+            argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{opts.master_addr}:{opts.master_port}",
+                     "--rdzv-id", rendezvous_id(run_dir), "--node-rank", str(opts.node_rank)]
+        else:
+            argv += ["--node-rank", "0", "--master-addr", opts.master_addr, "--master-port", str(opts.master_port)]
         if opts.max_restarts:
             argv += ["--max-restarts", str(opts.max_restarts)]
         return LaunchPlan("torchrun", argv + worker_argv(run_dir, module))
