@@ -22,13 +22,17 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPT
 
 
 def _option(text: str) -> str:
-    """One extra sbatch option as an #SBATCH line; refuses anything that is not a single option."""
+    """One extra sbatch option as an #SBATCH line: `--name=value`, `--name value` or `--flag`."""
     text = text.strip()
     if text.startswith("#SBATCH"):
         text = text[len("#SBATCH"):].strip()
-    if not text.startswith("-") or "\n" in text:
+    if "=" in text.split(" ", 1)[0]:
+        name, _, value = text.partition("=")
+    else:
+        name, _, value = text.partition(" ")
+    if not re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", name) or "\n" in value:
         raise ConfigError(f"sbatch option {text!r} must be one option such as --qos=high", key="launch.slurm.sbatch")
-    return "#SBATCH " + " ".join(shlex.quote(part) for part in shlex.split(text))
+    return f"#SBATCH {name}={shlex.quote(value.strip())}" if value.strip() else f"#SBATCH {name}"
 
 
 def job_name(exp_name: str) -> str:

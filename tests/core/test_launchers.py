@@ -1,0 +1,93 @@
+"""Launcher rendering (--dry-run) and quoting: hostile user strings never reach a shell unquoted."""
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+from primus.config.schema import ContainerSection, SlurmSection
+from primus.launch.container import container_argv
+from primus.launch.slurm import render_sbatch
+
+from .conftest import run_primus
+
+HOSTILE = "x $(touch PWNED) `touch PWNED2`; touch PWNED3 'q\" && echo"
+
+
+def test_slurm_dry_run_shows_the_script_and_creates_nothing(toy_exp):
+    exp, ws = toy_exp
+    r = run_primus("run", str(exp), "--launcher", "slurm", "--nnodes", "2", "--nproc-per-node", "2", "--dry-run",
+                   "--sbatch-arg=--qos=high", "--srun-arg=--cpu-bind=none")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=1" in out and "#SBATCH --qos=high" in out
+    assert "#SBATCH --signal=TERM@120" in out
+    assert "srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 --cpu-bind=none" in out
+    assert "-m primus.launch.node --run-dir" in out and "--nproc-per-node 2 --nnodes 2" in out
+    assert not ws.exists()
+
+
+def test_container_dry_run(toy_exp):
+    exp, ws = toy_exp
+    r = run_primus("run", str(exp), "--launcher", "container", "--image", "rocm/primus:latest", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    for part in ("docker run --rm --ipc host --network host --group-add video", "--device /dev/kfd",
+                 "--device /dev/dri", f"-v {ws.resolve()}:{ws.resolve()}", "rocm/primus:latest python -m primus.launch.node"):
+        assert part in r.stdout, part
+    r = run_primus("run", str(exp), "--launcher", "container", "--dry-run")
+    assert r.returncode == 2 and "needs an image" in r.stderr
+
+
+def test_local_two_node_plan_uses_c10d(toy_exp):
+    exp, _ = toy_exp
+    r = run_primus("run", str(exp), "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "2",
+                   "--master-addr", "10.1.2.3", "--master-port", "29400", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "--rdzv-backend c10d --rdzv-endpoint 10.1.2.3:29400" in r.stdout and "--node-rank 1" in r.stdout
+
+
+def _fake_tool(bin_dir: Path, name: str, log: Path) -> None:
+    script = bin_dir / name
+    script.write_text(f'#!/usr/bin/env python3\nimport json, sys\nopen({str(log)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def test_hostile_strings_in_sbatch_script_stay_data(tmp_path: Path):
+    run_dir = tmp_path / HOSTILE / "run"
+    env = {"PRIMUS_NOTE": HOSTILE}
+    script = render_sbatch(exp_name=HOSTILE, run_dir=run_dir, nnodes=1, gpus_per_node=0,
+                           slurm=SlurmSection(partition=HOSTILE, srun_args=[HOSTILE], sbatch=["--comment=" + HOSTILE]),
+                           env=env, node_command=["python", "-m", "primus.launch.node", "--run-dir", str(run_dir)])
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    _fake_tool(bin_dir, "srun", log)
+    r = subprocess.run(["bash", str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr
+    assert not any(tmp_path.glob("PWNED*"))
+    import json
+
+    argv = json.loads(log.read_text().splitlines()[0])
+    assert HOSTILE in argv and str(run_dir) in argv  # each string arrived whole, as one argument
+    # the job name is sanitised, #SBATCH values quoted: sbatch itself parses those lines
+    assert "#SBATCH --job-name=x___touch_PWNED___" in script
+
+
+def test_hostile_strings_in_container_argv_are_single_arguments(tmp_path: Path):
+    argv = container_argv(ContainerSection(image="img"), mounts=[tmp_path / HOSTILE], env={"A": HOSTILE},
+                          inner=["python", "-m", "primus.launch.node"], workdir=tmp_path)
+    assert f"A={HOSTILE}" in argv
+    assert any(a.startswith(str(tmp_path / HOSTILE)) for a in argv)
+
+
+def test_hostile_exp_name_end_to_end_dry_run(tmp_path: Path):
+    exp = tmp_path / "exp.yaml"
+    ws = tmp_path / "ws"
+    exp.write_text(f'exp_name: "{HOSTILE.replace(chr(34), "")}"\nworkspace: {ws}\n'
+                   "modules: {m: {framework: toy}}\n")
+    r = run_primus("run", str(exp), "--launcher", "slurm", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not any(tmp_path.glob("PWNED*")) and not ws.exists()
