@@ -138,3 +138,43 @@ def test_data_prepare_calls_the_backend_hook(toy_exp, write):
     assert corpus.with_suffix(".toycache").read_text() == "2"
     r = run_primus("data", "prepare", str(exp))
     assert "nothing to prepare" in r.stdout
+
+
+def test_resume_auto_matches_uninterrupted_run(toy_exp, tmp_path):
+    exp, _ = toy_exp
+    full = run_primus("run", str(exp), f"workspace={tmp_path}/full")
+    assert full.returncode == 0, full.stderr
+    first = run_primus("run", str(exp), f"workspace={tmp_path}/resumed", "train.steps=5", "save_interval=5")
+    assert first.returncode == 0, first.stderr
+    second = run_primus("run", str(exp), f"workspace={tmp_path}/resumed")
+    assert second.returncode == 0, second.stderr
+    a = read_metrics(tmp_path / "full/team/me/toy/metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed/team/me/toy/metrics.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 13))
+    assert b[-1]["loss"] == a[-1]["loss"]
+
+
+def test_sigterm_stops_at_a_step_boundary_with_checkpoint(toy_exp):
+    import signal
+    import time
+
+    exp, ws = toy_exp
+    run_dir = ws / "team" / "me" / "toy"
+    proc = subprocess.Popen([sys.executable, "-m", "primus", "run", str(exp), "train.steps=400", "step_sleep=0.02"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(read_metrics(run_dir / "metrics.jsonl")) < 5:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # a second one must not corrupt anything
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    status = json.loads((run_dir / "logs/pre_trainer/rank-0/status.json").read_text())
+    assert status["state"] == "preempted"
+    ckpts = sorted(run_dir.glob("checkpoints/step-*.json"))
+    assert len(ckpts) == 1 and json.loads(ckpts[0].read_text())["step"] == status["step"]
+    r = run_primus("run", str(exp), "train.steps=400", "step_sleep=0")
+    assert r.returncode == 0
+    steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == list(range(1, 401))

@@ -15,6 +15,7 @@ from typing import Any
 from primus.config.resolve import ResolvedModule
 from primus.patches.registry import PatchContext, PatchSet, Phase
 from primus.runs.metrics import MetricsWriter
+from primus.runs.signals import StopFlag
 
 
 @dataclass
@@ -30,6 +31,12 @@ class RunContext:
     patch_context: PatchContext
     metrics: MetricsWriter
     state: dict[str, Any] = field(default_factory=dict)
+    stop: StopFlag = field(default_factory=StopFlag)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once SIGTERM arrived: finish the step, save a checkpoint, return from `run`."""
+        return self.stop.requested
 
     @property
     def native(self) -> dict[str, Any]:

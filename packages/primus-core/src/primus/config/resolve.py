@@ -230,6 +230,9 @@ def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend,
         sources = {p: Source("model", file, doc.line_of((*line_base, *p))) for p in flatten(data)}
     else:
         found = find_file(module.model, relative_to=doc.path.parent, search_dirs=search)
+        if found is not None and found == doc.path.resolve():
+            # an experiment named like its model preset (examples/hf/llama3_tiny.yaml) is not its own model
+            found = find_file(module.model, relative_to=None, search_dirs=search)
         if found is None:
             available = sorted({p.name for d in search if d.is_dir() for p in d.glob("*.yaml")})
             hint = did_you_mean(module.model, available)

@@ -36,8 +36,12 @@ def _eta(seconds: float) -> str:
 class MetricsWriter:
     """Appends one JSON line per logged step (rank 0 only) and prints the progress line."""
 
-    def __init__(self, path: Path, *, total_steps: int, rank: int = 0, module: str = "") -> None:
+    def __init__(self, path: Path, *, total_steps: int, rank: int = 0, module: str = "",
+                 status_path: Path | None = None) -> None:
         self.path = path
+        self.status_path = status_path
+        self.last_step: int | None = None
+        self._state = "starting"
         self.total_steps = total_steps
         self.rank = rank
         self.module = module
@@ -54,9 +58,27 @@ class MetricsWriter:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def set_status(self, state: str, **extra: Any) -> None:
+        """Every rank keeps `logs/<module>/rank-<r>/status.json`: state, last step, pid, time.
+
+        After a crash it says which rank stopped where.
+        """
+        self._state = state
+        if self.status_path is None:
+            return
+        import os
+
+        from primus.runs.files import write_json
+
+        write_json(self.status_path, {"rank": self.rank, "state": state, "step": self.last_step,
+                                      "pid": os.getpid(), "time": time.time(), **extra})
+
     def train_step(self, step: int, *, loss: float, lr: float | None, grad_norm: float | None,
                    tokens: int, step_time_s: float, **extra: Any) -> dict[str, Any]:
         """Record one logged step. `tokens` is what the whole job processed in that step."""
+        self.last_step = int(step)
+        if self.status_path is not None:
+            self.set_status(self._state)
         step_time = max(float(step_time_s), 1e-9)
         record = {
             "step": int(step),

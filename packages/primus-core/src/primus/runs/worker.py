@@ -32,6 +32,7 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     from primus.runs.logs import setup_logging
     from primus.runs.metrics import MetricsWriter
     from primus.runs.rundir import read_module
+    from primus.runs.signals import EXIT_PREEMPTED
 
     run_dir = run_dir.resolve()
     resolved, data = read_module(run_dir, module_name)
@@ -48,10 +49,13 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     pctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
                         framework_version=backend.framework_version, config=native)
     total = int(resolved.module.train.steps or native.get("train_iters") or native.get("max_steps") or 0)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", total_steps=total, rank=rank, module=module_name)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", total_steps=total, rank=rank, module=module_name,
+                            status_path=run_dir / "logs" / module_name / f"rank-{rank}" / "status.json")
     ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
                      local_rank=local_rank, world_size=world_size, patches=patches, patch_context=pctx,
                      metrics=metrics)
+    ctx.stop.install()
+    metrics.set_status("running")
     try:
         ctx.apply_patches("before_import")
         adapter_cls = backend.spec.load_adapter_class()
@@ -59,17 +63,25 @@ def run_worker(run_dir: Path, module_name: str) -> int:
                     f"{backend.framework_version}) on {platform.describe()}, rank {rank}/{world_size}")
         adapter_cls(ctx).run()
     except ConfigError as exc:
+        metrics.set_status("config-error")
         logger.error(f"configuration error: {exc}")
         print(f"primus: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        metrics.set_status("interrupted")
         logger.error("interrupted")
         return 130
     except Exception as exc:  # a failure in training: log it whole, exit 1
+        metrics.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         logger.error(f"training failed on rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         return EXIT_FAILURE
     finally:
         patches.undo_all()
+    if ctx.stop_requested:
+        metrics.set_status("preempted")
+        logger.warning(f"{module_name} stopped by SIGTERM at step {metrics.last_step}; resume with resume: auto")
+        return EXIT_PREEMPTED
+    metrics.set_status("done")
     logger.info(f"{module_name} finished; run directory {run_dir}")
     return EXIT_OK
 
