@@ -81,7 +81,7 @@ def _sharded_state(loop: PretrainLoop, *, with_rng: bool, with_optimizer: bool, 
     model_state: dict[str, Any] = {}
     for i, chunk in enumerate(loop.model):
         key = "model" if len(loop.model) == 1 else f"model{i}"
-        model_state[key] = chunk.sharded_state_dict()
+        model_state[key] = chunk.module.sharded_state_dict()  # unwrapped: keys without DDP's "module."
     state: dict[str, Any] = dict(model_state)
     if with_optimizer:
         merged = {k: v for chunk_state in model_state.values() for k, v in chunk_state.items()}
@@ -157,7 +157,7 @@ def load(root: Path, loop: PretrainLoop, *, finetune: bool = False) -> int:
         state.pop("scheduler", None)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(loop.model):
-        chunk.load_state_dict(loaded["model" if len(loop.model) == 1 else f"model{i}"])
+        chunk.module.load_state_dict(loaded["model" if len(loop.model) == 1 else f"model{i}"])
     if with_optimizer:
         loop.optimizer.load_state_dict(loaded["optimizer"])
         loop.scheduler.load_state_dict(loaded["scheduler"])

@@ -3,9 +3,10 @@
 from primus.platform.env import EnvEntry
 
 ENV = [
+    # (also on CPU, where it only silences megatron-core's warning about it)
     # megatron-core overlaps TP communication with compute only when kernels are queued in issue
     # order, which needs a single hardware queue per device (Megatron-LM asserts it on GPUs).
-    EnvEntry("CUDA_DEVICE_MAX_CONNECTIONS", "1", platforms=frozenset({"rocm", "cuda"}), source="megatron",
+    EnvEntry("CUDA_DEVICE_MAX_CONNECTIONS", "1", platforms=frozenset({"rocm", "cuda", "cpu"}), source="megatron",
              why="ordered TP comm/compute overlap (megatron-core requires 1)"),
     # TransformerEngine's fused attention picks its kernels from these; harmless without TE.
     EnvEntry("NVTE_FUSED_ATTN", "1", platforms=frozenset({"rocm"}), source="megatron",

@@ -386,6 +386,11 @@ class PretrainLoop:
                 self.on_eval(self.step, self.evaluate(self.step))
             if a.save_interval and self.step % a.save_interval == 0 and self.step < a.train_iters:
                 self.save_checkpoint()
+            if a.exit_interval and self.step % a.exit_interval == 0 and self.step < a.train_iters:
+                # Megatron-LM's planned stop: checkpoint and leave; a rerun continues from here.
+                logger.info(f"exit_interval {a.exit_interval}: stopping after step {self.step}")
+                self.save_checkpoint()
+                return
         self.save_last_checkpoint()
 
     def save_checkpoint(self) -> None:
