@@ -23,7 +23,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 # Default sessions: a backend's session joins once its package exists in packages/.
 _BACKENDS = [b for b in ("hf", "megatron", "torchtitan", "maxtext") if (PACKAGES / f"primus-{b}").is_dir()]
-nox.options.sessions = ["lint", "core", "wheels", *_BACKENDS, "docs", "e2e"]
+nox.options.sessions = ["lint", "core", "wheels", *_BACKENDS, "docs", "e2e", "launch"]
 
 
 def _enable_pyenv_versions() -> None:
@@ -74,7 +74,7 @@ def wheels(session: nox.Session) -> None:
     for pkg in packages:
         session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), str(pkg), silent=True)
     session.install(TORCH)
-    session.install(*[str(w) for w in sorted(dist.glob("*.whl"))])
+    session.install(*[str(w) for w in sorted(dist.glob("*.whl"))], "pytest")
     session.run("python", "-m", "pytest", "tests/wheels", *session.posargs, env=TEST_ENV)
 
 
@@ -127,6 +127,15 @@ def e2e(session: nox.Session) -> None:
     """Every backend installed together: discovery stays light, every example resolves and dry-runs."""
     _install_all_torch_backends(session)
     _pytest(session, "tests/e2e")
+
+
+@nox.session(python="3.11")
+def launch(session: nox.Session) -> None:
+    """Multi-node torchrun, a real two-node Slurm cluster on this machine, preemption, failures."""
+    session.install(TORCH)
+    session.install("-e", str(PACKAGES / "primus-core"), "-e", str(PACKAGES / "primus-hf"), "pytest", "hatchling")
+    _install_fixture_backend(session)
+    _pytest(session, "tests/launch")
 
 
 @nox.session(python="3.11", default=False)
