@@ -1,0 +1,29 @@
+"""Primus backend for Hugging Face transformers.
+
+This module is what the `primus.backends` entry point loads: a `BackendSpec` and nothing else, so
+that `primus backends` never imports torch or transformers. The translator, adapter, patches and
+env are named by import strings and loaded when used.
+"""
+
+from primus.backends.spec import BackendSpec
+
+BACKEND = BackendSpec(
+    name="hf",
+    framework="transformers",
+    supported=">=5.0,<6",
+    presets="primus_hf.presets",
+    adapter="primus_hf.adapter:HFAdapter",
+    translator="primus_hf.translate:HFTranslator",
+    process_model="torchrun",
+    runtime="torch",
+    patches="primus_hf.patches:PATCHES",
+    env="primus_hf.env:ENV",
+    model_families=("llama", "qwen2", "qwen3", "mixtral"),
+    description=(
+        "Causal-LM pretraining on Hugging Face transformers models: a model built from a neutral "
+        "preset (llama, qwen2, qwen3, qwen3 MoE, mixtral) or loaded from a local directory "
+        "(`hf_path`), trained by a Primus loop that reads TrainingArguments names, with DDP "
+        "(NCCL/RCCL on GPUs, gloo on CPU) or FSDP, exact resume, and HF-format model output."
+    ),
+    install_hint="pip install primus-hf",
+)

@@ -1,0 +1,490 @@
+"""The heavy half of the hf backend: one training process.
+
+A plain PyTorch loop around a transformers causal LM, reading TrainingArguments names from the
+resolved config. It is written out instead of driving `transformers.Trainer` so that what resume
+restores (weights, optimizer, scheduler, RNG, data position = step) is explicit and exact, metrics
+come straight from the step, and nothing runs per step that a hand-written loop would not.
+
+Order: settings -> process group and device -> data -> model -> wrap (DDP/FSDP) -> optimizer and
+schedule -> resume -> train (log, eval, checkpoint) -> final model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+
+from primus.backends.adapter import Adapter, RunContext
+from primus.errors import ConfigError
+from primus_hf.data import SampleOrder, load_blocks, micro_batch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory without it is incomplete
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The native keys the loop reads, typed once."""
+
+    max_steps: int
+    micro_batch_size: int
+    eval_batch_size: int
+    accumulation: int
+    seq_length: int
+    seed: int
+    logging_steps: int
+    eval_every: int  # 0: no evaluation
+    eval_iters: int
+    save_every: int  # 0: no periodic checkpoints
+    keep_last: int | None
+    exit_at_step: int
+    max_grad_norm: float
+
+    @classmethod
+    def from_native(cls, n: dict[str, Any]) -> LoopSettings:
+        micro = int(n["per_device_train_batch_size"])
+        return cls(
+            max_steps=int(n["max_steps"]),
+            micro_batch_size=micro,
+            eval_batch_size=int(n.get("per_device_eval_batch_size") or micro),
+            accumulation=int(n["gradient_accumulation_steps"]),
+            seq_length=int(n["seq_length"]),
+            seed=int(n["seed"]),
+            logging_steps=max(1, int(n.get("logging_steps") or 1)),
+            eval_every=int(n.get("eval_steps") or 0) if n.get("eval_strategy") == "steps" else 0,
+            eval_iters=max(1, int(n.get("eval_iters") or 1)),
+            save_every=int(n.get("save_steps") or 0) if n.get("save_strategy") == "steps" else 0,
+            keep_last=n.get("save_total_limit"),
+            exit_at_step=int(n.get("exit_at_step") or 0),
+            max_grad_norm=float(n.get("max_grad_norm") or 0.0),
+        )
+
+
+class HFAdapter(Adapter):
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.settings = LoopSettings.from_native(ctx.native)
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+
+    # ======================================================================= the run
+
+    def run(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with the progress line
+        n, s = self.ctx.native, self.settings
+        self.ctx.apply_patches("build_args", settings=s)
+        self.device = self._init_distributed()
+        self.ctx.apply_patches("setup", device=self.device)
+        torch.manual_seed(s.seed)
+        random.seed(s.seed)
+
+        model = self.build_model()
+        self.blocks = load_blocks(n, getattr(model.config, "vocab_size", None))
+        self.order = SampleOrder(len(self.blocks.train), s.seed)
+        model.to(self.device)
+        if n.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable()
+        self.model = model  # the unwrapped model: saved, and what the state dicts are keyed by
+        self.train_model = self._wrap(model)
+        self.optimizer = self._optimizer(model)
+        self.scheduler = self._scheduler(self.optimizer)
+        self.autocast, self.scaler = self._precision()
+
+        start = 0
+        checkpoint = self.resume_point()
+        if checkpoint is not None:
+            start = self.load_checkpoint(checkpoint)
+        self.ctx.apply_patches("before_train", model=model, optimizer=self.optimizer, adapter=self,
+                               metrics=self.ctx.metrics, run_dir=self.ctx.run_dir)
+        logger.info(f"training {type(model).__name__} ({_count(model) / 1e6:.2f}M parameters) on {self.device}: "
+                    f"steps {start + 1}..{s.max_steps}, global batch {self.global_batch} x {s.seq_length} tokens, "
+                    f"{len(self.blocks.train)} train / {len(self.blocks.valid)} held-out blocks")
+        finished = self.train(start)
+        if finished:
+            self.save_final_model()
+        self.ctx.apply_patches("after_train")
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    @property
+    def global_batch(self) -> int:
+        s = self.settings
+        return s.micro_batch_size * self.world_size * s.accumulation
+
+    # ======================================================================= setup
+
+    def _init_distributed(self) -> torch.device:
+        n = self.ctx.native
+        use_gpu = torch.cuda.is_available() and not n.get("use_cpu")
+        device = torch.device("cuda", self.ctx.local_rank) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(device)
+            if n.get("tf32") is not None:
+                torch.backends.cuda.matmul.allow_tf32 = bool(n["tf32"])
+                torch.backends.cudnn.allow_tf32 = bool(n["tf32"])
+        if n.get("fsdp") and not use_gpu:
+            raise ConfigError("FSDP (parallel.fsdp) needs GPUs; on CPU the hf backend trains with DDP over gloo",
+                              key="parallel.fsdp")
+        if self.ctx.distributed and not dist.is_initialized():
+            backend = n.get("ddp_backend") or ("nccl" if use_gpu else "gloo")
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=int(n.get("ddp_timeout") or 1800)))
+        return device
+
+    def build_model(self) -> torch.nn.Module:
+        """From `hf_path` (weights when the directory has them) or from `model_config`."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        n = self.ctx.native
+        kwargs = {"attn_implementation": n["attn_implementation"]} if n.get("attn_implementation") else {}
+        if n.get("hf_path"):
+            path = Path(n["hf_path"])
+            has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+            if has_weights or not path.is_dir():
+                return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+            config = AutoConfig.from_pretrained(str(path))
+        else:
+            values = dict(n["model_config"])
+            config = AutoConfig.for_model(values.pop("model_type"), **values)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        n = self.ctx.native
+        if n.get("fsdp"):
+            return self._fully_shard(model)
+        if not dist.is_initialized() or self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        unused = n.get("ddp_find_unused_parameters")
+        if unused is None:  # routed experts that got no token in a step have no gradient
+            unused = any(k in model.config.to_dict() for k in ("num_local_experts", "num_experts"))
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=bool(unused))
+
+    def _fully_shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = self._half_dtype()
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        layers = getattr(getattr(model, "model", model), "layers", [])
+        for layer in layers:  # one shard group per decoder layer, the usual FSDP granularity
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+
+    def _half_dtype(self) -> torch.dtype | None:
+        n = self.ctx.native
+        bf16 = n.get("bf16")
+        if bf16 is None:  # precision auto: bf16 on GPUs, fp32 on CPU
+            bf16 = self.device.type == "cuda"
+        if bf16:
+            return torch.bfloat16
+        return torch.float16 if n.get("fp16") else None
+
+    def _precision(self) -> tuple[Any, Any]:
+        dtype = self._half_dtype()
+        if dtype is None or self.ctx.native.get("fsdp"):  # FSDP casts through its MixedPrecisionPolicy
+            return nullcontext, None
+        scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
+        return (lambda: torch.autocast(self.device.type, dtype=dtype)), scaler
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """AdamW; like transformers' Trainer, no weight decay on biases and norm weights (1-D tensors)."""
+        n = self.ctx.native
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": float(n["weight_decay"])},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        fused = n.get("optim") == "adamw_torch_fused" and self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=float(n["learning_rate"]), betas=(n["adam_beta1"], n["adam_beta2"]),
+                                 eps=float(n["adam_epsilon"]), fused=fused or None)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """transformers' schedules; `min_lr` selects their min-lr variants of cosine and linear decay."""
+        from transformers import get_scheduler
+
+        n, s = self.ctx.native, self.settings
+        name = n["lr_scheduler_type"]
+        kwargs = dict(n.get("lr_scheduler_kwargs") or {})
+        warmup = float(n.get("warmup_steps") or 0)
+        warmup_steps = math.ceil(warmup * s.max_steps) if 0 < warmup < 1 else int(warmup)  # <1: a ratio
+        min_lr = float(n.get("min_lr") or 0.0)
+        if min_lr > 0 and name == "cosine":
+            name, kwargs = "cosine_with_min_lr", {"min_lr": min_lr, **kwargs}
+        elif min_lr > 0 and name == "linear":
+            name = "warmup_stable_decay"
+            kwargs = {"num_stable_steps": 0, "num_decay_steps": s.max_steps - warmup_steps, "decay_type": "linear",
+                      "min_lr_ratio": min_lr / float(n["learning_rate"]), **kwargs}
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=s.max_steps,
+                             scheduler_specific_kwargs=kwargs or None)
+
+    # ======================================================================= the loop
+
+    def train(self, start: int) -> bool:
+        """Steps start+1..max_steps; False when stopped early by exit_at_step."""
+        s = self.settings
+        tokens_per_step = self.global_batch * s.seq_length
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.train_model.train()
+        window_start, window_steps = time.perf_counter(), 0
+        loss_sum = torch.zeros((), device=self.device)
+        for step in range(start + 1, s.max_steps + 1):
+            loss_sum.zero_()
+            for micro in range(s.accumulation):
+                rows = micro_batch(self.blocks.train, self.order, step=step - 1, micro_index=micro, rank=self.rank,
+                                   world_size=self.world_size, micro_batch_size=s.micro_batch_size,
+                                   accumulation=s.accumulation).to(self.device, non_blocking=True)
+                with self._grad_sync(last=micro == s.accumulation - 1), self.autocast():
+                    loss = self.train_model(input_ids=rows, labels=rows).loss / s.accumulation
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_sum += loss.detach()
+            logged = step % s.logging_steps == 0 or step == s.max_steps or step == start + 1
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = None
+            if s.max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            elif logged:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # measures, clips nothing
+            lr = self.scheduler.get_last_lr()[0]
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+
+            if logged:
+                loss_value = self._mean_over_ranks(loss_sum)
+                now = time.perf_counter()
+                self.ctx.metrics.train_step(step, loss=loss_value, lr=lr, grad_norm=_item(grad_norm),
+                                            tokens=tokens_per_step, step_time_s=(now - window_start) / window_steps)
+            evaluating = bool(s.eval_every) and step % s.eval_every == 0
+            if evaluating:
+                self.ctx.metrics.eval_step(step, loss=self.evaluate())
+            stopping = (bool(s.exit_at_step) and step == s.exit_at_step or self._stop_requested()) \
+                and step < s.max_steps
+            saving = (bool(s.save_every) and step % s.save_every == 0 and step < s.max_steps) or stopping
+            if saving:
+                self.save_checkpoint(step)
+            if logged or evaluating or saving:  # step times exclude evaluation and checkpoint writes
+                window_start, window_steps = time.perf_counter(), 0
+            if stopping:
+                why = "SIGTERM" if self.ctx.stop_requested else "exit_at_step"
+                logger.warning(f"stopping after step {step} ({why}); resume with checkpoint.resume: auto")
+                return False
+        if s.save_every and s.max_steps % s.save_every == 0:
+            self.save_checkpoint(s.max_steps)
+        return True
+
+    def _grad_sync(self, last: bool) -> Any:
+        """Skip the gradient all-reduce on all but the last micro step of an accumulation."""
+        m = self.train_model
+        if last or not dist.is_initialized():
+            return nullcontext()
+        if hasattr(m, "no_sync"):
+            return m.no_sync()
+        if hasattr(m, "set_requires_gradient_sync"):  # FSDP2
+            m.set_requires_gradient_sync(False)
+            return _RestoreGradientSync(m)
+        return nullcontext()
+
+    def _stop_requested(self) -> bool:
+        """SIGTERM seen by any rank (core's stop flag): all ranks stop after the same step."""
+        stop = self.ctx.stop_requested
+        if not dist.is_initialized() or self.world_size == 1:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over `eval_iters` batches of the held-out blocks (the same ones every pass)."""
+        s, valid = self.settings, self.blocks.valid
+        if len(valid) == 0:
+            return float("nan")
+        self.train_model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(s.eval_iters):
+            first = (i * self.world_size + self.rank) * s.eval_batch_size
+            rows = valid[torch.arange(first, first + s.eval_batch_size) % len(valid)].to(self.device)
+            with self.autocast():
+                total += self.train_model(input_ids=rows, labels=rows).loss.float()
+        self.train_model.train()
+        return self._mean_over_ranks(total / s.eval_iters)
+
+    # ======================================================================= checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.ctx.checkpoint_dir
+
+    def resume_point(self) -> Path | None:
+        """An explicit `resume_from_checkpoint`; the `hf.auto_continue_train` patch adds the newest one."""
+        explicit = self.ctx.native.get("resume_from_checkpoint")
+        if not explicit:
+            return None
+        path = Path(explicit).expanduser()
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"resume_from_checkpoint {path} is not a complete checkpoint", key="resume_from_checkpoint")
+        return path
+
+    def _state_dict_options(self, **kw: Any) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+    def save_checkpoint(self, step: int) -> None:
+        """Write `.tmp-checkpoint-<step>` completely, then rename it: a crash never leaves a half checkpoint."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.checkpoint_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
+        options = self._state_dict_options()
+        # every rank joins the gathers (FSDP needs it); rank 0 writes the shared state
+        model_state = get_model_state_dict(self.model, options=options)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        torch.save(_rng_state(), tmp / f"rng_state_{self.rank}.pt")
+        if self.rank == 0:
+            torch.save(model_state, tmp / "model.pt")
+            torch.save(optim_state, tmp / "optimizer.pt")
+            torch.save({"scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None}, tmp / "scheduler.pt")
+        self._barrier()
+        if self.rank == 0:
+            state = {"step": step, "global_batch_size": self.global_batch, "seq_length": self.settings.seq_length,
+                     "world_size": self.world_size, "consumed_samples": step * self.global_batch}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._rotate()
+            logger.info(f"checkpoint saved: {final}")
+        self._barrier()
+
+    def _rotate(self) -> None:
+        keep = self.settings.keep_last
+        if not keep:
+            return
+        for old in complete_checkpoints(self.checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> int:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = json.loads((path / STATE_FILE).read_text())
+        if state["global_batch_size"] != self.global_batch or state["seq_length"] != self.settings.seq_length:
+            raise ConfigError(f"checkpoint {path} was written with global batch {state['global_batch_size']} x "
+                              f"seq {state['seq_length']}; this run has {self.global_batch} x "
+                              f"{self.settings.seq_length}", key="checkpoint.resume",
+                              fix="resume with the same batch and sequence length, or checkpoint.resume: never")
+        options = self._state_dict_options()
+        set_model_state_dict(self.model, torch.load(path / "model.pt", map_location="cpu", weights_only=True),
+                             options=options)
+        set_optimizer_state_dict(self.model, self.optimizer,
+                                 torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+                                 options=options)
+        schedule = torch.load(path / "scheduler.pt", weights_only=True)
+        self.scheduler.load_state_dict(schedule["scheduler"])
+        if self.scaler and schedule.get("scaler"):
+            self.scaler.load_state_dict(schedule["scaler"])
+        rng_file = path / f"rng_state_{self.rank}.pt"
+        if rng_file.is_file():  # absent when the world size changed: the data order does not depend on it
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        logger.info(f"resumed from {path} at step {state['step']}")
+        return int(state["step"])
+
+    def save_final_model(self) -> None:
+        """The trained model in Hugging Face format under <run dir>/model (from_pretrained loads it)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=self._state_dict_options())
+        if self.rank == 0:
+            final = self.ctx.run_dir / "model"
+            tmp = self.ctx.run_dir / f"{TMP_PREFIX}model"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(str(tmp), state_dict=state)
+            if self.blocks.tokenizer is not None:
+                self.blocks.tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            logger.info(f"model saved in Hugging Face format: {final}")
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+# =========================================================================== helpers
+
+
+class _RestoreGradientSync:
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.set_requires_gradient_sync(True)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """`checkpoint-<step>` directories with their state file, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _item(value: torch.Tensor | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

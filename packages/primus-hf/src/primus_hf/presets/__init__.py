@@ -1,0 +1,1 @@
+"""Module presets of the hf backend (package data, read with importlib.resources)."""

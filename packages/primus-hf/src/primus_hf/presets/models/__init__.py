@@ -1,0 +1,1 @@
+"""Backend-native model presets of the hf backend (`model: {hf_path: ...}` style)."""

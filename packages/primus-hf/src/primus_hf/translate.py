@@ -1,0 +1,391 @@
+"""The light half of the hf backend: neutral config in, TrainingArguments names out, checks first.
+
+Core calls this while resolving (`primus config show`, `primus run --dry-run`), so nothing here may
+import torch or transformers: the TrainingArguments field list comes from package data, the
+tokenizer is checked by reading its JSON files, the corpus by reading its first lines.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from primus.backends.translator import NativeValues, Translator
+from primus.errors import ConfigError
+from primus.suggest import did_you_mean
+from primus_hf.training_args import NOT_PLAIN, training_arguments
+
+if TYPE_CHECKING:
+    from primus.config.resolve import ResolvedModule
+    from primus.config.schema import ModuleConfig
+    from primus.models.spec import ModelSpec
+
+# TrainingArguments names the Primus loop reads. Any other field is accepted (upstream experiment files
+# carry many) and, when set away from its default, reported as unused rather than silently dropped.
+HONOURED_TRAINING_ARGS = frozenset({
+    "max_steps", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "max_grad_norm", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "tf32", "gradient_checkpointing",
+    "torch_compile", "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
+    "save_total_limit", "resume_from_checkpoint", "seed", "use_cpu", "ddp_backend", "ddp_timeout",
+    "ddp_find_unused_parameters", "fsdp",
+    # where they go is decided by Primus, not by these fields:
+    "output_dir", "local_rank", "report_to",
+})
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+NEUTRAL_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+UNSUPPORTED = "not supported by the hf backend"
+
+
+# --------------------------------------------------------------------------- model families
+
+
+def _rope_parameters(spec: ModelSpec) -> dict[str, Any]:
+    """transformers 5 keeps rope theta and scaling together in `rope_parameters`."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return rope
+    rope.update(rope_type=scaling.type, factor=scaling.factor)
+    optional = {
+        "original_max_position_embeddings": scaling.original_max_positions,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "beta_fast": scaling.beta_fast,
+        "beta_slow": scaling.beta_slow,
+        "mscale": scaling.mscale,
+        "mscale_all_dim": scaling.mscale_all_dim,
+    }
+    rope.update({k: v for k, v in optional.items() if v is not None})
+    return rope
+
+
+def _common(spec: ModelSpec, model_type: str) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.kv_heads,
+        "head_dim": spec.head_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": spec.norm_eps,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "rope_parameters": _rope_parameters(spec),
+    }
+
+
+def _refuse(spec: ModelSpec, what: str) -> ConfigError:
+    return ConfigError(f"{spec.family} model with {what} is {UNSUPPORTED}",
+                       fix="supported: llama, qwen2, qwen3 (dense or MoE), mixtral with their standard layouts")
+
+
+def _llama(spec: ModelSpec) -> dict[str, Any]:
+    if spec.qkv_bias or spec.qk_norm:
+        raise _refuse(spec, "qkv_bias or qk_norm")  # LlamaConfig's attention_bias also adds an output bias
+    return _common(spec, "llama")
+
+
+def _qwen2(spec: ModelSpec) -> dict[str, Any]:
+    if not spec.qkv_bias or spec.qk_norm:
+        raise _refuse(spec, "no qkv bias or with qk_norm")  # Qwen2 attention always has q/k/v biases
+    return _common(spec, "qwen2")
+
+
+def _qwen3(spec: ModelSpec) -> dict[str, Any]:
+    if spec.qkv_bias:
+        raise _refuse(spec, "qkv_bias")
+    if spec.moe is None:
+        return _common(spec, "qwen3")
+    moe = spec.moe
+    if moe.shared_experts or moe.first_dense_layers:
+        raise _refuse(spec, "shared experts or leading dense layers")
+    return {
+        **_common(spec, "qwen3_moe"),
+        "num_experts": moe.experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.expert_ffn,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "router_aux_loss_coef": moe.router_aux_loss_coef,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+
+
+def _mixtral(spec: ModelSpec) -> dict[str, Any]:
+    moe = spec.moe
+    if moe is None:
+        raise _refuse(spec, "no moe block")
+    if moe.shared_experts or moe.first_dense_layers or not moe.norm_topk_prob or spec.qkv_bias or spec.qk_norm:
+        raise _refuse(spec, "shared experts, dense layers, unnormalised top-k, qkv bias or qk_norm")
+    config = _common(spec, "mixtral")
+    config.update(intermediate_size=moe.expert_ffn, num_local_experts=moe.experts, num_experts_per_tok=moe.top_k,
+                  router_aux_loss_coef=moe.router_aux_loss_coef)
+    return config
+
+
+MODEL_BUILDERS = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mixtral": _mixtral}
+
+
+# --------------------------------------------------------------------------- the translator
+
+
+class HFTranslator(Translator):
+    default_module_preset = "pre_trainer.yaml"
+    unavailable_keys = {
+        "deepspeed": "the Primus hf loop shards with FSDP (parallel.fsdp), not DeepSpeed",
+        "push_to_hub": "runs write to the local run directory only",
+    }
+
+    def native_keys(self, preset: dict[str, Any]) -> set[str]:
+        return super().native_keys(preset) | set(training_arguments())
+
+    def translate_model(self, spec: ModelSpec) -> NativeValues:
+        build = MODEL_BUILDERS.get(spec.family)
+        if build is None:
+            raise ConfigError(f"model family '{spec.family}' is {UNSUPPORTED}",
+                              fix=f"the hf backend builds: {', '.join(MODEL_BUILDERS)}")
+        out = NativeValues()
+        for key, value in build(spec).items():
+            out.set(f"model_config.{key}", value, _MODEL_ORIGINS.get(key, key))
+        return out
+
+    def translate_sections(self, module: ModuleConfig, model: ModelSpec | None) -> NativeValues:
+        out = NativeValues()
+        t = module.train
+        out.set("max_steps", t.steps, "train.steps")
+        out.set("learning_rate", t.lr, "train.lr")
+        out.set("min_lr", t.min_lr, "train.min_lr")
+        out.set("warmup_steps", t.warmup_steps, "train.warmup_steps")
+        out.set("lr_scheduler_type", NEUTRAL_SCHEDULES.get(t.lr_schedule or ""), "train.lr_schedule")
+        out.set("per_device_train_batch_size", t.micro_batch_size, "train.micro_batch_size")
+        out.set("global_batch_size", t.global_batch_size, "train.global_batch_size")
+        out.set("seq_length", t.seq_length, "train.seq_length")
+        out.set("seed", t.seed, "train.seed")
+        out.set("weight_decay", t.weight_decay, "train.weight_decay")
+        out.set("max_grad_norm", t.grad_clip, "train.grad_clip")
+        if t.precision is not None and t.precision != "auto":  # auto keeps bf16: null (decided per device)
+            out.set("bf16", t.precision == "bf16", "train.precision")
+            out.set("fp16", t.precision == "fp16", "train.precision")
+        out.set("logging_steps", t.log_interval, "train.log_interval")
+        if t.eval_interval is not None:
+            out.set("eval_strategy", "steps", "train.eval_interval")
+            out.set("eval_steps", t.eval_interval, "train.eval_interval")
+        out.set("eval_iters", t.eval_steps, "train.eval_steps")
+
+        if module.parallel.fsdp is not None:
+            out.set("fsdp", "full_shard" if module.parallel.fsdp else "", "parallel.fsdp")
+
+        d = module.data
+        out.set("mock_data", d.mock, "data.mock")
+        if d.path:
+            out.set("mock_data", False, "data.path")
+        out.set("data_path", d.path, "data.path")
+        out.set("text_key", d.text_key, "data.text_key")
+        out.set("tokenizer_path", d.tokenizer, "data.tokenizer")
+        out.set("valid_fraction", d.valid_fraction, "data.valid_fraction")
+
+        c = module.checkpoint
+        if c.interval is not None:
+            out.set("save_strategy", "steps", "checkpoint.interval")
+            out.set("save_steps", c.interval, "checkpoint.interval")
+        out.set("save_total_limit", c.keep_last, "checkpoint.keep_last")
+        if c.resume is not None:
+            out.set("auto_continue_train", c.resume in ("auto", True), "checkpoint.resume")
+        return out
+
+    # ----------------------------------------------------------------------- checks before anything runs
+
+    def check(self, resolved: ResolvedModule) -> None:
+        n = resolved.native
+        base = f"modules.{resolved.name}"
+        self._check_parallel(resolved, base)
+        self._check_batch(resolved, base)
+        self._check_model(resolved, base)
+        self._check_data(n, base)
+        self._check_schedule(n, base)
+        self._check_trackers(n)
+
+    def _check_parallel(self, resolved: ResolvedModule, base: str) -> None:
+        p = resolved.module.parallel
+        for name in ("tensor", "pipeline", "context", "expert"):
+            if (getattr(p, name) or 1) > 1:
+                raise ConfigError(f"{name} parallelism is {UNSUPPORTED}", key=f"{base}.parallel.{name}",
+                                  fix="the hf backend is data parallel (DDP, or FSDP with parallel.fsdp: true)")
+
+    def _check_batch(self, resolved: ResolvedModule, base: str) -> None:
+        """Global batch = micro x data-parallel x accumulation; fills gradient_accumulation_steps."""
+        n = resolved.native
+        micro, world = int(n["per_device_train_batch_size"]), resolved.world_size
+        gbs = n.get("global_batch_size")
+        if gbs is None:
+            n["global_batch_size"] = micro * world * int(n["gradient_accumulation_steps"])
+            return
+        if gbs % (micro * world):
+            raise ConfigError(
+                f"global_batch_size {gbs} cannot be made from micro batch {micro} x world size {world}",
+                key=f"{base}.train.global_batch_size", fix=f"use a multiple of {micro * world}")
+        accumulation = gbs // (micro * world)
+        explicit = int(n.get("gradient_accumulation_steps", 1))
+        source = resolved.sources.get(("gradient_accumulation_steps",))
+        if explicit != accumulation and source is not None and source.layer in ("overrides", "cli"):
+            raise ConfigError(
+                f"gradient_accumulation_steps {explicit} contradicts global_batch_size {gbs} "
+                f"(micro {micro} x world {world} x {explicit} = {micro * world * explicit})",
+                key=f"{base}.overrides.gradient_accumulation_steps", fix="set only one of the two")
+        # Core's translation step does not know the world size; the accumulation is settled here.
+        n["gradient_accumulation_steps"] = accumulation
+
+    def _check_model(self, resolved: ResolvedModule, base: str) -> None:
+        n = resolved.native
+        hf_path = n.get("hf_path")
+        if hf_path:
+            n["hf_path"] = _local_or_hub(str(hf_path), Path(resolved.experiment_file).parent, f"{base}.model.hf_path")
+            return
+        config = n.get("model_config") or {}
+        if not config.get("model_type"):
+            raise ConfigError("no model: set `model:` to a model preset (e.g. llama3_tiny.yaml) or "
+                              "`{hf_path: ./dir}`", key=f"{base}.model")
+        max_positions = config.get("max_position_embeddings")
+        if max_positions and int(n["seq_length"]) > int(max_positions):
+            raise ConfigError(f"seq_length {n['seq_length']} exceeds the model's max_position_embeddings "
+                              f"{max_positions}", key=f"{base}.train.seq_length")
+
+    def _check_data(self, n: dict[str, Any], base: str) -> None:
+        if n.get("mock_data"):
+            return
+        path = n.get("data_path")
+        if not path:
+            raise ConfigError("no training data", key=f"{base}.data",
+                              fix="set data: {mock: true} or data: {path: corpus.jsonl, tokenizer: ./tokenizer}")
+        corpus = Path(path)
+        if not corpus.is_file():
+            raise ConfigError(f"corpus {corpus} does not exist", key=f"{base}.data.path")
+        if corpus.suffix == ".jsonl":
+            _check_text_key(corpus, n.get("text_key") or "text", f"{base}.data.text_key")
+        tokenizer = n.get("tokenizer_path")
+        if not tokenizer:
+            raise ConfigError("a corpus needs a tokenizer", key=f"{base}.data.tokenizer",
+                              fix="set data.tokenizer to a local tokenizer directory")
+        vocab = _tokenizer_vocab_size(Path(tokenizer), f"{base}.data.tokenizer")
+        model_vocab = (n.get("model_config") or {}).get("vocab_size")
+        if vocab and model_vocab and vocab > int(model_vocab):
+            raise ConfigError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is {model_vocab}",
+                              key=f"{base}.data.tokenizer", fix="use a model preset whose vocab fits the tokenizer")
+
+    def _check_schedule(self, n: dict[str, Any], base: str) -> None:
+        if n.get("optim") not in SUPPORTED_OPTIMIZERS:
+            raise ConfigError(f"optim {n.get('optim')!r} is {UNSUPPORTED}", key=f"{base}.overrides.optim",
+                              fix=f"use one of {', '.join(SUPPORTED_OPTIMIZERS)}")
+        if int(n["max_steps"]) <= 0:
+            raise ConfigError("max_steps must be positive (the loop trains by steps, not epochs)",
+                              key=f"{base}.train.steps")
+        if n.get("eval_strategy") not in ("no", "steps"):
+            raise ConfigError(f"eval_strategy {n.get('eval_strategy')!r} is {UNSUPPORTED}",
+                              key=f"{base}.overrides.eval_strategy", fix='use "steps" or "no"')
+        if n.get("eval_strategy") == "steps" and not n.get("eval_steps"):
+            raise ConfigError('eval_strategy "steps" needs eval_steps', key=f"{base}.train.eval_interval")
+        if n.get("save_strategy") not in ("no", "steps"):
+            raise ConfigError(f"save_strategy {n.get('save_strategy')!r} is {UNSUPPORTED}",
+                              key=f"{base}.overrides.save_strategy", fix='use "steps" or "no"')
+
+    def _check_trackers(self, n: dict[str, Any]) -> None:
+        from importlib.util import find_spec
+
+        for key, module, dist in (("disable_tensorboard", "tensorboard", "tensorboard"),
+                                  ("disable_wandb", "wandb", "wandb"), ("disable_mlflow", "mlflow", "mlflow")):
+            if not n.get(key, True) and find_spec(module) is None:
+                raise ConfigError(f"{key} is false but {dist} is not installed", key=key,
+                                  fix=f"pip install {dist}, or leave {key}: true")
+
+    def notices(self, resolved: ResolvedModule) -> list[str]:
+        notes = super().notices(resolved)
+        defaults = training_arguments()
+        for key, value in resolved.native.items():
+            if key in defaults and key not in HONOURED_TRAINING_ARGS and value != defaults[key] \
+                    and defaults[key] != NOT_PLAIN:
+                notes.append(f"{key}: a TrainingArguments field the Primus hf loop does not use; ignored")
+        return notes
+
+    def summary(self, resolved: ResolvedModule) -> dict[str, Any]:
+        n = resolved.native
+        model = n.get("hf_path") or (n.get("model_config") or {}).get("model_type")
+        data = "mock" if n.get("mock_data") else n.get("data_path")
+        return {
+            "model": model,
+            "steps": n["max_steps"],
+            "batch": f"global {n['global_batch_size']} = micro {n['per_device_train_batch_size']} x world "
+                     f"{resolved.world_size} x accumulation {n['gradient_accumulation_steps']}",
+            "seq": n["seq_length"],
+            "data": data,
+            "parallel": "FSDP" if n.get("fsdp") else ("DDP" if resolved.world_size > 1 else "single process"),
+        }
+
+
+_MODEL_ORIGINS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+    "intermediate_size": "ffn_hidden_size", "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "norm_eps", "tie_word_embeddings": "tie_embeddings", "rope_parameters": "rope_theta",
+    "num_local_experts": "moe", "num_experts": "moe", "num_experts_per_tok": "moe", "moe_intermediate_size": "moe",
+}
+
+
+# --------------------------------------------------------------------------- file checks (no heavy imports)
+
+
+def _local_or_hub(value: str, base: Path, key: str) -> str:
+    """A local model directory becomes absolute; a bare `org/name` is left for the hub."""
+    path = Path(value).expanduser()
+    candidate = path if path.is_absolute() else (base / path)
+    if candidate.is_dir():
+        if not (candidate / "config.json").is_file():
+            raise ConfigError(f"model directory {candidate.resolve()} has no config.json", key=key)
+        return str(candidate.resolve())
+    if value.startswith((".", "/", "~")) or value.count("/") != 1:
+        raise ConfigError(f"model directory {candidate} does not exist", key=key,
+                          fix="point hf_path at a directory with config.json (and weights)")
+    return value  # a hub id: from_pretrained resolves it (needs network or a local hub cache)
+
+
+def _check_text_key(corpus: Path, text_key: str, key: str) -> None:
+    """The first non-empty JSONL record must carry `text_key` with a string."""
+    with corpus.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{corpus}:{number} is not JSON ({exc.msg})", key=key) from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                fields = sorted(record) if isinstance(record, dict) else []
+                hint = did_you_mean(text_key, fields)
+                raise ConfigError(f"corpus {corpus} line {number} has no text field '{text_key}'", key=key,
+                                  fix=hint or f"fields there: {', '.join(fields) or 'none'}; set data.text_key")
+            return
+    raise ConfigError(f"corpus {corpus} is empty", key=key.rsplit(".", 1)[0] + ".path")
+
+
+def _tokenizer_vocab_size(directory: Path, key: str) -> int | None:
+    if not directory.is_dir():
+        raise ConfigError(f"tokenizer directory {directory} does not exist", key=key,
+                          fix="point data.tokenizer at a directory with tokenizer.json "
+                              "(examples/data/make_corpus.py makes one)")
+    tokenizer_json = directory / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        if any((directory / name).is_file() for name in ("tokenizer.model", "vocab.json", "spiece.model")):
+            return None  # a slow-tokenizer layout: AutoTokenizer will load it; its size is checked at run time
+        raise ConfigError(f"tokenizer directory {directory} has no tokenizer.json", key=key)
+    try:
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{tokenizer_json} is not a tokenizer file ({exc})", key=key) from None
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    added = {t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "id" in t}
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids |= added
+    return max(ids) + 1 if ids else None
