@@ -115,6 +115,8 @@ class HFAdapter(Adapter):
                     f"steps {start + 1}..{s.max_steps}, global batch {self.global_batch} x {s.seq_length} tokens, "
                     f"{len(self.blocks.train)} train / {len(self.blocks.valid)} held-out blocks")
         finished = self.train(start)
+        # every rank logs this to its own file: replicas that drifted apart would show here
+        logger.debug(f"parameter checksum {sum(float(p.detach().double().sum()) for p in model.parameters()):.12e}")
         if finished:
             self.save_final_model()
         self.ctx.apply_patches("after_train")

@@ -1,1 +1,0 @@
-"""Backend-native model presets of the hf backend (`model: {hf_path: ...}` style)."""
