@@ -1,0 +1,28 @@
+"""Primus backend for TorchTitan.
+
+This module is what the `primus.backends` entry point loads: a `BackendSpec` and nothing else, so
+`primus backends` never imports torch or torchtitan. The translator, adapter, patches and env are
+named by import strings and loaded when used.
+"""
+
+from primus.backends.spec import BackendSpec
+
+BACKEND = BackendSpec(
+    name="torchtitan",
+    framework="torchtitan",
+    supported=">=0.3.0,<0.4",
+    presets="primus_torchtitan.presets",
+    adapter="primus_torchtitan.adapter:TorchTitanAdapter",
+    translator="primus_torchtitan.translate:TorchTitanTranslator",
+    process_model="torchrun",
+    runtime="torch",
+    patches="primus_torchtitan.patches:PATCHES",
+    env="primus_torchtitan.env:ENV",
+    model_families=("llama", "qwen3"),
+    description=(
+        "Pretraining through TorchTitan's own Trainer (FSDP2, tensor parallel, distributed "
+        "checkpointing): Llama 3 and Qwen 3 models from a neutral preset or a TorchTitan flavor, "
+        "synthetic or local JSONL data, with a registered patch layer that also trains on CPU."
+    ),
+    install_hint="pip install primus-torchtitan",
+)

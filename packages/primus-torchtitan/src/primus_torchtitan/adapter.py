@@ -1,0 +1,241 @@
+"""The heavy half of the torchtitan backend: drives TorchTitan's own Trainer in this process.
+
+Reads top to bottom as a run does: the process-group environment, the `Trainer.Config` built
+from the resolved native keys, the patches of each phase, the metrics hook, training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from loguru import logger
+
+from primus.backends.adapter import Adapter
+from primus.errors import ConfigError
+from primus_torchtitan.config_keys import config_keys
+from primus_torchtitan.translate import PRIMUS_KEYS, UNAVAILABLE, UPSTREAM_ALIASES, _get, _matches
+
+# ----------------------------------------------------------------------------- process group env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def single_process_env() -> Iterator[None]:
+    """TorchTitan initialises torch.distributed from the torchrun environment even for one process.
+
+    Core runs a one-process job in-process without torchrun, so the variables torchrun would set
+    are provided here (and removed afterwards); under torchrun they are already present.
+    """
+    wanted = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+# ----------------------------------------------------------------------------- Trainer.Config
+
+
+def _flat(native: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in native.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted not in config_keys():
+            out.update(_flat(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def native_settings(native: dict[str, Any]) -> dict[str, Any]:
+    """The resolved keys that are TorchTitan's own, upstream aliases moved to their 0.3 names."""
+    flat = _flat(native)
+    for old, new in UPSTREAM_ALIASES.items():
+        if old in flat and flat.get(new) is None:
+            flat[new] = flat[old]
+    schema = config_keys()
+    settings = {}
+    for key, value in flat.items():
+        primus_key = any(_matches(key, p) for p in (*PRIMUS_KEYS, *UNAVAILABLE)) or key in UPSTREAM_ALIASES
+        if primus_key:
+            continue
+        if key in schema or any(key.startswith(k + ".") for k in schema if isinstance(schema[k], dict)):
+            settings[key] = value
+    return settings
+
+
+def _set_dotted(obj: Any, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    if isinstance(obj, dict):
+        obj[last] = value
+    else:
+        setattr(obj, last, value)
+
+
+def _activation_checkpoint(mode: Any) -> Any:
+    from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+
+    modes = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}
+    key = str(mode).lower() if mode is not None else "none"
+    if key.isdigit() or key == "op":  # upstream selective_ac_option values
+        key = "selective"
+    if key not in modes:
+        raise ConfigError(f"activation_checkpoint.mode '{mode}' is not one of none, selective, full",
+                          key="activation_checkpoint.mode")
+    return modes[key]() if modes[key] else None
+
+
+def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir: str) -> Any:
+    """A TorchTitan `Trainer.Config` from the resolved native keys."""
+    from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+    from torchtitan.components.optimizer import default_adamw
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+    from torchtitan.models.common.config_utils import decoder_vocab_size
+    from torchtitan.trainer import Trainer
+
+    from primus_torchtitan.data import MockDataLoader, MockTokenizer, register_jsonl_dataset
+    from primus_torchtitan.model import build_model_spec
+
+    model_spec = build_model_spec(native["model"])
+    vocab = decoder_vocab_size(model_spec)
+    opt = native.get("optimizer", {})
+    if str(opt.get("name", "AdamW")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"optimizer.name '{opt.get('name')}' is not supported (AdamW, Adam)", key="optimizer.name")
+    optimizer = default_adamw(lr=float(opt.get("lr", 8e-4)), betas=(float(opt.get("beta1", 0.9)),
+                              float(opt.get("beta2", 0.95))), eps=float(opt.get("eps", 1e-8)),
+                              weight_decay=float(opt.get("weight_decay", 0.1)))
+    optimizer.param_groups[0].optimizer_name = "Adam" if str(opt.get("name")).lower() == "adam" else "AdamW"
+
+    mock = bool(_get(native, "training.mock_data"))
+    seed = _get(native, "debug.seed")
+    if mock:
+        dataloader = MockDataLoader.Config(vocab_size=vocab, seed=1234 if seed is None else int(seed))
+        tokenizer = MockTokenizer.Config(vocab_size=vocab)
+    else:
+        register_jsonl_dataset(_get(native, "dataloader.text_key") or "text")
+        dataloader = HuggingFaceTextDataLoader.Config()
+        tokenizer = HuggingFaceTokenizer.Config()
+
+    config = Trainer.Config(
+        model_spec=model_spec,
+        loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=vocab)),
+        optimizer=optimizer, dataloader=dataloader, tokenizer=tokenizer,
+        activation_checkpoint=_activation_checkpoint(_get(native, "activation_checkpoint.mode")),
+    )
+    for key, value in native_settings(native).items():
+        if mock and key.startswith("dataloader."):
+            continue
+        if key == "parallelism.spmd_backend" and value is None:
+            continue  # keep TorchTitan's default
+        _set_dotted(config, key, value)
+    config.dump_folder = run_dir
+    config.checkpoint.folder = checkpoint_dir  # absolute: os.path.join keeps it as is
+    config.hf_assets_path = native.get("hf_assets_path") or run_dir
+    config.training.disable_cuda_graphs = True  # cuda graphs are captured per device; Primus leaves them off
+    return config
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class PrimusMetricsLogger:
+    """A TorchTitan metric logger that feeds Primus's metrics.jsonl and progress line.
+
+    TorchTitan calls it with the metrics it computed for a logged step; `throughput(tps)` is
+    tokens per second per device, normalised by the non-data-parallel degree, so the tokens the
+    whole job processed per second are tps x world size.
+    """
+
+    def __init__(self, ctx: Any, world_size: int) -> None:
+        self.ctx, self.world_size = ctx, world_size
+        self.last_step = 0
+        self.last_time = time.perf_counter()
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if "loss_metrics/global_avg_loss" not in metrics:
+            if "validation_metrics/loss" in metrics:
+                self.ctx.metrics.eval_step(step, loss=metrics["validation_metrics/loss"])
+            return
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        interval = metrics.get("time_metrics/end_to_end(s)")
+        step_time = (now - self.last_time) / steps
+        if interval is not None:
+            step_time = float(interval) * self._log_freq() / steps
+        lr = next((v for k, v in metrics.items() if k.startswith("lr/")), None)
+        tokens = float(metrics.get("throughput(tps)", 0.0)) * self.world_size * step_time
+        extra = {k: metrics[k] for k in ("mfu(%)", "tflops") if k in metrics}
+        self.ctx.metrics.train_step(step, loss=metrics["loss_metrics/global_avg_loss"], lr=lr,
+                                    grad_norm=metrics.get("grad_norm"), tokens=int(round(tokens)),
+                                    step_time_s=step_time, **{k.split("(")[0]: v for k, v in extra.items()})
+        self.last_step, self.last_time = step, now
+
+    def _log_freq(self) -> int:
+        return int(self.freq)
+
+    freq = 1
+
+    def close(self) -> None:
+        return None
+
+
+def hook_metrics(trainer: Any, ctx: Any) -> None:
+    from torchtitan.components.metrics import LoggerContainer
+
+    ours = PrimusMetricsLogger(ctx, ctx.world_size)
+    ours.freq = trainer.config.metrics.log_freq
+    container = LoggerContainer()
+    container.add_logger(trainer.metrics_processor.logger)
+    container.add_logger(ours)
+    trainer.metrics_processor.logger = container
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+
+class TorchTitanAdapter(Adapter):
+    def run(self) -> None:
+        ctx = self.ctx
+        with single_process_env():
+            import torch
+            from torchtitan.trainer import Trainer  # noqa: F401 - the framework import, after before_import
+
+            ctx.apply_patches("setup")
+            ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            config = build_trainer_config(ctx.native, run_dir=str(ctx.run_dir), checkpoint_dir=str(ctx.checkpoint_dir))
+            if _get(ctx.native, "checkpoint.enable") and self._resume_never():
+                config.checkpoint.load_step = 0  # torchtitan: step 0 means "do not load"
+            ctx.apply_patches("build_args", titan_config=config, world_size=ctx.world_size)
+            trainer = None
+            try:
+                trainer = config.build()
+                hook_metrics(trainer, ctx)
+                ctx.apply_patches("before_train", trainer=trainer)
+                trainer.train()
+                ctx.apply_patches("after_train", trainer=trainer)
+            finally:
+                if trainer is not None:
+                    trainer.close()
+                if torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
+        logger.debug("torchtitan trainer closed")
+
+    def _resume_never(self) -> bool:
+        return self.ctx.module.module.checkpoint.resume in ("never", False)

@@ -1,0 +1,101 @@
+"""Data for TorchTitan's Trainer (imports torchtitan).
+
+- Mock data: a TorchTitan dataloader component of our own (TorchTitan 0.3 extends by components),
+  yielding seeded, learnable token sequences; resumable, since its state is the sample index.
+- A local JSONL corpus: registered in TorchTitan's dataset table as `primus_jsonl`, so it goes
+  through TorchTitan's own HuggingFace text dataset path with the local tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset
+from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.components.tokenizer import BaseTokenizer
+
+JSONL_DATASET = "primus_jsonl"
+
+
+class MockTextDataset(IterableDataset, Stateful):
+    """Arithmetic token progressions with a random start and stride per sample: easy to learn,
+    so the loss falls in a few steps; each sample depends only on (seed, rank, index)."""
+
+    def __init__(self, *, vocab_size: int, seq_len: int, seed: int, dp_rank: int) -> None:
+        self.vocab_size, self.seq_len, self.seed, self.dp_rank = vocab_size, seq_len, seed, dp_rank
+        self.sample_idx = 0
+
+    def _sample(self, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.dp_rank * 7919 + index)
+        start = int(torch.randint(0, self.vocab_size, (1,), generator=g))
+        stride = int(torch.randint(1, 8, (1,), generator=g))
+        return (start + stride * torch.arange(self.seq_len + 1)) % self.vocab_size
+
+    def __iter__(self) -> Any:
+        while True:
+            tokens = self._sample(self.sample_idx)
+            self.sample_idx += 1
+            yield {"input": tokens[:-1], "positions": torch.arange(self.seq_len)}, tokens[1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sample_idx": self.sample_idx}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sample_idx = int(state_dict["sample_idx"])
+
+
+class MockDataLoader(ParallelAwareDataloader):
+    @dataclass(kw_only=True, slots=True)
+    class Config(ParallelAwareDataloader.Config):
+        dataset: str = "mock"
+        vocab_size: int = 512
+        seed: int = 1234
+
+    def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer: Any, seq_len: int,
+                 local_batch_size: int, snapshot_every_n_steps: int | None = 1, **kwargs: Any) -> None:
+        dataset = MockTextDataset(vocab_size=config.vocab_size, seq_len=seq_len, seed=config.seed, dp_rank=dp_rank)
+        super().__init__(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, num_workers=0,
+                         batch_size=local_batch_size, snapshot_every_n_steps=snapshot_every_n_steps)
+
+
+class MockTokenizer(BaseTokenizer):
+    """Stands in for a tokenizer when the data is synthetic: TorchTitan always builds one."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseTokenizer.Config):
+        vocab_size: int = 512
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        super().__init__()
+        self.vocab_size = config.vocab_size
+        self.eos_id = config.vocab_size - 1
+
+    def encode(self, *args: Any, **kwargs: Any) -> list[int]:
+        raise NotImplementedError("mock data has no text")
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        raise NotImplementedError("mock data has no text")
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+
+def register_jsonl_dataset(text_key: str) -> None:
+    """Add `primus_jsonl` to TorchTitan's dataset table: a local JSONL file, `text_key` per line."""
+    from datasets import load_dataset
+    from torchtitan.hf_datasets import DatasetConfig
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    DATASETS[JSONL_DATASET] = DatasetConfig(
+        path="",
+        loader=lambda path: load_dataset("json", data_files=path, split="train"),
+        sample_processor=partial(_text_of, text_key=text_key),
+    )
+
+
+def _text_of(sample: dict[str, Any], *, text_key: str) -> str:
+    return sample[text_key]
