@@ -1,0 +1,34 @@
+"""Bad input: exit 2 before any process starts, one line on stderr, nothing in the workspace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mg_helpers import EXAMPLE, free_port, run_primus
+
+CASES = {
+    "unknown native key": (["log_intervall=1"], 1, ["log_intervall", "log_interval"]),
+    "tensor does not divide heads": (["tensor_model_parallel_size=3", "train.global_batch_size=6"], 3,
+                                     ["num_attention_heads 4"]),
+    "pipeline does not divide layers": (["pipeline_model_parallel_size=2", "num_layers=3"], 2,
+                                        ["does not divide num_layers 3"]),
+    "global batch not a multiple": (["train.global_batch_size=5"], 1, ["global_batch_size", "multiple"]),
+    "interleaved pipeline with batch_p2p_comm": (
+        ["pipeline_model_parallel_size=2", "num_layers=4", "virtual_pipeline_model_parallel_size=2",
+         "batch_p2p_comm=true"], 2, ["batch_p2p_comm", "silently wrong"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_and_leaves_nothing(case: str, tmp_path: Path) -> None:
+    overrides, nproc, expected = CASES[case]
+    workspace = tmp_path / "ws"
+    launch = ["--nproc-per-node", str(nproc), "--master-port", str(free_port())] if nproc > 1 else []
+    result = run_primus("run", str(EXAMPLE), f"workspace={workspace}", *overrides, *launch, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("primus: error:"), result.stderr
+    for text in expected:
+        assert text in lines[0]
+    assert not workspace.exists()
