@@ -24,3 +24,17 @@ def test_two_local_nodes_train_one_job(tmp_path: Path):
     assert [p.returncode for p in nodes] == [0, 0], outs
     rows = [r for r in read_metrics(ws / "amd/root/hf-llama3-tiny/metrics.jsonl") if "loss" in r]
     assert len(rows) == 5 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_preflight_names_failing_nodes(tmp_path: Path):
+    r = subprocess.run([sys.executable, "-m", "primus", "preflight", str(HF_EXAMPLE), "--nproc-per-node", "2",
+                        "--master-port", str(free_port()), f"workspace={tmp_path}/ws", "train.global_batch_size=16"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PRIMUS_PREFLIGHT_MIN_FREE_GB": "1000000"})
+    assert r.returncode != 0
+    import json
+    import socket
+
+    report = json.loads((tmp_path / "ws/amd/root/hf-llama3-tiny/preflight.json").read_text())
+    assert report["world_size"] == 2 and all(rank["collective"]["ok"] for rank in report["ranks"])
+    assert "GB free in the workspace" in report["failing_nodes"][socket.gethostname()][0]

@@ -117,3 +117,14 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path: Path):
         assert state in ("", "Z"), f"rank {rank} still alive: {state}"
     last = json.loads(status1.read_text())
     assert last["rank"] == 1 and last["step"] >= 3 and last["state"] == "running"  # where rank 1 died
+
+
+def test_preflight_through_slurm_on_two_nodes(slurm, tmp_path: Path):
+    r = primus("preflight", str(HF_EXAMPLE), "--launcher", "slurm", "--wait", "--nnodes", "2",
+               "--master-port", str(free_port()), f"workspace={tmp_path}/ws", "train.global_batch_size=16")
+    run_dir = tmp_path / "ws/amd/root/hf-llama3-tiny"
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((run_dir / "preflight.json").read_text())
+    assert report["world_size"] == 2 and report["failing_nodes"] == {}
+    assert all(rank["collective"]["ok"] for rank in report["ranks"])
+    assert "all checks passed" in (run_dir / "preflight.md").read_text()

@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true")
     _add_launch_args(train)
 
+    preflight = sub.add_parser("preflight", help="check every node of a job (accelerators, env, versions, "
+                               "collectives, disk) through the same launcher")
+    preflight.add_argument("exp")
+    preflight.add_argument("overrides", nargs="*", metavar="key=value")
+    preflight.add_argument("--module")
+    preflight.add_argument("--dry-run", action="store_true")
+    _add_launch_args(preflight)
+
     sub.add_parser("backends", help="list installed backends")
 
     config = sub.add_parser("config", help="show, validate or describe experiment configs")
@@ -103,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
-    if command in ("run", "train"):
+    if command in ("run", "train", "preflight"):
         from primus.cli.run_cmd import cmd_run
 
-        return cmd_run(args)
+        return cmd_run(args, preflight=command == "preflight")
     if command == "config":
         from primus.cli import config_cmd
 
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("run", "train"):
+        if args.command not in ("run", "train", "preflight"):
             parser.error("unrecognized arguments: " + " ".join(extra))
         args.overrides = list(args.overrides) + _extra_overrides(extra, parser)
     if not args.command:

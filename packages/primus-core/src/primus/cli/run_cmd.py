@@ -21,10 +21,10 @@ def _warn(text: str) -> None:
     sys.stderr.write(f"primus: warning: {text}\n")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     from primus.backends.discovery import discover
     from primus.config.resolve import load_experiment, parse_cli_overrides, resolve
-    from primus.launch.plan import LaunchOptions, plan_launch
+    from primus.launch.plan import PREFLIGHT, WORKER, LaunchOptions, plan_launch
     from primus.platform.detect import detect_platform
     from primus.platform.env import core_entries, plan_env
 
@@ -60,8 +60,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = list(resolved.modules)
     process_models = {n: resolved.backends[m.framework].spec.process_model for n, m in resolved.modules.items()}
 
+    entry = PREFLIGHT if preflight else WORKER
+    if preflight:
+        names = names[:1]  # one check per job, whatever module it names
     if launcher == "local":
-        plans = {n: plan_launch(process_models[n], run_dir, n, opts) for n in names}
+        plans = {n: plan_launch(process_models[n], run_dir, n, opts, entry=entry) for n in names}
         rendered = {n: p.render() for n, p in plans.items()}
     else:
         name = names[0]
@@ -70,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "--nnodes", str(opts.nnodes), "--master-port", str(opts.master_port)]
         if opts.max_restarts:
             node_cmd += ["--max-restarts", str(opts.max_restarts)]
+        if preflight:
+            node_cmd += ["--entry", entry]
         if args.image:
             launch.container.image = args.image
         launch.slurm.srun_args = [*launch.slurm.srun_args, *(args.srun_arg or [])]

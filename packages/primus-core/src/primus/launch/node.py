@@ -51,16 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("--container", action="store_true", help="wrap in the experiment's container settings")
+    p.add_argument("--entry", default="primus.runs.worker", help="worker module (preflight uses its own)")
     args = p.parse_args(argv)
 
     run_dir = Path(args.run_dir)
     rank, master = node_rank_and_master()
     opts = LaunchOptions(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=rank,
                          master_addr=master, master_port=args.master_port, max_restarts=args.max_restarts)
-    plan = plan_launch(args.process_model, run_dir, args.module, opts)
+    plan = plan_launch(args.process_model, run_dir, args.module, opts, entry=args.entry)
     env = {**os.environ, **plan.env, "NODE_RANK": str(rank), "MASTER_ADDR": master,
            "MASTER_PORT": str(args.master_port), "NNODES": str(args.nnodes)}
-    argv_exec = plan.argv if plan.kind != "in-process" else [sys.executable, "-m", "primus.runs.worker",
+    argv_exec = plan.argv if plan.kind != "in-process" else [sys.executable, "-m", args.entry,
                                                              str(run_dir), args.module]
     if args.container:
         import yaml

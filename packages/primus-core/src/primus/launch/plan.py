@@ -75,8 +75,12 @@ class LaunchPlan:
         return (f"{env} " if env else "") + shlex.join(self.argv)
 
 
-def worker_argv(run_dir: Path, module: str) -> list[str]:
-    return ["-m", "primus.runs.worker", str(run_dir), module]
+WORKER = "primus.runs.worker"
+PREFLIGHT = "primus.preflight.worker"
+
+
+def worker_argv(run_dir: Path, module: str, entry: str = WORKER) -> list[str]:
+    return ["-m", entry, str(run_dir), module]
 
 
 def rendezvous_id(run_dir: Path) -> str:
@@ -89,8 +93,9 @@ def rendezvous_id(run_dir: Path) -> str:
     return "primus-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
 
 
-def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOptions) -> LaunchPlan:
-    if opts.world_size == 1 and opts.nnodes == 1:
+def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOptions,
+                entry: str = WORKER) -> LaunchPlan:
+    if opts.world_size == 1 and opts.nnodes == 1 and entry == WORKER:
         return LaunchPlan("in-process")
     if process_model == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(opts.nproc_per_node),
@@ -103,8 +108,8 @@ def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOpti
             argv += ["--node-rank", "0", "--master-addr", opts.master_addr, "--master-port", str(opts.master_port)]
         if opts.max_restarts:
             argv += ["--max-restarts", str(opts.max_restarts)]
-        return LaunchPlan("torchrun", argv + worker_argv(run_dir, module))
+        return LaunchPlan("torchrun", argv + worker_argv(run_dir, module, entry))
     # per-host (JAX): one process on this host; the coordinator comes from the environment
     env = {"PRIMUS_COORDINATOR": f"{opts.master_addr}:{opts.master_port}", "PRIMUS_NUM_PROCESSES": str(opts.nnodes),
            "PRIMUS_PROCESS_ID": str(opts.node_rank)}
-    return LaunchPlan("per-host", [sys.executable, *worker_argv(run_dir, module)], env)
+    return LaunchPlan("per-host", [sys.executable, *worker_argv(run_dir, module, entry)], env)

@@ -1,0 +1,1 @@
+"""`primus preflight`: check every node of a job before it trains."""

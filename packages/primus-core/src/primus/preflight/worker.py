@@ -1,0 +1,152 @@
+"""One preflight process per device, started by the same launchers as training.
+
+Each rank collects its node's facts (accelerators, the env Primus set, framework versions, free
+disk in the workspace), runs a collective smoke test over the job's process group (gloo on CPU,
+NCCL/RCCL on GPUs) with its bandwidth, and rank 0 writes one report into the run directory:
+`preflight.json` and `preflight.md`, naming the failing nodes. Exit 0 when every check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MIN_FREE_GB = float(os.environ.get("PRIMUS_PREFLIGHT_MIN_FREE_GB", "10"))
+PAYLOAD_MB = 16
+
+
+def _accelerators() -> dict[str, object]:
+    for tool, args in (("rocm-smi", ["--showproductname"]), ("nvidia-smi", ["-L"])):
+        exe = shutil.which(tool)
+        if exe:
+            try:
+                out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.SubprocessError) as exc:
+                return {"tool": tool, "ok": False, "detail": str(exc)}
+            return {"tool": tool, "ok": bool(out.strip()), "detail": out.strip()[:2000]}
+    return {"tool": None, "ok": True, "detail": "no GPU tools: CPU node"}
+
+
+def node_facts(run_dir: Path, frameworks: list[str]) -> dict[str, object]:
+    from primus.platform.detect import detect_platform
+    from primus.runs.rundir import versions
+
+    env_set = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() else {}
+    usage = shutil.disk_usage(run_dir)
+    return {
+        "host": socket.gethostname(),
+        "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))),
+        "platform": detect_platform().describe(),
+        "accelerators": _accelerators(),
+        "env": {k: os.environ.get(k) for k in env_set},
+        "env_ok": all(os.environ.get(k) == v for k, v in env_set.items()),
+        "versions": versions(frameworks),
+        "free_gb": round(usage.free / 2**30, 1),
+    }
+
+
+def collective_test(torch, dist, device) -> dict[str, object]:
+    numel = PAYLOAD_MB * 2**20 // 4
+    t = torch.ones(numel, dtype=torch.float32, device=device)
+    dist.all_reduce(t)  # warm-up
+    world = dist.get_world_size()
+    ok = bool(torch.allclose(t[:8].cpu(), torch.full((8,), float(world))))
+    iters = 3
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(t)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / iters
+    # bus bandwidth as nccl-tests reports it for all-reduce
+    busbw = (numel * 4) * 2 * (world - 1) / world / seconds / 1e9 if world > 1 else 0.0
+    return {"ok": ok, "seconds": round(seconds, 5), "busbw_gbps": round(busbw, 3), "payload_mb": PAYLOAD_MB}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    run_dir, module = Path(args[0]), args[1]
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    framework = config["modules"][module]["framework"]
+    from primus.backends.discovery import discover
+
+    backend = discover().get(framework)
+    facts = node_facts(run_dir, [backend.spec.framework])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        print("primus preflight: torch is not installed; the collective test needs it", file=sys.stderr)
+        return 1
+    use_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if use_gpu else "gloo")
+        facts["collective"] = collective_test(torch, dist, device)
+        gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, facts)
+    except Exception as exc:  # a broken fabric is what preflight exists to find
+        facts["collective"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        gathered = [facts]
+    if rank != 0:
+        return 0
+    report = _report(gathered)
+    (run_dir / "preflight.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (run_dir / "preflight.md").write_text(_markdown(report))
+    print(_markdown(report))
+    return 0 if not report["failing_nodes"] else 1
+
+
+def _report(ranks: list[dict]) -> dict[str, object]:
+    versions = {json.dumps(r["versions"], sort_keys=True) for r in ranks}
+    failing: dict[str, list[str]] = {}
+    for r in ranks:
+        problems = []
+        if not r["accelerators"]["ok"]:
+            problems.append("accelerators not visible")
+        if not r["env_ok"]:
+            problems.append("environment differs from what Primus set")
+        if r["free_gb"] < MIN_FREE_GB:
+            problems.append(f"only {r['free_gb']} GB free in the workspace")
+        if not r.get("collective", {}).get("ok"):
+            problems.append("collective test failed")
+        if len(versions) > 1:
+            problems.append("framework versions differ between nodes")
+        if problems:
+            failing.setdefault(r["host"], []).extend(p for p in problems if p not in failing.get(r["host"], []))
+    return {"ranks": ranks, "failing_nodes": failing, "world_size": len(ranks)}
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# Preflight", "", f"world size {report['world_size']}", "",
+             "| rank | host | platform | accelerators | free GB | all-reduce s | bus GB/s | versions |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(report["ranks"]):
+        c = r.get("collective", {})
+        v = ", ".join(f"{k} {val}" for k, val in r["versions"].items() if val)
+        lines.append(f"| {i} | {r['host']} | {r['platform']} | {r['accelerators']['tool'] or 'none'} | "
+                     f"{r['free_gb']} | {c.get('seconds', '-')} | {c.get('busbw_gbps', '-')} | {v} |")
+    lines.append("")
+    if report["failing_nodes"]:
+        lines.append("FAILING NODES:")
+        lines += [f"- {host}: {'; '.join(problems)}" for host, problems in report["failing_nodes"].items()]
+    else:
+        lines.append("all checks passed")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
