@@ -37,6 +37,11 @@ def test_two_processes(layout: str, tmp_path: Path) -> None:
         assert abs(losses[1] - 6.2344) < 1e-3, losses
 
 
+@pytest.mark.parametrize("model", ["qwen3_tiny.yaml", "mixtral_tiny.yaml"])
+def test_other_families_train(model: str, tmp_path: Path) -> None:
+    assert_trained(train(tmp_path, f"model={model}", "disable_last_saving=true", "train.lr=5.0e-3"), tmp_path)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert_trained(train(whole, "disable_last_saving=true"), whole)

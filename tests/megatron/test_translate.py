@@ -47,8 +47,8 @@ def test_qwen_mixtral_deepseek_keys() -> None:
     assert mixtral["num_experts"] == 4 and mixtral["moe_router_topk"] == 2 and mixtral["moe_ffn_hidden_size"] == 64
     assert mixtral["moe_layer_freq"] == [0, 1] and mixtral["moe_shared_expert_intermediate_size"] == 64
     mla = {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
-    deepseek = t.translate_model(ModelSpec(**{**LLAMA, "family": "deepseek", "num_kv_heads": None, "mla": mla})).values
-    assert deepseek["multi_latent_attention"] is True and deepseek["qk_pos_emb_head_dim"] == 8
+    with pytest.raises(ConfigError, match="multi-latent attention"):
+        t.translate_model(ModelSpec(**{**LLAMA, "family": "deepseek", "num_kv_heads": None, "mla": mla}))
 
 
 def test_unsupported_rope_scaling_is_a_clear_error() -> None:

@@ -83,13 +83,11 @@ class MegatronTranslator(Translator):
             if spec.head_dim is not None:
                 out.set("kv_channels", spec.head_dim, "head_dim")
         else:
-            mla = spec.mla
-            out.set("multi_latent_attention", True, "mla")
-            out.set("q_lora_rank", mla.q_lora_rank, "mla.q_lora_rank")
-            out.set("kv_lora_rank", mla.kv_lora_rank, "mla.kv_lora_rank")
-            out.set("qk_head_dim", mla.qk_nope_head_dim, "mla.qk_nope_head_dim")
-            out.set("qk_pos_emb_head_dim", mla.qk_rope_head_dim, "mla.qk_rope_head_dim")
-            out.set("v_head_dim", mla.v_head_dim, "mla.v_head_dim")
+            # megatron-core 0.16's MLA needs TransformerEngine's attention (its local DotProductAttention
+            # has no separate key/value head sizes); this backend builds the TE-free local spec.
+            raise ConfigError("multi-latent attention (DeepSeek V2/V3) is not supported by the megatron backend "
+                              "yet: megatron-core 0.16 builds it only with TransformerEngine",
+                              fix="use a llama, qwen2, qwen3 or mixtral model preset")
         if spec.rope_scaling is not None:
             if spec.rope_scaling.type != "llama3":
                 raise ConfigError(f"rope_scaling type '{spec.rope_scaling.type}' is not supported by the "

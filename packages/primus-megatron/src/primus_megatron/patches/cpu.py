@@ -157,6 +157,11 @@ CUDA_CALL_SITES: dict[str, str] = {
     "megatron.core.pipeline_parallel.p2p_communication": "shape messages between stages are CUDA tensors",
     "megatron.core.transformer.dot_product_attention": "attention scratch tensors are made on CUDA",
     "megatron.core.transformer.utils": "the default causal attention mask is built on CUDA",
+    "megatron.core.transformer.moe.token_dispatcher": "MoE token dispatch creates CUDA streams and tensors",
+    "megatron.core.transformer.moe.moe_utils": "MoE routing helpers make CUDA tensors",
+    "megatron.core.transformer.moe.router": "the MoE router keeps its token counts on CUDA",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "YaRN RoPE (MLA) frequencies on CUDA",
+    "megatron.core.transformer.multi_latent_attention": "MLA builds its rotary tables on CUDA",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "the checkpoint writer synchronizes CUDA "
     "before copying tensors",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "the save's success flags are CUDA tensors",

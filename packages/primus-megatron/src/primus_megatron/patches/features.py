@@ -59,11 +59,30 @@ def _disable_last_saving(ctx: PatchContext) -> Undo:
     return replace_attr(PretrainLoop, "save_last_checkpoint", lambda self: None)
 
 
+def _define_missing_te_gemm(ctx: PatchContext) -> Undo:
+    # megatron-core 0.16's MoE router tests `te_general_gemm is not None`, but never defines the name
+    # when TransformerEngine is absent: the first MoE forward dies with a NameError.
+    from megatron.core.transformer.moe import moe_utils
+
+    return replace_attr(moe_utils, "te_general_gemm", None)
+
+
+def _transformer_engine_missing(ctx: PatchContext) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is None
+
+
 def _tp_of(ctx: PatchContext) -> int:
     return int(ctx.config.get("tensor_model_parallel_size") or 1)
 
 
 FEATURE_PATCHES: list[Patch] = [
+    Patch(id="megatron.moe.te_gemm_undefined", backend="megatron", phase="setup", kind="platform",
+          versions=">=0.16,<0.17", target="megatron.core.transformer.moe.moe_utils", predicate=_transformer_engine_missing,
+          predicate_doc="TransformerEngine is not installed",
+          description="Defines moe_utils.te_general_gemm = None so the MoE router falls back to torch matmul.",
+          apply=_define_missing_te_gemm),
     Patch(id="megatron.args.cpu", backend="megatron", phase="build_args", kind="platform",
           platforms=frozenset({"cpu"}), target="primus_megatron.trainer", check_target=False,
           description="CPU: gloo backend, fp32, plain optimizer (bf16 and the distributed optimizer need CUDA).",
