@@ -20,11 +20,12 @@ import yaml
 from loguru import logger
 
 from primus.backends.adapter import Adapter, RunContext
-from primus.errors import ConfigError
+from primus.errors import ConfigError, TrainingError
 from primus_maxtext.base_config import base_defaults
 
 TRAIN_ENTRY = "maxtext.trainers.pre_train.train"
 CONFIG_DIR = "maxtext"
+METRICS_PATCH = "maxtext.metrics_to_primus"  # also tracks the last step MaxText finished
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,23 @@ class MaxTextAdapter(Adapter):
             logger.warning(f"JAX sees {jax.device_count()} devices but the job was planned for {topology.devices} "
                            "(--nproc-per-node x --nnodes); MaxText fills its -1 mesh axes with what it sees")
 
+        from absl import flags
         from maxtext.trainers.pre_train import train
 
+        # MaxText's own entry runs under absl's app.run, which parses absl flags first; grain's data
+        # workers read them, so parse the (empty) flag set the same way.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(["primus-maxtext"], known_only=True)
         ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config)
         ctx.apply_patches("before_train")
         train.main(["primus-maxtext", str(config_file)])
         ctx.apply_patches("after_train")
+        if METRICS_PATCH in ctx.patches.applied:
+            check_finished(ctx.patch_context.state.get("last_step", 0), int(config["steps"]))
+
+
+def check_finished(last_step: int, steps: int) -> None:
+    """MaxText ends "gracefully" when its data iterator fails; a run that stopped short is a failure."""
+    if last_step < steps:
+        raise TrainingError(f"MaxText stopped at step {last_step} of {steps}; the log says why "
+                            "(\"Training stopped: ...\")")

@@ -32,6 +32,7 @@ def report_metrics_to_primus(ctx: PatchContext) -> Undo:
         done = int(step) + 1  # MaxText counts steps from 0; Primus reports completed steps from 1
         config = self.config
         if metric_type == "train" and "learning/loss" in scalars:
+            ctx.state["last_step"] = done  # the adapter tells a finished run from one MaxText stopped early
             interval = max(int(config.log_period), 1)
             if done % interval and done != int(config.steps) and int(step) != self.start_step:
                 return

@@ -250,16 +250,18 @@ def check_mesh(native: dict[str, Any], devices: int) -> None:
         explicit = {k: v for k, v in axes.items() if v > 1}
         product = math.prod(explicit.values())
         shown = " x ".join(f"{k}={v}" for k, v in explicit.items()) or f"all {prefix}* axes = 1"
+        if len(explicit) > 1:
+            shown += f" = {product}"
         if len(auto) > 1:
             raise ConfigError(f"more than one {prefix}* axis is -1 ({', '.join(auto)}); MaxText fills only one",
                               key=auto[1], fix="set all but one to a size")
         fix = ("the job has --nproc-per-node x --nnodes devices (on CPU, --nproc-per-node N gives N host devices); "
                "change the parallel sizes or set one axis to -1")
         if auto and size % product:
-            raise ConfigError(f"{shown} = {product} does not divide the job's {size} {what}",
+            raise ConfigError(f"{shown} does not divide the job's {size} {what}",
                               key=next(iter(explicit)), fix=fix)
         if not auto and product != size:
-            raise ConfigError(f"{shown} = {product} does not match the job's {size} {what}",
+            raise ConfigError(f"{shown} does not match the job's {size} {what}",
                               key=next(iter(explicit), f"{prefix}*"), fix=fix)
 
 
@@ -356,8 +358,16 @@ class MaxTextTranslator(Translator):
                 raise ConfigError("MaxText keeps checkpoints in <base_output_directory>/<run_name>/checkpoints",
                                   key="checkpoint.dir", fix="give a directory named 'checkpoints'")
         except ConfigError as exc:
-            key = exc.key if exc.key and exc.key.startswith(where) else f"{where}.{exc.key}" if exc.key else where
-            raise ConfigError(exc.message, key=key, fix=exc.fix) from None
+            # point at the layer that set the key: the overrides line, the neutral section, the command line
+            source = resolved.explain(exc.key) if exc.key in native else None
+            layer = source.layer if source else ""
+            key = exc.key or ""
+            if layer in ("overrides", "cli"):
+                key = f"{where}.overrides.{key}" if layer == "overrides" else f"command line {key}"
+            elif not key.startswith(where):
+                key = f"{where}.{key}" if key else where
+            raise ConfigError(exc.message, file=source.file if source and layer != "cli" else None,
+                              line=source.line if source else None, key=key, fix=exc.fix) from None
 
     def notices(self, resolved: ResolvedModule) -> list[str]:
         notes = super().notices(resolved)
