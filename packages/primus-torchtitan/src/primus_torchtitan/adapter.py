@@ -165,7 +165,7 @@ class PrimusMetricsLogger:
 
     def __init__(self, ctx: Any, world_size: int) -> None:
         self.ctx, self.world_size = ctx, world_size
-        self.last_step = 0
+        self.last_step: int | None = None  # a resumed run starts past step 0
         self.last_time = time.perf_counter()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -174,7 +174,7 @@ class PrimusMetricsLogger:
                 self.ctx.metrics.eval_step(step, loss=metrics["validation_metrics/loss"])
             return
         now = time.perf_counter()
-        steps = max(step - self.last_step, 1)
+        steps = 1 if self.last_step is None else max(step - self.last_step, 1)
         interval = metrics.get("time_metrics/end_to_end(s)")
         step_time = (now - self.last_time) / steps
         if interval is not None:
@@ -210,6 +210,17 @@ def hook_metrics(trainer: Any, ctx: Any) -> None:
 # ----------------------------------------------------------------------------- the adapter
 
 
+def stop_after_step(trainer: Any, step: int) -> None:
+    """End training after `step` as an interrupted job would: the schedule still spans every step."""
+    keep_going = trainer.should_continue_training
+
+    def should_continue_training() -> bool:
+        return keep_going() and trainer.step < step
+
+    trainer.should_continue_training = should_continue_training
+
+
+
 class TorchTitanAdapter(Adapter):
     def run(self) -> None:
         ctx = self.ctx
@@ -228,7 +239,12 @@ class TorchTitanAdapter(Adapter):
                 trainer = config.build()
                 hook_metrics(trainer, ctx)
                 ctx.apply_patches("before_train", trainer=trainer)
+                exit_at = int(_get(ctx.native, "training.exit_at_step") or 0)
+                if exit_at:
+                    stop_after_step(trainer, exit_at)
                 trainer.train()
+                if exit_at and trainer.step == exit_at and config.checkpoint.enable:
+                    trainer.checkpointer.save(trainer.step, last_step=True)
                 ctx.apply_patches("after_train", trainer=trainer)
             finally:
                 if trainer is not None:

@@ -203,6 +203,15 @@ def _eager_masked_attention(ctx: PatchContext) -> Undo:
     return replace_attr(FlexAttention, "compiled_flex_attn", staticmethod(eager_attention))
 
 
+def _eager_block_mask(ctx: PatchContext) -> Undo:
+    # TorchTitan compiles create_block_mask; on CPU that inductor compile costs about 10 s per
+    # process for a mask the eager attention above only turns dense again.
+    import torchtitan.models.common.attention as attention
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return replace_attr(attention, "_compiled_create_block_mask", create_block_mask)
+
+
 def _cpu_spmd_backend(ctx: PatchContext) -> Undo | None:
     # With FSDP or TP on CPU TorchTitan's default SPMD backend fails at start, and full_dtensor
     # trains but reports about twice the loss; partial_dtensor trains correctly.
@@ -354,6 +363,13 @@ PATCHES: list[Patch] = [
         description="Compute FlexAttention eagerly from the dense form of the same block mask: "
                     "FlexAttention has no backward on CPU.",
         apply=_eager_masked_attention),
+    Patch(
+        id="torchtitan.cpu.eager_block_mask", backend=BACKEND,
+        target="torchtitan.models.common.attention._compiled_create_block_mask", phase="setup",
+        versions=VERSIONS, platforms=CPU,
+        description="Build FlexAttention block masks eagerly: the compiled mask builder spends about "
+                    "10 s per process in inductor on CPU.",
+        apply=_eager_block_mask),
     Patch(
         id="torchtitan.cpu.spmd_backend", backend=BACKEND,
         target="torchtitan.config.configs.ParallelismConfig", phase="build_args", versions=VERSIONS,

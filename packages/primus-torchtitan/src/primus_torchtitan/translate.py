@@ -25,7 +25,7 @@ PRIMUS_KEYS = frozenset({
     "model.n_kv_heads", "model.head_dim", "model.vocab_size", "model.hidden_dim", "model.rope_theta",
     "model.max_seq_len", "model.norm_eps", "model.tie_embeddings", "model.qk_norm", "model.rope_scaling.",
     "optimizer.name", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
-    "optimizer.weight_decay", "training.mock_data", "dataloader.text_key", "activation_checkpoint.mode",
+    "optimizer.weight_decay", "training.mock_data", "training.exit_at_step", "dataloader.text_key", "activation_checkpoint.mode",
     "primus_turbo.enable_embedding_autocast",
 })
 
@@ -263,10 +263,10 @@ class TorchTitanTranslator(Translator):
 
     def summary(self, resolved: ResolvedModule) -> dict[str, Any]:
         n = resolved.native
-        model = f"{_get(n, 'model.name')} {_get(n, 'model.flavor')}"
+        network = f"{_get(n, 'model.name')} {_get(n, 'model.flavor')}"
         parallel = ", ".join(f"{k.replace('_degree', '')}={_get(n, f'parallelism.{k}')}" for k in PARALLEL_KEYS
-                             if _get(n, f"parallelism.{k}", 1) != 1)
-        return {"model": model, "steps": _get(n, "training.steps"),
+                             if _get(n, f"parallelism.{k}", 1) not in (1, -1))
+        return {"network": network, "steps": _get(n, "training.steps"),
                 "batch": f"{_get(n, 'training.local_batch_size')} x seq {_get(n, 'training.seq_len')}",
                 "parallel": parallel or "none", "data": "mock" if _get(n, "training.mock_data")
                 else _get(n, "dataloader.dataset_path") or _get(n, "dataloader.dataset")}
