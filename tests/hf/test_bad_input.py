@@ -75,3 +75,12 @@ def test_a_vocab_the_model_cannot_hold(tmp_path: Path, workspace: Path):
 def test_a_missing_local_model_directory(tmp_path: Path, workspace: Path, value: str):
     line = _refused(write_experiment(tmp_path, model=f"{{hf_path: {value}}}"), workspace)
     assert "missing_model_dir does not exist" in line
+
+
+def test_a_tracker_that_is_not_installed(tmp_path: Path, workspace: Path):
+    from importlib.util import find_spec
+
+    if find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    line = _refused(write_experiment(tmp_path, overrides="{disable_mlflow: false}"), workspace)
+    assert "disable_mlflow is false but mlflow is not installed" in line

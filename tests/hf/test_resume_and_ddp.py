@@ -2,7 +2,8 @@
 
 A: one process, 6 steps, global batch 8 = micro 2 x accumulation 4, uninterrupted.
 B: the same, stopped after step 3 (exit_at_step), then the same command again (resume: auto).
-C: two processes under torchrun (DDP over gloo), global batch 8 = micro 2 x 2 ranks x accumulation 2.
+C: two processes under torchrun, global batch 8 = micro 2 x 2 ranks x accumulation 2, once with DDP
+   over gloo and once with FSDP (parallel.fsdp; FSDP2 runs on gloo too).
 B must match A exactly; C reads the same samples per step, so it matches A up to summation order.
 """
 
@@ -51,10 +52,11 @@ def test_a_stopped_and_resumed_run_reaches_the_same_losses(tmp_path: Path, works
     assert (run_dir(workspace, "b") / "model" / "config.json").is_file()
 
 
-def test_two_rank_ddp_over_gloo_agrees_with_one_process(tmp_path: Path, workspace: Path, uninterrupted):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_ranks_agree_with_one_process(tmp_path: Path, workspace: Path, uninterrupted, sharding: str):
     exp = _experiment(tmp_path, "c")
     result = run_primus("run", str(exp), "--nproc-per-node", "2", "--master-port", str(free_port()),
-                        f"workspace={workspace}")
+                        f"workspace={workspace}", f"parallel.fsdp={sharding == 'fsdp'}")
     assert_ok(result)
     ddp = train_records(run_dir(workspace, "c") / "metrics.jsonl")
     assert [r["step"] for r in ddp] == list(range(1, STEPS + 1))

@@ -75,7 +75,7 @@ def test_model_from_a_local_directory(tmp_path: Path, workspace: Path):
 
     config = AutoConfig.for_model("qwen3", vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                                  max_position_embeddings=128)
+                                  max_position_embeddings=128, tie_word_embeddings=True)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "local_model"))
     exp = write_experiment(tmp_path, model="{hf_path: ./local_model}", steps=3)
     result = run_primus("run", str(exp), f"workspace={workspace}")

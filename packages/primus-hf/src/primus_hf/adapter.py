@@ -116,7 +116,7 @@ class HFAdapter(Adapter):
                     f"{len(self.blocks.train)} train / {len(self.blocks.valid)} held-out blocks")
         finished = self.train(start)
         # every rank logs this to its own file: replicas that drifted apart would show here
-        logger.debug(f"parameter checksum {sum(float(p.detach().double().sum()) for p in model.parameters()):.12e}")
+        logger.debug(f"parameter checksum {_checksum(model):.12e}")
         if finished:
             self.save_final_model()
         self.ctx.apply_patches("after_train")
@@ -140,9 +140,6 @@ class HFAdapter(Adapter):
             if n.get("tf32") is not None:
                 torch.backends.cuda.matmul.allow_tf32 = bool(n["tf32"])
                 torch.backends.cudnn.allow_tf32 = bool(n["tf32"])
-        if n.get("fsdp") and not use_gpu:
-            raise ConfigError("FSDP (parallel.fsdp) needs GPUs; on CPU the hf backend trains with DDP over gloo",
-                              key="parallel.fsdp")
         if self.ctx.distributed and not dist.is_initialized():
             backend = n.get("ddp_backend") or ("nccl" if use_gpu else "gloo")
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=int(n.get("ddp_timeout") or 1800)))
@@ -292,7 +289,7 @@ class HFAdapter(Adapter):
                 why = "SIGTERM" if self.ctx.stop_requested else "exit_at_step"
                 logger.warning(f"stopping after step {step} ({why}); resume with checkpoint.resume: auto")
                 return False
-        if s.save_every and s.max_steps % s.save_every == 0:
+        if s.save_every and s.max_steps % s.save_every == 0 and start < s.max_steps:
             self.save_checkpoint(s.max_steps)
         return True
 
@@ -482,6 +479,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    """Sum of all weights; FSDP shards are gathered (a collective: every rank calls it)."""
+    total = 0.0
+    for p in model.parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        total += float(full.detach().double().sum())
+    return total
 
 
 def _item(value: torch.Tensor | None) -> float | None:

@@ -315,7 +315,7 @@ class HFTranslator(Translator):
         model = n.get("hf_path") or (n.get("model_config") or {}).get("model_type")
         data = "mock" if n.get("mock_data") else n.get("data_path")
         return {
-            "model": model,
+            "builds": model,
             "steps": n["max_steps"],
             "batch": f"global {n['global_batch_size']} = micro {n['per_device_train_batch_size']} x world "
                      f"{resolved.world_size} x accumulation {n['gradient_accumulation_steps']}",

@@ -1,0 +1,112 @@
+"""Primus's training overhead: the same job through `primus run` and through a plain script.
+
+    python bench/overhead.py --backend hf [--rounds 3 --steps 300]
+
+Both sides train the same tiny model with the same settings; runs alternate between the sides.
+What is compared is the training loop: the wall time from the end of step 1 to the end of step N,
+read from Primus's rank-0 log timestamps (so metrics.jsonl, the progress line and the status file
+are all inside it) and printed by the plain script. Start-up (imports, model build) is left out
+because on a shared 2-core machine it varies by more than the loop takes. Prints steps/s of each
+side (median over rounds), their ratio (target >= 0.97) and the peak RSS of each process.
+Not run by the tests; uses OMP_NUM_THREADS=1 as they do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HF_EXPERIMENT = """
+work_group: bench
+user_name: bench
+exp_name: overhead
+workspace: {workspace}
+modules:
+  pre_trainer:
+    framework: hf
+    config: pre_trainer.yaml
+    model: llama3_tiny.yaml
+    train: {{steps: {steps}, lr: 3.0e-3, warmup_steps: 2, lr_schedule: cosine, micro_batch_size: 8,
+             global_batch_size: 8, seq_length: 64, seed: 1234, weight_decay: 0.1, grad_clip: 1.0, log_interval: 1}}
+    data: {{mock: true}}
+    overrides: {{disable_last_saving: true, save_strategy: "no"}}
+"""
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \S+\s+step (\d+)/(\d+) ")
+
+
+def _run(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
+    """Output and peak RSS (KiB) of one child process."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"{' '.join(argv)} failed ({code}):\n{text[-4000:]}")
+    return text, usage.ru_maxrss
+
+
+def _primus_loop_seconds(workspace: Path, steps: int) -> float:
+    log = workspace / "bench" / "bench" / "overhead" / "logs" / "pre_trainer" / "rank-0" / "primus.log"
+    stamps = {}
+    for line in log.read_text().splitlines():
+        m = LOG_LINE.match(line)
+        if m and int(m.group(3)) == steps:
+            stamps[int(m.group(2))] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f")
+    return (stamps[steps] - stamps[1]).total_seconds()
+
+
+def measure_hf(side: str, steps: int, workdir: Path, env: dict[str, str]) -> tuple[float, int]:
+    """(seconds for steps 2..N, peak RSS KiB) of one run of `side`."""
+    if side == "plain":
+        text, rss = _run([sys.executable, str(ROOT / "bench" / "plain_hf.py"), "--steps", str(steps)], env)
+        return float(re.search(r"loop_s=(\S+)", text).group(1)), rss
+    workspace = Path(tempfile.mkdtemp(dir=workdir))
+    exp = workspace / "overhead.yaml"
+    exp.write_text(textwrap.dedent(HF_EXPERIMENT).format(steps=steps, workspace=workspace).lstrip())
+    _, rss = _run([sys.executable, "-m", "primus", "run", str(exp)], env)
+    return _primus_loop_seconds(workspace, steps), rss
+
+
+BACKENDS = {"hf": measure_hf}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    measure = BACKENDS[args.backend]
+
+    rates: dict[str, list[float]] = {"primus": [], "plain": []}
+    peak_rss: dict[str, int] = {"primus": 0, "plain": 0}
+    with tempfile.TemporaryDirectory(prefix="primus-bench-") as tmp:
+        for round_index in range(args.rounds):
+            for side in (["primus", "plain"] if round_index % 2 == 0 else ["plain", "primus"]):
+                seconds, rss = measure(side, args.steps, Path(tmp), env)
+                rates[side].append((args.steps - 1) / seconds)
+                peak_rss[side] = max(peak_rss[side], rss)
+                print(f"round {round_index + 1} {side:>6}: {rates[side][-1]:7.2f} steps/s, peak RSS {rss / 1024:.0f} MiB",
+                      flush=True)
+
+    primus, plain = statistics.median(rates["primus"]), statistics.median(rates["plain"])
+    print(f"\n{args.backend}: primus {primus:.2f} steps/s, plain {plain:.2f} steps/s, "
+          f"ratio {primus / plain:.3f} (target >= 0.97)")
+    print(f"peak RSS: primus {peak_rss['primus'] / 1024:.0f} MiB, plain {peak_rss['plain'] / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
