@@ -10,7 +10,7 @@ from mg_helpers import EXAMPLE, free_port, run_primus
 CASES = {
     "unknown native key": (["log_intervall=1"], 1, ["log_intervall", "log_interval"]),
     "tensor does not divide heads": (["tensor_model_parallel_size=3", "train.global_batch_size=6"], 3,
-                                     ["num_attention_heads 4"]),
+                                     ["tensor_model_parallel_size", "4 attention heads"]),
     "pipeline does not divide layers": (["pipeline_model_parallel_size=2", "num_layers=3"], 2,
                                         ["does not divide num_layers 3"]),
     "global batch not a multiple": (["train.global_batch_size=5"], 1, ["global_batch_size", "multiple"]),

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from mg_helpers import REPO, assert_trained, run_dir, train, train_losses
+from mg_helpers import EXAMPLE, REPO, assert_trained, run_dir, train, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +74,10 @@ def _write_corpus_and_tokenizer(folder: Path) -> tuple[Path, Path]:
 
 def test_local_jsonl_corpus_is_indexed_once_and_trains(tmp_path: Path) -> None:
     corpus, tokenizer = _write_corpus_and_tokenizer(tmp_path)
-    data = [f"data.path={corpus}", f"data.tokenizer={tokenizer}", "data.mock=false", "disable_last_saving=true"]
+    cache = tmp_path / "cache"
+    data = [f"data.path={corpus}", f"data.tokenizer={tokenizer}", "data.mock=false", "disable_last_saving=true",
+            f"data_cache_path={cache}"]
     assert_trained(train(tmp_path / "ws", *data), tmp_path / "ws")
-    cache = tmp_path / ".primus-megatron-cache"
     built = sorted(p.name for p in cache.glob("*.idx"))
     assert len(built) == 1
     again = train(tmp_path / "ws2", *data)
@@ -93,3 +94,16 @@ def test_shared_corpus_trains(tmp_path: Path) -> None:
     data = [f"data.path={SHARED / 'corpus.jsonl'}", f"data.tokenizer={SHARED / 'tokenizer'}", "data.mock=false",
             "disable_last_saving=true", "train.lr=5.0e-3"]
     assert_trained(train(tmp_path, *data), tmp_path)
+
+
+def test_data_prepare_converts_ahead_of_the_run(tmp_path: Path) -> None:
+    from mg_helpers import run_primus  # noqa: PLC0415
+
+    corpus, tokenizer = _write_corpus_and_tokenizer(tmp_path)
+    cache = tmp_path / "cache"
+    args = ["data", "prepare", str(EXAMPLE), "--backend", "megatron", f"data.path={corpus}",
+            f"data.tokenizer={tokenizer}", "data.mock=false", f"data_cache_path={cache}"]
+    result = run_primus(*args)
+    assert result.returncode == 0, result.stderr
+    assert "indexed dataset ready" in result.stdout
+    assert len(list(cache.glob("*.bin"))) == 1 and len(list(cache.glob("*.idx"))) == 1

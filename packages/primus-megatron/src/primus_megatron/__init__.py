@@ -13,6 +13,7 @@ BACKEND = BackendSpec(
     runtime="torch",
     patches="primus_megatron.patches:PATCHES",
     env="primus_megatron.env:ENV",
+    data_prepare="primus_megatron.prepare:prepare",
     model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek"),
     description="Pretraining on megatron-core: tensor, pipeline, data and expert parallel; dist checkpoints.",
     install_hint="primus-megatron",

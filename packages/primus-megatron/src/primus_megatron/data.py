@@ -111,12 +111,21 @@ def corpus_fingerprint(corpus: Path, tokenizer_dir: Path, json_key: str) -> str:
     return h.hexdigest()[:16]
 
 
+def default_cache_dir() -> Path:
+    """Where converted corpora live: `$PRIMUS_CACHE_DIR/megatron`, else `~/.cache/primus/megatron`.
+
+    Not next to the corpus: shared datasets are often read-only, and a source tree stays clean.
+    """
+    root = os.environ.get("PRIMUS_CACHE_DIR") or Path.home() / ".cache" / "primus"
+    return Path(root) / "megatron"
+
+
 def prepare_indexed_dataset(corpus: str | Path, tokenizer_dir: str | Path, *, json_key: str = "text",
                             cache_dir: str | Path | None = None, progress: bool = False) -> str:
     """Tokenize `corpus` (JSONL, or plain text with one document per line) into `<prefix>.bin/.idx`
     once; later calls with the same corpus, tokenizer and key return the cached prefix."""
     corpus, tokenizer_dir = Path(corpus), Path(tokenizer_dir)
-    cache = Path(cache_dir) if cache_dir else corpus.parent / ".primus-megatron-cache"
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     prefix = cache / f"{corpus.stem}-{corpus_fingerprint(corpus, tokenizer_dir, json_key)}"
     if Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file():
         return str(prefix)
@@ -204,10 +213,12 @@ def resolve_data_prefix(args: SimpleNamespace) -> str:
         key = (args.json_keys or ["text"])[0]
         # One rank converts; the others wait, then find the cache entry it wrote.
         if torch.distributed.get_rank() == 0:
-            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key)
+            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key,
+                                             cache_dir=args.data_cache_path)
         torch.distributed.barrier()
         if torch.distributed.get_rank() != 0:
-            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key)
+            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key,
+                                             cache_dir=args.data_cache_path)
         return prefix
     return str(path)
 

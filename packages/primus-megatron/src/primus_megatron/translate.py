@@ -53,6 +53,15 @@ SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek")
 class MegatronTranslator(Translator):
     default_module_preset = "pre_trainer.yaml"
     unavailable_keys = UNAVAILABLE
+    # core checks these resolved values against the world size and the model, overrides included
+    native_parallel_keys = {
+        "tensor": "tensor_model_parallel_size",
+        "pipeline": "pipeline_model_parallel_size",
+        "context": "context_parallel_size",
+        "expert": "expert_model_parallel_size",
+        "micro_batch_size": "micro_batch_size",
+        "global_batch_size": "global_batch_size",
+    }
 
     # ------------------------------------------------------------------ model
 

@@ -47,6 +47,10 @@ class Translator:
     #: native keys accepted for compatibility with upstream Primus but unavailable here, with why.
     #: A truthy value is reported as a notice, not rejected.
     unavailable_keys: dict[str, str] = {}
+    #: native keys that hold the parallel and batch sizes ("tensor", "pipeline", "context", "expert",
+    #: "data", "micro_batch_size", "global_batch_size"); core checks the resolved values of these
+    #: against the world size and the model. Unnamed ones are read from the neutral sections.
+    native_parallel_keys: dict[str, str] = {}
 
     def native_keys(self, preset: dict[str, Any]) -> set[str]:
         """Top-level native keys this backend accepts (default: the module preset's keys)."""

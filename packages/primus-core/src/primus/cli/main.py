@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("run", "train", "preflight"):
+        if not hasattr(args, "overrides"):
             parser.error("unrecognized arguments: " + " ".join(extra))
         args.overrides = list(args.overrides) + _extra_overrides(extra, parser)
     if not args.command:

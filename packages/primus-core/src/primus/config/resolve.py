@@ -289,48 +289,77 @@ def _check_native(values: dict[str, Any], *, known: set[str], preset: dict[str, 
                 fix=f"the preset's value is {default!r}")
 
 
-def _check_parallel(module: ModuleConfig, model: ModelSpec | None, world_size: int, doc: YamlDoc, name: str) -> None:
-    p = module.parallel
-    tp, pp, cp = p.tensor or 1, p.pipeline or 1, p.context or 1
-    base = ("modules", name, "parallel")
-    file = str(doc.path)
+@dataclass
+class _Size:
+    value: Any
+    key: str
+    file: str | None
+    line: int | None
+
+
+def _layout(module: ModuleConfig, layered: Layered, translator: Translator, doc: YamlDoc,
+            name: str) -> dict[str, _Size]:
+    """Parallel sizes and batch sizes as the backend will see them, each with where it was set.
+
+    A backend that names its native keys (`Translator.native_parallel_keys`) is judged on the
+    resolved native values, so an override of `tensor_model_parallel_size` counts; otherwise the
+    neutral sections are.
+    """
+    out: dict[str, _Size] = {}
+    neutral = {"tensor": ("parallel", "tensor"), "pipeline": ("parallel", "pipeline"),
+               "context": ("parallel", "context"), "expert": ("parallel", "expert"), "data": ("parallel", "data"),
+               "micro_batch_size": ("train", "micro_batch_size"),
+               "global_batch_size": ("train", "global_batch_size")}
+    for field_name, (section, key) in neutral.items():
+        native_key = translator.native_parallel_keys.get(field_name)
+        if native_key is not None:
+            src = layered.source_of(native_key)
+            out[field_name] = _Size(layered.data.get(native_key), native_key, src.file if src else None,
+                                    src.line if src else None)
+        else:
+            path = ("modules", name, section, key)
+            out[field_name] = _Size(getattr(getattr(module, section), key), ".".join(path), str(doc.path),
+                                    doc.line_of(path))
+    return out
+
+
+def _check_parallel(layout: dict[str, _Size], model: ModelSpec | None, world_size: int) -> None:
+    def num(k: str) -> int:
+        v = layout[k].value
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
+
+    def fail(k: str, message: str, fix: str | None = None) -> None:
+        s = layout[k]
+        raise ConfigError(message, file=s.file, line=s.line, key=s.key, fix=fix)
+
+    tp, pp, cp = num("tensor"), num("pipeline"), num("context")
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
-        raise ConfigError(
-            f"tensor x pipeline x context = {model_parallel} does not divide the world size {world_size}",
-            file=file, line=doc.line_of(base), key=".".join(base),
-            fix="change the parallel sizes or the number of processes (--nproc-per-node x --nnodes)")
-    if isinstance(p.data, int) and p.data * model_parallel != world_size:
-        raise ConfigError(
-            f"data ({p.data}) x tensor x pipeline x context ({model_parallel}) = {p.data * model_parallel} "
-            f"!= world size {world_size}",
-            file=file, line=doc.line_of((*base, "data")), key=".".join((*base, "data")),
-            fix="use data: auto")
+        fail("tensor" if tp > 1 else "pipeline" if pp > 1 else "context",
+             f"tensor x pipeline x context = {model_parallel} does not divide the world size {world_size}",
+             "change the parallel sizes or the number of processes (--nproc-per-node x --nnodes)")
+    data = layout["data"].value
+    if isinstance(data, int) and data * model_parallel != world_size:
+        fail("data", f"data ({data}) x tensor x pipeline x context ({model_parallel}) = {data * model_parallel} "
+             f"!= world size {world_size}", "use data: auto")
     if model is not None:
         if model.num_heads % tp:
-            raise ConfigError(f"tensor ({tp}) does not divide the model's {model.num_heads} attention heads",
-                              file=file, line=doc.line_of((*base, "tensor")), key=".".join((*base, "tensor")),
-                              fix="pick a tensor size that divides the heads")
+            fail("tensor", f"tensor ({tp}) does not divide the model's {model.num_heads} attention heads",
+                 "pick a tensor size that divides the heads")
         if model.mla is None and model.kv_heads % tp:
-            raise ConfigError(f"tensor ({tp}) does not divide the model's {model.kv_heads} key/value heads",
-                              file=file, line=doc.line_of((*base, "tensor")), key=".".join((*base, "tensor")),
-                              fix="pick a tensor size that divides the kv heads")
+            fail("tensor", f"tensor ({tp}) does not divide the model's {model.kv_heads} key/value heads",
+                 "pick a tensor size that divides the kv heads")
         if model.num_layers % pp:
-            raise ConfigError(f"pipeline ({pp}) does not divide the model's {model.num_layers} layers",
-                              file=file, line=doc.line_of((*base, "pipeline")), key=".".join((*base, "pipeline")))
-        if model.moe and (p.expert or 1) > 1 and model.moe.experts % (p.expert or 1):
-            raise ConfigError(f"expert ({p.expert}) does not divide the model's {model.moe.experts} experts",
-                              file=file, line=doc.line_of((*base, "expert")), key=".".join((*base, "expert")))
-    t = module.train
-    if t.global_batch_size and t.micro_batch_size:
+            fail("pipeline", f"pipeline ({pp}) does not divide the model's {model.num_layers} layers")
+        ep = num("expert")
+        if model.moe and ep > 1 and model.moe.experts % ep:
+            fail("expert", f"expert ({ep}) does not divide the model's {model.moe.experts} experts")
+    micro, global_ = layout["micro_batch_size"].value, layout["global_batch_size"].value
+    if isinstance(micro, int) and isinstance(global_, int) and micro > 0 and global_ > 0:
         dp = world_size // model_parallel
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            key = ("modules", name, "train", "global_batch_size")
-            raise ConfigError(
-                f"global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
-                f"{t.micro_batch_size} x data-parallel {dp}",
-                file=file, line=doc.line_of(key), key=".".join(key),
-                fix=f"use a multiple of {t.micro_batch_size * dp}")
+        if global_ % (micro * dp):
+            fail("global_batch_size", f"global_batch_size {global_} is not a multiple of micro_batch_size "
+                 f"{micro} x data-parallel {dp}", f"use a multiple of {micro * dp}")
 
 
 def _absolute_paths(module: ModuleConfig, base: Path) -> ModuleConfig:
@@ -393,7 +422,6 @@ def resolve_module(name: str, experiment: Experiment, doc: YamlDoc, discovery: D
         layered.apply(model_native, "model", sources=model_sources)
 
     # 4 neutral sections
-    _check_parallel(module, spec, world_size, doc, name)
     neutral: NativeValues = translator.translate_sections(module, spec)
     base_path = ("modules", name)
     layered.apply(neutral.values, "neutral", sources={
@@ -419,6 +447,7 @@ def resolve_module(name: str, experiment: Experiment, doc: YamlDoc, discovery: D
                       where="command line", doc_file=None, line_of=lambda p: None)
         layered.apply(cli.native, "cli", file="command line")
 
+    _check_parallel(_layout(module, layered, translator, doc, name), spec, world_size)
     resolved = ResolvedModule(
         name=name, framework=backend.name, native=layered.data, sources=layered.sources, module=module,
         model=spec, model_file=model_file, experiment_file=file, world_size=world_size)

@@ -1,0 +1,16 @@
+"""`primus data prepare` for Megatron: convert the experiment's corpus to indexed .bin/.idx once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def prepare(resolved: Any) -> str:
+    from primus_megatron.data import prepare_indexed_dataset
+
+    native = resolved.native
+    data = resolved.module.data
+    prefix = prepare_indexed_dataset(data.path, data.tokenizer or native["tokenizer_model"],
+                                     json_key=data.text_key or "text", cache_dir=native.get("data_cache_path"),
+                                     progress=True)
+    return f"indexed dataset ready: {prefix}.bin / .idx"
