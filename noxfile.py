@@ -133,7 +133,8 @@ def e2e(session: nox.Session) -> None:
 def launch(session: nox.Session) -> None:
     """Multi-node torchrun, a real two-node Slurm cluster on this machine, preemption, failures."""
     session.install(TORCH)
-    session.install("-e", str(PACKAGES / "primus-core"), "-e", str(PACKAGES / "primus-hf"), "pytest", "hatchling")
+    session.install("-e", str(PACKAGES / "primus-core"), "-e", str(PACKAGES / "primus-hf"),
+                    "-e", str(PACKAGES / "primus-megatron"), "pytest", "hatchling")
     _install_fixture_backend(session)
     _pytest(session, "tests/launch")
 

@@ -128,3 +128,18 @@ def test_preflight_through_slurm_on_two_nodes(slurm, tmp_path: Path):
     assert report["world_size"] == 2 and report["failing_nodes"] == {}
     assert all(rank["collective"]["ok"] for rank in report["ranks"])
     assert "all checks passed" in (run_dir / "preflight.md").read_text()
+
+
+def test_megatron_two_tasks_tensor_parallel(slurm, tmp_path: Path):
+    import pytest
+
+    pytest.importorskip("primus_megatron")
+    example = HF_EXAMPLE.parents[1] / "megatron" / "llama3_tiny-pretrain.yaml"
+    r = primus("run", str(example), "--launcher", "slurm", "--wait", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), f"workspace={tmp_path}/ws", "train.steps=6",
+               "parallel.tensor=2", "disable_last_saving=true")
+    run_dir = next((tmp_path / "ws").glob("*/*/*"))
+    out = "".join(p.read_text() for p in (run_dir / "slurm").glob("slurm-*.out"))
+    assert r.returncode == 0, r.stdout + r.stderr + out[-3000:]
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]

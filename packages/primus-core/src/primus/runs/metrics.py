@@ -42,6 +42,7 @@ class MetricsWriter:
         self.status_path = status_path
         self.last_step: int | None = None
         self._state = "starting"
+        self._status_written = float("-inf")
         self.total_steps = total_steps
         self.rank = rank
         self.module = module
@@ -63,15 +64,19 @@ class MetricsWriter:
 
         After a crash it says which rank stopped where.
         """
-        self._state = state
-        if self.status_path is None:
-            return
         import os
 
         from primus.runs.files import write_json
 
+        changed = state != self._state
+        self._state = state
+        now = time.monotonic()
+        # a state change is written at once; progress within a state at most every half second
+        if self.status_path is None or (not changed and not extra and now - self._status_written < 0.5):
+            return
+        self._status_written = now
         write_json(self.status_path, {"rank": self.rank, "state": state, "step": self.last_step,
-                                      "pid": os.getpid(), "time": time.time(), **extra})
+                                      "pid": os.getpid(), "time": time.time(), **extra}, durable=False)
 
     def train_step(self, step: int, *, loss: float, lr: float | None, grad_norm: float | None,
                    tokens: int, step_time_s: float, **extra: Any) -> dict[str, Any]:
