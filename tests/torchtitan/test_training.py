@@ -40,11 +40,13 @@ def test_one_process_trains_and_resume_matches_uninterrupted(tmp_path: Path) -> 
     assert resumed[-1]["loss"] == pytest.approx(losses[-1], abs=1e-5)
 
 
-def test_local_corpus_through_torchtitan_dataset(tmp_path: Path) -> None:
+def test_local_corpus_through_torchtitan_dataset_with_validation(tmp_path: Path) -> None:
     experiment = write_experiment(tmp_path, steps=6, data=corpus_data())
-    assert_ok(run_primus("run", str(experiment)))
+    assert_ok(run_primus("run", str(experiment), "train.eval_interval=3", "train.eval_steps=2"))
     losses = _losses(experiment)
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
+    evals = [m for m in read_metrics(experiment) if "eval_loss" in m]
+    assert [m["step"] for m in evals][-2:] == [3, 6] and all(m["eval_loss"] > 0 for m in evals)
 
 
 @pytest.mark.parametrize(("name", "parallel"), [("fsdp", []), ("tp", ["parallel.tensor=2"])])

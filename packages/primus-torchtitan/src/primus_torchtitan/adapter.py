@@ -145,11 +145,28 @@ def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir
         if key == "parallelism.spmd_backend" and value is None:
             continue  # keep TorchTitan's default
         _set_dotted(config, key, value)
+    if config.validator.enable:
+        _validation_data(config, native, mock=mock, vocab=vocab)
     config.dump_folder = run_dir
     config.checkpoint.folder = checkpoint_dir  # absolute: os.path.join keeps it as is
     config.hf_assets_path = native.get("hf_assets_path") or run_dir
     config.training.disable_cuda_graphs = True  # cuda graphs are captured per device; Primus leaves them off
     return config
+
+
+def _validation_data(config: Any, native: dict[str, Any], *, mock: bool, vocab: int) -> None:
+    """Validation reads what training reads: other synthetic samples, or the same local corpus
+    (TorchTitan's default validation set is C4 from the hub, unreachable offline)."""
+    from primus_torchtitan.data import JSONL_DATASET, MockDataLoader
+
+    if mock:
+        seed = _get(native, "debug.seed")
+        config.validator.dataloader = MockDataLoader.Config(vocab_size=vocab, seed=(seed or 1234) + 1)
+        if config.validator.steps < 0:
+            config.validator.steps = 10  # synthetic data never ends
+    elif _get(native, "dataloader.dataset") == JSONL_DATASET and _get(native, "validator.dataloader.dataset") is None:
+        config.validator.dataloader.dataset = JSONL_DATASET
+        config.validator.dataloader.dataset_path = _get(native, "dataloader.dataset_path")
 
 
 # ----------------------------------------------------------------------------- metrics

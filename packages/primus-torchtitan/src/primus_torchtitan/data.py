@@ -54,6 +54,7 @@ class MockDataLoader(ParallelAwareDataloader):
         dataset: str = "mock"
         vocab_size: int = 512
         seed: int = 1234
+        infinite: bool = True  # what TorchTitan's validator sets; synthetic data never ends anyway
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer: Any, seq_len: int,
                  local_batch_size: int, snapshot_every_n_steps: int | None = 1, **kwargs: Any) -> None:
