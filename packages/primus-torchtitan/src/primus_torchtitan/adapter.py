@@ -18,7 +18,7 @@ from loguru import logger
 from primus.backends.adapter import Adapter
 from primus.errors import ConfigError
 from primus_torchtitan.config_keys import config_keys
-from primus_torchtitan.translate import PRIMUS_KEYS, UNAVAILABLE, UPSTREAM_ALIASES, _get, _matches
+from primus_torchtitan.translate import PRIMUS_KEYS, UNAVAILABLE, UPSTREAM_ALIASES, key_matches, native_get
 
 # ----------------------------------------------------------------------------- process group env
 
@@ -70,7 +70,7 @@ def native_settings(native: dict[str, Any]) -> dict[str, Any]:
     schema = config_keys()
     settings = {}
     for key, value in flat.items():
-        primus_key = any(_matches(key, p) for p in (*PRIMUS_KEYS, *UNAVAILABLE)) or key in UPSTREAM_ALIASES
+        primus_key = any(key_matches(key, p) for p in (*PRIMUS_KEYS, *UNAVAILABLE)) or key in UPSTREAM_ALIASES
         if primus_key:
             continue
         if key in schema or any(key.startswith(k + ".") for k in schema if isinstance(schema[k], dict)):
@@ -123,13 +123,13 @@ def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir
                               weight_decay=float(opt.get("weight_decay", 0.1)))
     optimizer.param_groups[0].optimizer_name = "Adam" if str(opt.get("name")).lower() == "adam" else "AdamW"
 
-    mock = bool(_get(native, "training.mock_data"))
-    seed = _get(native, "debug.seed")
+    mock = bool(native_get(native, "training.mock_data"))
+    seed = native_get(native, "debug.seed")
     if mock:
         dataloader = MockDataLoader.Config(vocab_size=vocab, seed=1234 if seed is None else int(seed))
         tokenizer = MockTokenizer.Config(vocab_size=vocab)
     else:
-        register_jsonl_dataset(_get(native, "dataloader.text_key") or "text")
+        register_jsonl_dataset(native_get(native, "dataloader.text_key") or "text")
         dataloader = HuggingFaceTextDataLoader.Config()
         tokenizer = HuggingFaceTokenizer.Config()
 
@@ -137,7 +137,7 @@ def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir
         model_spec=model_spec,
         loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=vocab)),
         optimizer=optimizer, dataloader=dataloader, tokenizer=tokenizer,
-        activation_checkpoint=_activation_checkpoint(_get(native, "activation_checkpoint.mode")),
+        activation_checkpoint=_activation_checkpoint(native_get(native, "activation_checkpoint.mode")),
     )
     for key, value in native_settings(native).items():
         if mock and key.startswith("dataloader."):
@@ -160,13 +160,13 @@ def _validation_data(config: Any, native: dict[str, Any], *, mock: bool, vocab: 
     from primus_torchtitan.data import JSONL_DATASET, MockDataLoader
 
     if mock:
-        seed = _get(native, "debug.seed")
+        seed = native_get(native, "debug.seed")
         config.validator.dataloader = MockDataLoader.Config(vocab_size=vocab, seed=(seed or 1234) + 1)
         if config.validator.steps < 0:
             config.validator.steps = 10  # synthetic data never ends
-    elif _get(native, "dataloader.dataset") == JSONL_DATASET and _get(native, "validator.dataloader.dataset") is None:
+    elif native_get(native, "dataloader.dataset") == JSONL_DATASET and native_get(native, "validator.dataloader.dataset") is None:
         config.validator.dataloader.dataset = JSONL_DATASET
-        config.validator.dataloader.dataset_path = _get(native, "dataloader.dataset_path")
+        config.validator.dataloader.dataset_path = native_get(native, "dataloader.dataset_path")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -180,8 +180,8 @@ class PrimusMetricsLogger:
     whole job processed per second are tps x world size.
     """
 
-    def __init__(self, ctx: Any, world_size: int) -> None:
-        self.ctx, self.world_size = ctx, world_size
+    def __init__(self, ctx: Any, *, world_size: int, log_freq: int) -> None:
+        self.ctx, self.world_size, self.log_freq = ctx, world_size, log_freq
         self.last_step: int | None = None  # a resumed run starts past step 0
         self.last_time = time.perf_counter()
 
@@ -195,7 +195,7 @@ class PrimusMetricsLogger:
         interval = metrics.get("time_metrics/end_to_end(s)")
         step_time = (now - self.last_time) / steps
         if interval is not None:
-            step_time = float(interval) * self._log_freq() / steps
+            step_time = float(interval) * self.log_freq / steps  # TorchTitan divides by log_freq
         lr = next((v for k, v in metrics.items() if k.startswith("lr/")), None)
         tokens = float(metrics.get("throughput(tps)", 0.0)) * self.world_size * step_time
         extra = {k: metrics[k] for k in ("mfu(%)", "tflops") if k in metrics}
@@ -204,11 +204,6 @@ class PrimusMetricsLogger:
                                     step_time_s=step_time, **{k.split("(")[0]: v for k, v in extra.items()})
         self.last_step, self.last_time = step, now
 
-    def _log_freq(self) -> int:
-        return int(self.freq)
-
-    freq = 1
-
     def close(self) -> None:
         return None
 
@@ -216,8 +211,7 @@ class PrimusMetricsLogger:
 def hook_metrics(trainer: Any, ctx: Any) -> None:
     from torchtitan.components.metrics import LoggerContainer
 
-    ours = PrimusMetricsLogger(ctx, ctx.world_size)
-    ours.freq = trainer.config.metrics.log_freq
+    ours = PrimusMetricsLogger(ctx, world_size=ctx.world_size, log_freq=trainer.config.metrics.log_freq)
     container = LoggerContainer()
     container.add_logger(trainer.metrics_processor.logger)
     container.add_logger(ours)
@@ -248,7 +242,7 @@ class TorchTitanAdapter(Adapter):
             ctx.apply_patches("setup")
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             config = build_trainer_config(ctx.native, run_dir=str(ctx.run_dir), checkpoint_dir=str(ctx.checkpoint_dir))
-            if _get(ctx.native, "checkpoint.enable") and self._resume_never():
+            if native_get(ctx.native, "checkpoint.enable") and self._resume_never():
                 config.checkpoint.load_step = 0  # torchtitan: step 0 means "do not load"
             ctx.apply_patches("build_args", titan_config=config, world_size=ctx.world_size)
             trainer = None
@@ -256,7 +250,7 @@ class TorchTitanAdapter(Adapter):
                 trainer = config.build()
                 hook_metrics(trainer, ctx)
                 ctx.apply_patches("before_train", trainer=trainer)
-                exit_at = int(_get(ctx.native, "training.exit_at_step") or 0)
+                exit_at = int(native_get(ctx.native, "training.exit_at_step") or 0)
                 if exit_at:
                     stop_after_step(trainer, exit_at)
                 trainer.train()

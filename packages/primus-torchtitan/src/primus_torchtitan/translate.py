@@ -57,7 +57,7 @@ PARALLEL_KEYS = ("data_parallel_replicate_degree", "data_parallel_shard_degree",
                  "tensor_parallel_degree", "pipeline_parallel_degree")
 
 
-def _get(native: dict[str, Any], dotted: str, default: Any = None) -> Any:
+def native_get(native: dict[str, Any], dotted: str, default: Any = None) -> Any:
     node: Any = native
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -66,7 +66,7 @@ def _get(native: dict[str, Any], dotted: str, default: Any = None) -> Any:
     return node
 
 
-def _matches(dotted: str, pattern: str) -> bool:
+def key_matches(dotted: str, pattern: str) -> bool:
     return dotted.startswith(pattern) if pattern.endswith(".") else dotted == pattern
 
 
@@ -82,7 +82,7 @@ class TorchTitanTranslator(Translator):
         if len(path) == 1 and path[0] in known and path[0] not in self._sections():
             return None  # module_base keys and TorchTitan's top-level scalars
         schema = config_keys()
-        if dotted in schema or any(_matches(dotted, p) for p in (*PRIMUS_KEYS, *UNAVAILABLE)):
+        if dotted in schema or any(key_matches(dotted, p) for p in (*PRIMUS_KEYS, *UNAVAILABLE)):
             return None
         if dotted in UPSTREAM_ALIASES:
             return None
@@ -202,7 +202,7 @@ class TorchTitanTranslator(Translator):
     def check(self, resolved: ResolvedModule) -> None:
         native, name = resolved.native, resolved.name
         where = f"modules.{name}.overrides"
-        model_name, flavor = _get(native, "model.name"), _get(native, "model.flavor")
+        model_name, flavor = native_get(native, "model.name"), native_get(native, "model.flavor")
         flavors = model_flavors()
         if model_name not in flavors:
             raise ConfigError(f"TorchTitan model '{model_name}' is not known", key=f"{where}.model.name",
@@ -212,7 +212,7 @@ class TorchTitanTranslator(Translator):
                               key=f"{where}.model.flavor",
                               fix=did_you_mean(str(flavor), flavors[model_name])
                               or "flavors: " + ", ".join(flavors[model_name]))
-        if flavor == "custom" and not _get(native, "model.dim"):
+        if flavor == "custom" and not native_get(native, "model.dim"):
             raise ConfigError("model.flavor 'custom' needs the model's arguments (a neutral model preset or "
                               "model.dim, model.n_layers, ...)", key=f"{where}.model.flavor")
         self._check_parallel(native, resolved.world_size, where)
@@ -220,7 +220,7 @@ class TorchTitanTranslator(Translator):
 
     @staticmethod
     def _check_parallel(native: dict[str, Any], world_size: int, where: str) -> None:
-        degrees = {k: int(_get(native, f"parallelism.{k}", 1) or 1) for k in PARALLEL_KEYS}
+        degrees = {k: int(native_get(native, f"parallelism.{k}", 1) or 1) for k in PARALLEL_KEYS}
         auto = [k for k, v in degrees.items() if v == -1]
         if len(auto) > 1:
             raise ConfigError("only one parallel degree may be -1 (auto)", key=f"{where}.parallelism")
@@ -240,12 +240,12 @@ class TorchTitanTranslator(Translator):
 
     @staticmethod
     def _check_data(native: dict[str, Any], where: str) -> None:
-        if _get(native, "training.mock_data"):
+        if native_get(native, "training.mock_data"):
             return
-        path = _get(native, "dataloader.dataset_path")
-        if _get(native, "dataloader.dataset") == "primus_jsonl" and not (path and Path(path).is_file()):
+        path = native_get(native, "dataloader.dataset_path")
+        if native_get(native, "dataloader.dataset") == "primus_jsonl" and not (path and Path(path).is_file()):
             raise ConfigError(f"data file '{path}' does not exist", key=f"{where}.dataloader.dataset_path")
-        assets = _get(native, "hf_assets_path")
+        assets = native_get(native, "hf_assets_path")
         if not assets or not Path(assets).is_dir():
             raise ConfigError(f"tokenizer directory '{assets}' does not exist", key=f"{where}.hf_assets_path",
                               fix="set data.tokenizer to a local tokenizer directory, or use data: {mock: true}")
@@ -257,16 +257,16 @@ class TorchTitanTranslator(Translator):
         for path, value in flatten(resolved.native).items():
             dotted = ".".join(path)
             for pattern, why in UNAVAILABLE.items():
-                if _matches(dotted, pattern) and value and dotted != "primus_turbo.enable_embedding_autocast":
+                if key_matches(dotted, pattern) and value and dotted != "primus_turbo.enable_embedding_autocast":
                     notes.append(f"{dotted}: accepted for compatibility but not available here ({why})")
         return notes
 
     def summary(self, resolved: ResolvedModule) -> dict[str, Any]:
         n = resolved.native
-        network = f"{_get(n, 'model.name')} {_get(n, 'model.flavor')}"
-        parallel = ", ".join(f"{k.replace('_degree', '')}={_get(n, f'parallelism.{k}')}" for k in PARALLEL_KEYS
-                             if _get(n, f"parallelism.{k}", 1) not in (1, -1))
-        return {"network": network, "steps": _get(n, "training.steps"),
-                "batch": f"{_get(n, 'training.local_batch_size')} x seq {_get(n, 'training.seq_len')}",
-                "parallel": parallel or "none", "data": "mock" if _get(n, "training.mock_data")
-                else _get(n, "dataloader.dataset_path") or _get(n, "dataloader.dataset")}
+        network = f"{native_get(n, 'model.name')} {native_get(n, 'model.flavor')}"
+        parallel = ", ".join(f"{k.replace('_degree', '')}={native_get(n, f'parallelism.{k}')}" for k in PARALLEL_KEYS
+                             if native_get(n, f"parallelism.{k}", 1) not in (1, -1))
+        return {"network": network, "steps": native_get(n, "training.steps"),
+                "batch": f"{native_get(n, 'training.local_batch_size')} x seq {native_get(n, 'training.seq_len')}",
+                "parallel": parallel or "none", "data": "mock" if native_get(n, "training.mock_data")
+                else native_get(n, "dataloader.dataset_path") or native_get(n, "dataloader.dataset")}
