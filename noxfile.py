@@ -27,17 +27,21 @@ nox.options.sessions = ["lint", "core", "wheels", *_BACKENDS, "docs", "e2e", "la
 
 
 def _enable_pyenv_versions() -> None:
-    """Let `python3.12` resolve through pyenv shims when only 3.11 is the global version."""
-    if "PYENV_VERSION" in os.environ or not shutil.which("pyenv"):
+    """Let `python3.12` resolve through pyenv shims when 3.11 is the selected version.
+
+    A pyenv shim sets PYENV_VERSION to the one version it ran, so extend it rather than replace it.
+    """
+    if not shutil.which("pyenv"):
         return
     try:
         out = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return
-    versions = [v.strip() for v in out.splitlines() if v.strip() and v.strip()[0].isdigit()]
-    wanted = [v for v in versions if v.startswith(("3.11.", "3.12."))]
+    installed = [v.strip() for v in out.splitlines() if v.strip() and v.strip()[0].isdigit()]
+    current = [v for v in os.environ.get("PYENV_VERSION", "").split(":") if v]
+    wanted = current + [v for v in installed if v.startswith(("3.11.", "3.12.")) and v not in current]
     if wanted:
-        os.environ["PYENV_VERSION"] = ":".join(sorted(wanted))
+        os.environ["PYENV_VERSION"] = ":".join(wanted)
 
 
 _enable_pyenv_versions()
