@@ -242,13 +242,13 @@ class TorchTitanAdapter(Adapter):
             ctx.apply_patches("setup")
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             config = build_trainer_config(ctx.native, run_dir=str(ctx.run_dir), checkpoint_dir=str(ctx.checkpoint_dir))
-            if native_get(ctx.native, "checkpoint.enable") and self._resume_never():
-                config.checkpoint.load_step = 0  # torchtitan: step 0 means "do not load"
             ctx.apply_patches("build_args", titan_config=config, world_size=ctx.world_size)
             trainer = None
             try:
                 trainer = config.build()
                 hook_metrics(trainer, ctx)
+                if self._resume_never():  # start fresh; checkpoints already there stay untouched
+                    trainer.checkpointer.load = lambda step=-1: False
                 ctx.apply_patches("before_train", trainer=trainer)
                 exit_at = int(native_get(ctx.native, "training.exit_at_step") or 0)
                 if exit_at:
