@@ -112,3 +112,12 @@ def test_platform_detection_is_quiet_on_this_machine(monkeypatch):
     p = detect_platform()
     assert p.kind in ("cpu", "cuda", "rocm")
     assert detect_platform({"PRIMUS_PLATFORM": "rocm", "PRIMUS_GFX_ARCH": "gfx950"}).arch == "gfx950"
+
+
+def test_enabled_by_walks_nested_keys():
+    patch = _patch(enabled_by="primus_turbo.enable_x", enabled_by_default=False)
+    on = _ctx(config={"primus_turbo": {"enable_x": True}})
+    off = _ctx(config={"primus_turbo": {"enable_x": False}})
+    assert PatchSet([patch], environ={}).explain(on)[0].applies
+    assert not PatchSet([patch], environ={}).explain(off)[0].applies
+    assert not PatchSet([patch], environ={}).explain(_ctx())[0].applies

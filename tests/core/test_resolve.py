@@ -145,3 +145,12 @@ def test_native_model_preset_keys_are_checked(write, tmp_path):
     exp = write("exp.yaml", f"exp_name: x\nworkspace: {tmp_path}\nmodules:\n  m: {{framework: toy, model: native.yaml}}\n")
     msg = _error(exp)
     assert "native.yaml:2" in msg and "did you mean 'layers'" in msg
+
+
+def test_cli_dotted_native_keys_sharing_a_module_field_name():
+    from primus.config.resolve import parse_cli_overrides
+
+    cli = parse_cli_overrides(["model.flavor=8B", "checkpoint.enable=false", "checkpoint.interval=5",
+                               "train.steps=3", "training.steps=4"])
+    assert cli.native == {"model": {"flavor": "8B"}, "checkpoint": {"enable": False}, "training": {"steps": 4}}
+    assert cli.module == {"checkpoint": {"interval": 5}, "train": {"steps": 3}}

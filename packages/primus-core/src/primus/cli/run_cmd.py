@@ -163,7 +163,8 @@ def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes) ->
         for key, value in translator.summary(m).items():
             print(f"  {key:<9} {value}")
         ctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
-                           framework_version=backend.framework_version, config=m.native)
+                           framework_version=backend.framework_version, config=m.native,
+                           world_size=opts.world_size)
         applying = [d.patch.id for d in PatchSet(backend.spec.load_patches()).explain(ctx) if d.applies]
         print(f"  patches   {', '.join(applying) or 'none'}")
         if name in rendered:

@@ -128,11 +128,22 @@ def parse_cli_overrides(items: list[str]) -> CliOverrides:
             out.experiment[path[0]] = value
         elif path[0] == "overrides" and len(path) > 1:
             _set_path(out.native, path[1:], value)
-        elif path[0] in MODULE_FIELDS:
+        elif path[0] in MODULE_FIELDS and not _native_dotted(path):
             _set_path(out.module, path, value)
         else:
             _set_path(out.native, path, value)
     return out
+
+
+def _native_dotted(path: list[str]) -> bool:
+    """`model.flavor=8B` or `checkpoint.enable=false`: a dotted native key that shares its first
+    part with a module field (TorchTitan's sections), not a path into that field."""
+    if len(path) < 2:
+        return False
+    if path[0] == "model":
+        return True
+    section = NEUTRAL_SECTIONS.get(path[0])
+    return section is not None and path[1] not in section.model_fields
 
 
 def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:

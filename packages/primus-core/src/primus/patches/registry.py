@@ -33,7 +33,19 @@ class PatchContext:
     framework_version: str | None
     config: dict[str, Any] = field(default_factory=dict)  # the module's resolved native keys
     arch: str | None = None
+    world_size: int = 1
     state: dict[str, Any] = field(default_factory=dict)  # objects the adapter shares (model, args, ...)
+
+    def config_value(self, key: str, default: Any = None) -> Any:
+        """A native config value; a dotted key also walks nested sections (`primus_turbo.enable_x`)."""
+        if key in self.config:
+            return self.config[key]
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,7 @@ class PatchSet:
             if Version(ctx.framework_version) not in SpecifierSet(patch.versions):
                 return PatchDecision(patch, False, f"framework {ctx.framework_version} outside {patch.versions}")
         if patch.enabled_by is not None:
-            value = ctx.config.get(patch.enabled_by, patch.enabled_by_default)
+            value = ctx.config_value(patch.enabled_by, patch.enabled_by_default)
             if not value:
                 return PatchDecision(patch, False, f"{patch.enabled_by} is off")
         if patch.predicate is not None and not patch.predicate(ctx):
