@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from primus.backends.discovery import Backend, Discovery, discover
 from primus.backends.translator import NativeValues, Translator
 from primus.config.layered import Layered, Source, find_file, load_with_extends
-from primus.config.schema import Experiment, ModuleConfig
+from primus.config.schema import NEUTRAL_SECTIONS, Experiment, ModuleConfig
 from primus.config.yamlfile import KeyPath, YamlDoc, flatten, load_yaml, substitute_env
 from primus.errors import ConfigError
 from primus.models.spec import ModelSpec
