@@ -124,8 +124,11 @@ def _install_all_torch_backends(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
-    """Generated docs/backends pages match the registries of every backend package."""
+    """Generated docs/backends pages match the registries (`nox -s docs -- --update` rewrites them)."""
     _install_all_torch_backends(session)
+    if "--update" in session.posargs:
+        session.run("primus", "docs", "--out", "docs/backends")
+        return
     _pytest(session, "tests/docs")
 
 
