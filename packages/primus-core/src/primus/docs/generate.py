@@ -45,6 +45,12 @@ def generate_docs() -> dict[str, str]:
         fams = ", ".join(b.spec.model_families) or "-"
         lines.append(f"| {name} | `{b.distribution}` | `{b.spec.framework}` | `{b.spec.supported}` | "
                      f"{b.spec.process_model} | {fams} | [{name}.md]({name}.md) |\n")
+    from primus.backends.discovery import KNOWN_BACKENDS
+
+    missing = sorted(set(KNOWN_BACKENDS) - set(d.backends))
+    if missing:
+        lines.append("\nNot installed where this page was generated (their pages are generated in their own "
+                     "environments): " + ", ".join(f"[{n}]({n}.md)" for n in missing) + ".\n")
     pages["overview.md"] = "".join(lines)
 
     for name, b in sorted(d.backends.items()):
