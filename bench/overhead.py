@@ -1,6 +1,7 @@
 """Primus's training overhead: the same job through `primus run` and through a plain script.
 
-    python bench/overhead.py --backend hf [--rounds 3 --steps 300]
+    python bench/overhead.py hf [--rounds 3 --steps 300]
+    python bench/overhead.py torchtitan | maxtext [...]   (bench/overhead_<backend>.py)
 
 Both sides train the same tiny model with the same settings; runs alternate between the sides.
 What is compared is the training loop: the wall time from the end of step 1 to the end of step N,
@@ -83,6 +84,16 @@ BACKENDS = {"hf": measure_hf}
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
+        backend = sys.argv.pop(1)
+        other = Path(__file__).with_name(f"overhead_{backend}.py")
+        if other.exists():  # the backends with a bench script of their own
+            import runpy
+
+            sys.argv[0] = str(other)
+            runpy.run_path(str(other), run_name="__main__")
+            return
+        sys.argv[1:1] = ["--backend", backend]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf")
     parser.add_argument("--rounds", type=int, default=3)
