@@ -18,20 +18,13 @@ import types
 from typing import Any
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
+from primus.runs.logs import InterceptHandler
 
 BACKEND = "torchtitan"
 VERSIONS = ">=0.3.0,<0.4"
 CPU = frozenset({"cpu"})
 GPUS = frozenset({"rocm", "cuda"})
 
-
-def _native(ctx: PatchContext, dotted: str, default: Any = None) -> Any:
-    node: Any = ctx.config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
 
 
 def _chain(*undos: Undo | None) -> Undo:
@@ -216,7 +209,7 @@ def _cpu_spmd_backend(ctx: PatchContext) -> Undo | None:
     # With FSDP or TP on CPU TorchTitan's default SPMD backend fails at start, and full_dtensor
     # trains but reports about twice the loss; partial_dtensor trains correctly.
     config = ctx.state.get("titan_config")
-    if config is None or _native(ctx, "parallelism.spmd_backend") is not None:
+    if config is None or ctx.config_value("parallelism.spmd_backend") is not None:
         return None
     old = config.parallelism.spmd_backend
     config.parallelism.spmd_backend = "partial_dtensor"
@@ -260,7 +253,7 @@ def _amd_peak_flops(ctx: PatchContext) -> Undo:
 
 
 def _embedding_autocast_on(ctx: PatchContext) -> bool:
-    return bool(_native(ctx, "primus_turbo.enable_embedding_autocast", True))
+    return bool(ctx.config_value("primus_turbo.enable_embedding_autocast", True))
 
 
 def _embedding_autocast(ctx: PatchContext) -> Undo:
@@ -289,27 +282,13 @@ def cast_to_autocast_dtype(module: Any, inputs: Any, out: Any) -> Any:
     return None
 
 
-class _ToLoguru(logging.Handler):
-    """Forwards stdlib records into loguru, keeping level and origin."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from loguru import logger
-
-        try:
-            level: str | int = logger.level(record.levelname).name
-        except ValueError:
-            level = record.levelno
-        logger.opt(depth=6, exception=record.exc_info).bind(framework="torchtitan").log(
-            level, record.getMessage())
-
-
 def _route_logging(ctx: PatchContext) -> Undo:
     # TorchTitan logs through the stdlib logger "torchtitan..." (and init_logger() adds its own
     # stream handler); routing it into loguru puts its lines in Primus's sinks and log files.
     import torchtitan.tools.logging as tt_logging
 
     titan_logger = tt_logging.logger
-    handler = _ToLoguru()
+    handler = InterceptHandler(framework="torchtitan")
     saved = (list(titan_logger.handlers), titan_logger.propagate, titan_logger.level)
     titan_logger.handlers = [handler]
     titan_logger.propagate = False

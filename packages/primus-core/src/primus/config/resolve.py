@@ -51,13 +51,10 @@ class ResolvedModule:
     notices: list[str] = field(default_factory=list)
 
     def explain(self, key: str) -> Source | None:
-        path = tuple(key.split("."))
-        if path in self.sources:
-            return self.sources[path]
-        for p, src in self.sources.items():
-            if p[: len(path)] == path:
-                return src
-        return None
+        """The layer, file and line that set `key` (dotted), or None."""
+        layered = Layered()
+        layered.sources = self.sources
+        return layered.source_of(key)
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable form, written into the run directory and read back by workers."""

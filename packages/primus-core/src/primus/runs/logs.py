@@ -9,15 +9,22 @@ from pathlib import Path
 from loguru import logger
 
 
-class _InterceptHandler(logging.Handler):
-    """Send records of the frameworks' stdlib loggers to loguru."""
+class InterceptHandler(logging.Handler):
+    """Send records of the frameworks' stdlib loggers to loguru (backends reuse it)."""
+
+    def __init__(self, framework: str | None = None) -> None:
+        super().__init__()
+        self.framework = framework
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.opt(depth=6, exception=record.exc_info).log(level, "[{}] {}", record.name, record.getMessage())
+        log = logger.opt(depth=6, exception=record.exc_info)
+        if self.framework:
+            log = log.bind(framework=self.framework)
+        log.log(level, "[{}] {}", record.name, record.getMessage())
 
 
 def setup_logging(*, run_dir: Path | None, module: str, rank: int, stderr_level: str = "INFO",
@@ -38,5 +45,5 @@ def setup_logging(*, run_dir: Path | None, module: str, rank: int, stderr_level:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         logger.add(log_file, level=file_level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}",
                    enqueue=False)
-    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.INFO, force=True)
+    logging.basicConfig(handlers=[InterceptHandler()], level=logging.INFO, force=True)
     return log_file
