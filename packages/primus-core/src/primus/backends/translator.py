@@ -51,6 +51,9 @@ class Translator:
     #: "data", "micro_batch_size", "global_batch_size"); core checks the resolved values of these
     #: against the world size and the model. Unnamed ones are read from the neutral sections.
     native_parallel_keys: dict[str, str] = {}
+    #: processes in the job (--nproc-per-node x --nnodes); core sets it before translating, so a
+    #: backend can turn a global batch into gradient accumulation steps
+    world_size: int = 1
 
     def native_keys(self, preset: dict[str, Any]) -> set[str]:
         """Top-level native keys this backend accepts (default: the module preset's keys)."""

@@ -19,7 +19,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launch (defaults from GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT)")
-    g.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (torch backends)")
+    g.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (torch backends); devices per host for per-host (JAX) backends")
     g.add_argument("--nnodes", type=int, default=None)
     g.add_argument("--node-rank", type=int, default=None)
     g.add_argument("--master-addr", default=None)

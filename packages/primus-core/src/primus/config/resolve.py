@@ -391,6 +391,7 @@ def resolve_module(name: str, experiment: Experiment, doc: YamlDoc, discovery: D
     file = str(doc.path)
     backend = discovery.get(module.framework, file=file, key=f"modules.{name}.framework")
     translator: Translator = backend.spec.load_translator()
+    translator.world_size = world_size
     layered = Layered()
 
     # 1 module_base

@@ -36,8 +36,10 @@ def run_worker(run_dir: Path, module_name: str) -> int:
 
     run_dir = run_dir.resolve()
     resolved, data = read_module(run_dir, module_name)
-    rank, local_rank = _int_env("RANK", 0), _int_env("LOCAL_RANK", 0)
-    world_size = _int_env("WORLD_SIZE", 1)
+    # torchrun sets RANK/WORLD_SIZE; a per-host (JAX) launch sets PRIMUS_PROCESS_ID/PRIMUS_NUM_PROCESSES
+    rank = _int_env("RANK", _int_env("PRIMUS_PROCESS_ID", 0))
+    local_rank = _int_env("LOCAL_RANK", 0)
+    world_size = _int_env("WORLD_SIZE", _int_env("PRIMUS_NUM_PROCESSES", 1))
     native = resolved.native
     setup_logging(run_dir=run_dir, module=module_name, rank=rank,
                   stderr_level=native.get("stderr_sink_level") or "INFO",
