@@ -19,6 +19,9 @@ from primus.errors import ConfigError
 
 KeyPath = tuple[str, ...]
 
+# libyaml's safe loader when pyyaml was built with it (several times faster), else pure Python
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
 
 
@@ -60,8 +63,13 @@ def load_yaml(path: Path, *, what: str = "file") -> YamlDoc:
     except UnicodeDecodeError:
         raise ConfigError(f"{what} is not UTF-8 text", file=shown) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader, never the full one
+        # compose once (the node tree keeps line numbers), then construct from it, safely
+        loader = _SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         raise ConfigError(
