@@ -8,6 +8,7 @@ run directory, sets up logging, applies patches by phase and hands over to the b
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -80,6 +81,10 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     finally:
         patches.undo_all()
     if ctx.stop_requested:
+        # the checkpoint is written and the process is leaving: a further SIGTERM (Slurm and
+        # torchrun may both send one) must not turn exit 143 into death by signal during shutdown,
+        # when Python puts its own handlers back to the default
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         metrics.set_status("preempted")
         logger.warning(f"{module_name} stopped by SIGTERM at step {metrics.last_step}; resume with resume: auto")
         return EXIT_PREEMPTED
