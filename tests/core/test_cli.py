@@ -178,3 +178,15 @@ def test_sigterm_stops_at_a_step_boundary_with_checkpoint(toy_exp):
     assert r.returncode == 0
     steps = [row["step"] for row in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 401))
+
+
+def test_core_source_never_imports_a_framework():
+    """ARCHITECTURE §1: primus-core depends on pydantic, pyyaml, loguru only; backends bring torch/jax."""
+    import re
+    from pathlib import Path
+
+    import primus
+
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|jax|megatron|transformers|torchtitan|maxtext)\b", re.M)
+    offenders = [str(p) for p in Path(primus.__file__).parent.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

@@ -12,6 +12,7 @@ BACKEND = BackendSpec(
     framework="transformers",
     supported=">=5.0,<6",
     presets="primus_hf.presets",
+    preflight="primus_hf.preflight:process_group",
     adapter="primus_hf.adapter:HFAdapter",
     translator="primus_hf.translate:HFTranslator",
     process_model="torchrun",

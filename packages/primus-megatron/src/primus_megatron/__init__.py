@@ -7,6 +7,7 @@ BACKEND = BackendSpec(
     framework="megatron-core",
     supported=">=0.16,<0.17",
     presets="primus_megatron.presets",
+    preflight="primus_megatron.preflight:process_group",
     adapter="primus_megatron.adapter:MegatronAdapter",
     translator="primus_megatron.translate:MegatronTranslator",
     process_model="torchrun",

@@ -12,6 +12,7 @@ BACKEND = BackendSpec(
     framework="torchtitan",
     supported=">=0.3.0,<0.4",
     presets="primus_torchtitan.presets",
+    preflight="primus_torchtitan.preflight:process_group",
     adapter="primus_torchtitan.adapter:TorchTitanAdapter",
     translator="primus_torchtitan.translate:TorchTitanTranslator",
     process_model="torchrun",

@@ -46,6 +46,9 @@ class BackendSpec:
     # "primus_megatron.data:prepare": f(resolved_module) -> str, converts local data to the
     # backend's own format ahead of a run (`primus data prepare`); returns a one-line summary
     data_prepare: str | None = None
+    # "primus_hf.preflight:process_group": () -> (torch, torch.distributed, device) with the job's
+    # process group open, for `primus preflight`'s collective test (core never imports a framework)
+    preflight: str | None = None
     model_families: tuple[str, ...] = ()
     description: str = ""
     install_hint: str = ""  # what to pip install; default "primus-<name>"

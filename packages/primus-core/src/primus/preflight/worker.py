@@ -83,24 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     backend = discover().get(framework)
     facts = node_facts(run_dir, [backend.spec.framework])
     rank = int(os.environ.get("RANK", "0"))
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:
-        print("primus preflight: torch is not installed; the collective test needs it", file=sys.stderr)
-        return 1
-    use_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_gpu else torch.device("cpu")
-    if use_gpu:
-        torch.cuda.set_device(device)
-    try:
-        dist.init_process_group("nccl" if use_gpu else "gloo")
-        facts["collective"] = collective_test(torch, dist, device)
-        gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(gathered, facts)
-    except Exception as exc:  # a broken fabric is what preflight exists to find
-        facts["collective"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    if backend.spec.preflight is None:
+        facts["collective"] = {"ok": True, "skipped": f"backend {framework} has no collective test"}
         gathered = [facts]
+    else:
+        # core never imports a framework: the backend opens the process group and hands over
+        # its torch, torch.distributed and device; the test itself is framework-neutral here
+        from primus.backends.spec import load_object
+
+        try:
+            torch, dist, device = load_object(backend.spec.preflight)()
+            facts["collective"] = collective_test(torch, dist, device)
+            gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+            dist.all_gather_object(gathered, facts)
+        except Exception as exc:  # a broken fabric is what preflight exists to find
+            facts["collective"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            gathered = [facts]
     if rank != 0:
         return 0
     report = _report(gathered)
