@@ -82,6 +82,8 @@ def wheels(session: nox.Session) -> None:
     # but not installed into this 3.11 environment
     wheels_311 = [str(w) for w in sorted(dist.glob("*.whl")) if not w.name.startswith("primus_maxtext-")]
     session.install(*wheels_311, "pytest")
+    # a reused venv keeps an older build of the same version unless forced
+    session.install("--force-reinstall", "--no-deps", *wheels_311)
     session.run("python", "-m", "pytest", "tests/wheels", *session.posargs, env=TEST_ENV)
 
 
