@@ -87,10 +87,10 @@ def wheels(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests/wheels", *session.posargs, env=TEST_ENV)
 
 
-def _backend_session(session: nox.Session, name: str, *, torch: bool) -> None:
+def _backend_session(session: nox.Session, name: str, *, torch: bool, extras: str = "") -> None:
     if torch:
         session.install(TORCH)
-    session.install("-e", str(PACKAGES / "primus-core"), "-e", str(PACKAGES / f"primus-{name}"), "pytest")
+    session.install("-e", str(PACKAGES / "primus-core"), "-e", f"{PACKAGES / f'primus-{name}'}{extras}", "pytest")
     _pytest(session, f"tests/{name}")
 
 
@@ -101,7 +101,8 @@ def hf(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def megatron(session: nox.Session) -> None:
-    _backend_session(session, "megatron", torch=True)
+    # with the optional trackers, so their tests run (tensorboard, wandb offline, an MLflow file store)
+    _backend_session(session, "megatron", torch=True, extras="[trackers]")
 
 
 @nox.session(python="3.11")

@@ -9,6 +9,7 @@ from primus.patches.registry import (
     PatchContext,
     PatchSet,
     PatchTargetMissing,
+    flags_markdown,
     patches_markdown,
     replace_attr,
 )
@@ -47,6 +48,8 @@ def test_apply_and_undo():
     ({"versions": ">=1"}, {"framework_version": None}, {}, "not installed"),
     ({"enabled_by": "use_it"}, {"config": {"use_it": False}}, {}, "use_it is off"),
     ({"enabled_by": "use_it", "enabled_by_default": False}, {}, {}, "use_it is off"),
+    ({"disabled_by": "disable_it"}, {}, {}, "disable_it is on"),
+    ({"disabled_by": "disable_it"}, {"config": {"disable_it": True}}, {}, "disable_it is on"),
     ({"predicate": lambda c: False, "predicate_doc": "never"}, {}, {}, "never"),
     ({}, {}, {"PRIMUS_PATCHES": "none"}, "PRIMUS_PATCHES=none"),
     ({}, {}, {"PRIMUS_PATCHES": "a,b"}, "not selected"),
@@ -59,6 +62,11 @@ def test_decisions_say_why_not(patch_kw, ctx_kw, env, reason):
 def test_selected_by_id_and_enabled_by_default():
     assert PatchSet([_patch()], environ={"PRIMUS_PATCHES": "t.p"}).explain(_ctx())[0].applies
     assert PatchSet([_patch(enabled_by="k")], environ={}).explain(_ctx())[0].applies
+
+
+def test_disable_flag_turns_a_patch_on_when_false():
+    dec = PatchSet([_patch(disabled_by="disable_it")], environ={}).explain(_ctx(config={"disable_it": False}))[0]
+    assert dec.applies and dec.reason == "disable_it is off"
 
 
 def test_missing_target_fails_loudly_unless_optional():
@@ -77,6 +85,17 @@ def test_duplicate_ids_rejected():
 def test_markdown_table():
     md = patches_markdown("toy", [_patch(enabled_by="k", versions=">=1")])
     assert "| `t.p` | platform | setup | `os.sep` | >=1 | cpu, cuda, rocm | `k` (default on) | d |" in md
+
+
+def test_flags_table_in_upstream_layout():
+    patches = [_patch(id="a", kind="feature", enabled_by="use_x", enabled_by_default=False, notes="writes x/"),
+               _patch(id="b", kind="feature", disabled_by="disable_y", platforms=frozenset({"rocm"})),
+               _patch(id="c", kind="platform")]
+    md = flags_markdown(patches, {"use_x": False})
+    assert md.splitlines()[0] == "| argument | default | description | patched targets | notes |"
+    assert "| `use_x` | `false` | d | `os.sep` | `a`: writes x/ |" in md
+    assert "| `disable_y` | `true` | d | `os.sep` | `b`: on rocm |" in md
+    assert "`c`" not in md  # platform patches have no flag row
 
 
 def test_env_defaults_user_wins_merge_arch_and_conditions():
@@ -105,6 +124,17 @@ def test_conditional_entry_overrides_base_value():
                           environ={"USING_AINIC": "1", "PRIMUS_DETERMINISTIC": "1"})
     assert changes["NCCL_IB_GID_INDEX"] == "1" and changes["NCCL_ALGO"] == "Ring"
     assert "HSA_ENABLE_SDMA" not in plan_env(core_entries("jax"), platform="rocm", arch=None, environ={})[0]
+
+
+def test_config_conditional_entry():
+    entries = [EnvEntry("C", "1", platforms=frozenset({"cpu"})),
+               EnvEntry("C", "8", platforms=frozenset({"cpu"}), when_config="use_fsdp")]
+    assert plan_env(entries, platform="cpu", arch=None, environ={})[0] == {"C": "1"}
+    assert plan_env(entries, platform="cpu", arch=None, environ={}, config={"use_fsdp": False})[0] == {"C": "1"}
+    changes, decisions = plan_env(entries, platform="cpu", arch=None, environ={}, config={"use_fsdp": True})
+    assert changes == {"C": "8"}
+    changes, decisions = plan_env(entries, platform="cpu", arch=None, environ={"C": "2"}, config={"use_fsdp": True})
+    assert changes == {} and all(d.value == "2" for d in decisions)
 
 
 def test_platform_detection_is_quiet_on_this_machine(monkeypatch):

@@ -17,6 +17,10 @@ CASES = {
     "interleaved pipeline with batch_p2p_comm": (
         ["pipeline_model_parallel_size=2", "num_layers=4", "virtual_pipeline_model_parallel_size=2",
          "batch_p2p_comm=true"], 2, ["batch_p2p_comm", "silently wrong"]),
+    "recompute layer id past the stage": (["recompute_granularity=full", "recompute_layer_ids=[0,2]"], 1,
+                                          ["recompute_layer_ids", "0 to 1"]),
+    "recompute layer ids without full recompute": (["recompute_layer_ids=0,1"], 1,
+                                                   ["recompute_granularity: full"]),
 }
 
 

@@ -6,6 +6,7 @@ Each test starts `primus` as a user would (1 process in-process, 2 under torchru
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,14 +28,38 @@ def test_one_process_mock_data(tmp_path: Path) -> None:
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.data=2"])
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.data=2"])
 def test_two_processes(layout: str, tmp_path: Path) -> None:
     # disable_last_saving keeps these runs short; checkpoints have their own tests
     result = train(tmp_path, layout, "disable_last_saving=true", nproc=2)
     losses = assert_trained(result, tmp_path)
-    if layout != "parallel.pipeline=2":
-        # same seed and same global batch: TP and DP reproduce the one-process run's first loss
-        assert abs(losses[1] - 6.2344) < 1e-3, losses
+    # same seed and same global batch: TP and DP reproduce the one-process run's first loss
+    assert abs(losses[1] - 6.2344) < 1e-3, losses
+
+
+def test_pipeline_parallel_with_warmup_and_schedule_dump(tmp_path: Path) -> None:
+    plain, featured = tmp_path / "plain", tmp_path / "featured"
+    reference = assert_trained(train(plain, "parallel.pipeline=2", "disable_last_saving=true", nproc=2), plain)
+    result = train(featured, "parallel.pipeline=2", "disable_last_saving=true", "pp_warmup=true", "dump_pp_data=true",
+                   nproc=2)
+    # the warm-up leaves weights, gradients and RNG as they were: the same curve, bit for bit
+    assert assert_trained(result, featured) == reference
+    assert "pp_warmup: one forward/backward on every stage" in result.stdout + result.stderr
+    stages = {}
+    for rank in (0, 1):
+        dump = json.loads((run_dir(featured) / "pp_data" / f"rank-{rank}.json").read_text())
+        assert dump["primus"]["pipeline_rank"] == rank and dump["primus"]["pipeline_size"] == 2
+        assert any(e["ph"] == "X" for e in dump["traceEvents"])  # Chrome trace events for Perfetto
+        events = dump["primus"]["events"]
+        for step in range(0, 7):  # step 0 is the warm-up; 4 samples / micro batch 2 = 2 microbatches a step
+            for kind in ("forward", "backward"):
+                assert sorted(e["microbatch"] for e in events if e["step"] == step and e["kind"] == kind) == [0, 1]
+        stages[rank] = events
+    for step in range(1, 7):
+        first = {r: min((e for e in stages[r] if e["step"] == step and e["kind"] == "forward"),
+                        key=lambda e: e["start_us"]) for r in (0, 1)}
+        # stage 1 can only start a microbatch once stage 0 has sent its activations
+        assert first[1]["start_us"] >= first[0]["end_us"], (step, first)
 
 
 @pytest.mark.parametrize("model", ["qwen3_tiny.yaml", "mixtral_tiny.yaml"])
@@ -52,6 +77,78 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(train_losses(parts)) == list(range(1, 7))
     assert train_losses(parts)[6] == train_losses(whole)[6]
+
+
+def test_feature_flags_keep_the_loss_curve_and_trackers_record_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    plain, featured = tmp_path / "plain", tmp_path / "featured"
+    common = ["disable_last_saving=true", "eval_interval=3", "eval_iters=1"]
+    reference = assert_trained(train(plain, *common), plain)
+    flags = ["recompute_granularity=full", "recompute_layer_ids=[0]", "disable_tensorboard=false",
+             "disable_wandb=false", "disable_mlflow=false", "use_rocm_mem_info=true"]
+    result = train(featured, *common, *flags)
+    losses = assert_trained(result, featured)
+    assert losses == reference  # recomputing a layer changes memory, never the numbers
+    log = result.stdout + result.stderr
+    # 6 steps x 2 microbatches x 1 listed layer went through the checkpointed path, the other layer did not
+    assert "recompute_layer_ids [0]: 12 layer forwards checkpointed (recomputed in backward), 12 kept" in log
+    assert "use_rocm_mem_info: rocm-smi reports ROCm GPUs only; nothing to report on cpu" in log
+
+    out = run_dir(featured)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("lm loss")] == \
+        [(k, round(v, 4)) for k, v in losses.items()]
+    assert [e.step for e in events.Scalars("lm loss validation")] == [3, 6]
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading the file store needs it as writing did
+    client = mlflow.MlflowClient((out / "mlflow").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name(out.name).experiment_id])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lm loss")}
+    assert history == pytest.approx(losses)
+    assert run.data.params["train_iters"] == "6"
+
+    (wandb_run,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    assert wandb_run.stat().st_size > 0
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+    from mg_helpers import PRIMUS, free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*PRIMUS, "run", str(EXAMPLE), f"workspace={tmp_path}", "parallel.data=2", "--nproc-per-node", "2"]
+    log = (tmp_path / "primus.log").open("w")
+    proc = subprocess.Popen([*args, "train.steps=400", "--master-port", str(free_port())], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(train_losses(tmp_path) if (run_dir(tmp_path) / "metrics.jsonl").exists()
+                                         else {}) < 2:
+        time.sleep(0.2)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "primus.runs.worker" in " ".join(c.cmdline())]
+    (rank1,) = [w for w in workers if w.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGTERM)  # only rank 1: rank 0 must learn it at the step boundary
+    proc.wait(timeout=180)
+    statuses = [json.loads((run_dir(tmp_path) / f"logs/pre_trainer/rank-{r}/status.json").read_text())
+                for r in (0, 1)]
+    assert {s["state"] for s in statuses} == {"preempted"}, statuses
+    stopped = statuses[0]["step"]
+    assert statuses[1]["step"] == stopped and 2 <= stopped < 400
+    ckpts = run_dir(tmp_path) / "checkpoints"
+    assert (ckpts / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+
+    resumed = subprocess.run([*args, f"train.steps={stopped + 2}", "--master-port", str(free_port())],
+                             capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(train_losses(tmp_path)) == list(range(1, stopped + 3))
 
 
 def _write_corpus_and_tokenizer(folder: Path) -> tuple[Path, Path]:

@@ -11,7 +11,12 @@ from mg_helpers import EXAMPLE, UPSTREAM_EXAMPLE
 from primus.config.resolve import resolve
 from primus.errors import ConfigError
 from primus.models.spec import ModelSpec
-from primus_megatron.translate import MegatronTranslator, effective_batch_p2p_comm, virtual_pipeline_size
+from primus_megatron.translate import (
+    MegatronTranslator,
+    effective_batch_p2p_comm,
+    recompute_layer_ids,
+    virtual_pipeline_size,
+)
 
 LLAMA = dict(family="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
              ffn_hidden_size=172, max_position_embeddings=256, rope_theta=500000.0)
@@ -81,3 +86,44 @@ def test_pipeline_helpers() -> None:
     assert virtual_pipeline_size({"num_layers": 8, "pipeline_model_parallel_size": 2,
                                   "num_layers_per_virtual_pipeline_stage": 2}) == 2
     assert virtual_pipeline_size({"num_layers": 8}) is None
+
+
+def test_recompute_layer_ids_accept_upstream_spellings() -> None:
+    assert recompute_layer_ids("3, 1,1") == [1, 3] and recompute_layer_ids([0]) == [0]
+    assert recompute_layer_ids(None) == [] and recompute_layer_ids("") == []
+    with pytest.raises(ConfigError, match="not a list of layer ids"):
+        recompute_layer_ids("0,x")
+
+
+def test_enabling_a_tracker_without_its_package_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"disable_wandb: false needs the wandb package") as err:
+        resolve(EXAMPLE, ["disable_wandb=false"], world_size=1)
+    assert "primus-megatron[trackers]" in str(err.value)
+
+
+def test_fsdp_switches_the_device_connections_to_8() -> None:
+    from primus.platform.env import plan_env
+    from primus_megatron.env import ENV
+
+    assert plan_env(ENV, platform="rocm", arch=None, environ={}, config={})[0]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    fsdp = plan_env(ENV, platform="rocm", arch=None, environ={}, config={"use_torch_fsdp2": True})[0]
+    assert fsdp["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
+
+
+def test_force_load_balancing_reaches_megatron_core_and_needs_experts() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from primus_megatron.trainer import transformer_config
+
+    native = resolve(EXAMPLE, ["model=mixtral_tiny.yaml", "moe_router_force_load_balancing=true"],
+                     world_size=1).modules["pre_trainer"].native
+    config = transformer_config(SimpleNamespace(**{**native, "bf16": False}), torch.device("cpu"))
+    assert config.moe_router_force_load_balancing is True and config.num_moe_experts == native["num_experts"]
+    with pytest.raises(ConfigError, match="needs an MoE model"):
+        resolve(EXAMPLE, ["moe_router_force_load_balancing=true"], world_size=1)

@@ -17,7 +17,7 @@ from primus.backends.adapter import Adapter
 class MegatronAdapter(Adapter):
     def run(self) -> None:
         ctx = self.ctx
-        ctx.apply_patches("build_args", checkpoint_dir=ctx.checkpoint_dir)
+        ctx.apply_patches("build_args", checkpoint_dir=ctx.checkpoint_dir, run_dir=ctx.run_dir, rank=ctx.rank)
         args = SimpleNamespace(**ctx.native)
         if ctx.platform == "cpu":
             # imported late: torch reads the thread count at import time
@@ -39,12 +39,15 @@ class MegatronAdapter(Adapter):
             on_step=lambda r: ctx.metrics.train_step(r.step, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
                                                      tokens=r.tokens, step_time_s=r.step_time_s),
             on_eval=lambda step, loss: ctx.metrics.eval_step(step, loss=loss),
+            stop_requested=lambda: ctx.stop_requested,
         )
         ctx.state["loop"] = loop
         try:
             loop.setup()
             ctx.apply_patches("before_train", loop=loop)
             loop.train()
+            if loop.stopped_early:
+                ctx.stop.request("another rank received SIGTERM; all ranks stopped after the same step")
             ctx.apply_patches("after_train", loop=loop)
         finally:
             loop.close()

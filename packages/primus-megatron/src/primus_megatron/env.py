@@ -8,6 +8,10 @@ ENV = [
     # order, which needs a single hardware queue per device (Megatron-LM asserts it on GPUs).
     EnvEntry("CUDA_DEVICE_MAX_CONNECTIONS", "1", platforms=frozenset({"rocm", "cuda", "cpu"}), source="megatron",
              why="ordered TP comm/compute overlap (megatron-core requires 1)"),
+    # FSDP overlaps its parameter all-gathers and gradient reduce-scatters with compute on several
+    # queues; a single queue serializes them (upstream Primus uses 8 with FSDP).
+    EnvEntry("CUDA_DEVICE_MAX_CONNECTIONS", "8", platforms=frozenset({"rocm", "cuda"}), source="megatron",
+             when_config="use_torch_fsdp2", why="FSDP overlaps all-gather/reduce-scatter with compute"),
     # TransformerEngine's fused attention picks its kernels from these; harmless without TE.
     EnvEntry("NVTE_FUSED_ATTN", "1", platforms=frozenset({"rocm"}), source="megatron",
              why="TransformerEngine fused attention (CK) on ROCm"),

@@ -158,6 +158,8 @@ def transformer_config(args: SimpleNamespace, device: torch.device) -> Transform
             moe_router_pre_softmax=bool(args.moe_router_pre_softmax),
             moe_token_dispatcher_type=args.moe_token_dispatcher_type,
             moe_grouped_gemm=bool(args.moe_grouped_gemm),
+            # megatron-core >= 0.13 has upstream Primus's benchmark switch: random router logits
+            moe_router_force_load_balancing=bool(args.moe_router_force_load_balancing),
         )
     if args.multi_latent_attention:
         kwargs.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
@@ -273,13 +275,16 @@ class PretrainLoop:
     """Owns the model, optimizer, data and checkpoints of one run; `train()` runs it."""
 
     def __init__(self, args: SimpleNamespace, *, checkpoint_dir: Path, device: torch.device,
-                 on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None]) -> None:
+                 on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None],
+                 stop_requested: Callable[[], bool] = lambda: False) -> None:
         self.args = args
         self.device = device
         self.save_dir = Path(args.save) if args.save else checkpoint_dir
         self.on_step = on_step
         self.on_eval = on_eval
+        self.stop_requested = stop_requested
         self.step = 0
+        self.stopped_early = False
 
     # -- setup
 
@@ -391,7 +396,21 @@ class PretrainLoop:
                 logger.info(f"exit_interval {a.exit_interval}: stopping after step {self.step}")
                 self.save_checkpoint()
                 return
+            if self.step < a.train_iters and self._stop_agreed():
+                logger.warning(f"stopping after step {self.step} (SIGTERM): writing a checkpoint")
+                self.save_checkpoint()
+                self.stopped_early = True
+                return
         self.save_last_checkpoint()
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop. Every rank must agree at the same step boundary, or
+        the ranks that go on would wait forever in the next step's collectives."""
+        flag = torch.tensor([1 if self.stop_requested() else 0], dtype=torch.int32)
+        if self.args.distributed_backend == "nccl":
+            flag = flag.to(self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def save_checkpoint(self) -> None:
         ckpt.save(self.save_dir, self.step, self, keep_last=self.args.ckpt_keep_last)

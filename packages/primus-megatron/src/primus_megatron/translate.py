@@ -205,9 +205,11 @@ class MegatronTranslator(Translator):
             raise ConfigError(f"expert_model_parallel_size {ep} does not divide data x context parallel {dp * cp}",
                               key=f"{where}.expert_model_parallel_size")
         self._check_pipeline_schedule(n, where, pp, layers)
-        if n.get("recompute_layer_ids") and n.get("recompute_granularity") != "full":
-            raise ConfigError("recompute_layer_ids needs recompute_granularity: full",
-                              key=f"{where}.recompute_granularity")
+        if n.get("moe_router_force_load_balancing") and not experts:
+            raise ConfigError("moe_router_force_load_balancing needs an MoE model (num_experts is not set)",
+                              key=f"{where}.moe_router_force_load_balancing")
+        self._check_recompute_layer_ids(n, where, pp, layers)
+        self._check_trackers(n, where)
         data_path = n.get("data_path")
         if not n.get("mock_data") and not data_path:
             raise ConfigError("no data: set data.mock: true or data.path (with data.tokenizer)", key=f"{where}.data")
@@ -221,6 +223,33 @@ class MegatronTranslator(Translator):
         if n.get("tokenizer_model") and not n.get("mock_data") and not Path(n["tokenizer_model"]).is_dir():
             raise ConfigError(f"tokenizer directory {n['tokenizer_model']} does not exist",
                               key=f"{where}.data.tokenizer")
+
+    @staticmethod
+    def _check_recompute_layer_ids(n: dict[str, Any], where: str, pp: int, layers: int) -> None:
+        ids = recompute_layer_ids(n.get("recompute_layer_ids"), key=f"{where}.recompute_layer_ids")
+        if not ids:
+            return
+        if n.get("recompute_granularity") != "full":
+            raise ConfigError("recompute_layer_ids needs recompute_granularity: full",
+                              key=f"{where}.recompute_granularity", fix="set recompute_granularity: full")
+        split = n.get("decoder_pipeline_manual_split_list")
+        per_stage = max(split) if split else layers // pp
+        per_stage //= virtual_pipeline_size(n) or 1
+        if max(ids) >= per_stage:
+            raise ConfigError(f"recompute_layer_ids {ids}: ids count the layers of one pipeline stage, 0 to "
+                              f"{per_stage - 1} here", key=f"{where}.recompute_layer_ids")
+
+    @staticmethod
+    def _check_trackers(n: dict[str, Any], where: str) -> None:
+        import importlib.util
+
+        from primus_megatron.trackers import PACKAGES
+
+        for flag, package in PACKAGES.items():
+            if n.get(flag) is False and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"{flag}: false needs the {package} package, which is not installed",
+                                  key=f"{where}.{flag}",
+                                  fix=f"pip install 'primus-megatron[trackers]' or set {flag}: true")
 
     @staticmethod
     def _check_pipeline_schedule(n: dict[str, Any], where: str, pp: int, layers: int) -> None:
@@ -270,3 +299,17 @@ def effective_batch_p2p_comm(n: dict[str, Any]) -> bool:
     """Megatron-LM's rule: batch_p2p_comm unset means `not overlap_p2p_comm`."""
     value = n.get("batch_p2p_comm")
     return (not n.get("overlap_p2p_comm")) if value is None else bool(value)
+
+
+def recompute_layer_ids(value: Any, *, key: str = "recompute_layer_ids") -> list[int]:
+    """Upstream accepts a list or a comma-separated string ("0,1,2"); sorted, without duplicates."""
+    if value in (None, "", []):
+        return []
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        ids = sorted({int(str(item).strip()) for item in items})
+    except ValueError:
+        raise ConfigError(f"{value!r} is not a list of layer ids", key=key, fix="write a list like [0, 1]") from None
+    if ids[0] < 0:
+        raise ConfigError(f"{value!r}: layer ids start at 0", key=key)
+    return ids

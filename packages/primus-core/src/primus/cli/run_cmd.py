@@ -52,8 +52,12 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     env_changes: dict[str, str] = {}
     for backend in resolved.backends.values():
         entries = core_entries(backend.spec.runtime) + backend.spec.load_env()
+        native: dict[str, object] = {}
+        for m in resolved.modules.values():
+            if m.framework == backend.name:
+                native.update(m.native)
         changes, _ = plan_env(entries, platform=platform.kind, arch=platform.arch, environ=os.environ,
-                              experiment_env=resolved.experiment.env)
+                              experiment_env=resolved.experiment.env, config=native)
         env_changes.update(changes)
 
     run_dir = resolved.run_dir.resolve()

@@ -60,11 +60,19 @@ class Patch:
     platforms: frozenset[str] = ALL_PLATFORMS
     enabled_by: str | None = None  # native config key that must be truthy
     enabled_by_default: bool = True  # value assumed when enabled_by is missing from the config
+    # native config key that must be falsy: upstream's `disable_*` flags (missing: disabled)
+    disabled_by: str | None = None
     predicate: Callable[[PatchContext], bool] | None = None
     predicate_doc: str = ""  # when the predicate holds, for the docs
     optional: bool = False  # a missing target skips the patch instead of failing
     kind: Literal["feature", "platform"] = "platform"
     check_target: bool = True  # False for targets that exist only after an import or are being added
+    notes: str = ""  # for the generated patch notes: caveats, related keys, where output goes
+
+    @property
+    def flag(self) -> str | None:
+        """The config key a user turns this patch on or off with, if any."""
+        return self.enabled_by or self.disabled_by
 
 
 @dataclass(frozen=True)
@@ -131,11 +139,15 @@ class PatchSet:
             value = ctx.config_value(patch.enabled_by, patch.enabled_by_default)
             if not value:
                 return PatchDecision(patch, False, f"{patch.enabled_by} is off")
+        if patch.disabled_by is not None and ctx.config_value(patch.disabled_by, True):
+            return PatchDecision(patch, False, f"{patch.disabled_by} is on")
         if patch.predicate is not None and not patch.predicate(ctx):
             return PatchDecision(patch, False, f"condition not met: {patch.predicate_doc or 'predicate'}")
         reason = "selected" if mode == "ids" else "applies"
         if patch.enabled_by:
             reason = f"{patch.enabled_by} is on"
+        elif patch.disabled_by:
+            reason = f"{patch.disabled_by} is off"
         return PatchDecision(patch, True, reason)
 
     def explain(self, ctx: PatchContext) -> list[PatchDecision]:
@@ -195,10 +207,46 @@ def patches_markdown(backend: str, patches: list[Patch]) -> str:
         enabled = f"`{p.enabled_by}`" if p.enabled_by else (p.predicate_doc or "always")
         if p.enabled_by:
             enabled += " (default on)" if p.enabled_by_default else " (default off)"
+        elif p.disabled_by:
+            enabled = f"`{p.disabled_by}: false`"
         lines.append(
             f"| `{p.id}` | {p.kind} | {p.phase} | `{p.target}` | {p.versions or 'any'} | "
             f"{', '.join(sorted(p.platforms))} | {enabled} | {p.description} |"
         )
     if not patches:
         lines.append("| (none) | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return f"`{text}`"
+
+
+def flags_markdown(patches: list[Patch], defaults: dict[str, Any]) -> str:
+    """Upstream's patch-notes layout: one row per config flag that turns feature patches on or off.
+
+    `defaults` are the backend module preset's values (the flag's default as a user sees it).
+    """
+    rows: dict[str, list[Patch]] = {}
+    for p in patches:
+        if p.kind == "feature" and p.flag:
+            rows.setdefault(p.flag, []).append(p)
+    lines = ["| argument | default | description | patched targets | notes |", "|---|---|---|---|---|"]
+    for flag, group in rows.items():
+        default = defaults.get(flag, group[0].enabled_by_default if group[0].enabled_by else True)
+        description = group[0].description  # the flag's main patch comes first
+        targets = ", ".join(dict.fromkeys(f"`{p.target}`" for p in group))
+        notes = []
+        for p in group:
+            where = [] if p.platforms == ALL_PLATFORMS else [f"on {', '.join(sorted(p.platforms))}"]
+            if p.versions:
+                where.append(f"{p.versions}")
+            if p.predicate_doc:
+                where.append(f"when {p.predicate_doc}")
+            text = " ".join(part for part in (p.notes, "; ".join(where)) if part)
+            notes.append(f"`{p.id}`" + (f": {text}" if text else ""))
+        lines.append(f"| `{flag}` | {_cell(default)} | {description} | {targets} | {'<br>'.join(notes)} |")
+    if len(lines) == 2:
+        lines.append("| (none) | | | | |")
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ class EnvEntry:
     arch: str | None = None  # only on this gfx arch
     mode: Literal["default", "merge"] = "default"
     when: str | None = None  # only when this environment variable is "1" (e.g. PRIMUS_DETERMINISTIC)
+    when_config: str | None = None  # only when this native config key is truthy (e.g. use_torch_fsdp2)
     why: str = ""
     source: str = "core"  # "core" or the backend's name
 
@@ -51,17 +52,23 @@ def _merge_flags(current: str, wanted: str) -> str:
 
 
 def plan_env(entries: Iterable[EnvEntry], *, platform: str, arch: str | None, environ: Mapping[str, str],
-             experiment_env: Mapping[str, object] | None = None) -> tuple[dict[str, str], list[EnvDecision]]:
-    """What to set: (changes to apply, one decision per entry). `environ` is left untouched."""
+             experiment_env: Mapping[str, object] | None = None,
+             config: Mapping[str, object] | None = None) -> tuple[dict[str, str], list[EnvDecision]]:
+    """What to set: (changes to apply, one decision per entry). `environ` is left untouched.
+
+    `config` is the resolved native config of the module being run (for `when_config` entries);
+    without one, those entries do not apply.
+    """
     current = dict(environ)
     changes: dict[str, str] = {}
     decisions: list[EnvDecision] = []
     # Later entries of the same name override earlier ones (a backend refines core's value).
-    latest: dict[tuple[str, str | None, str | None], EnvEntry] = {}
+    latest: dict[tuple[str, str | None, str | None, str | None], EnvEntry] = {}
     for e in entries:
-        latest[(e.name, e.arch, e.when)] = e
+        latest[(e.name, e.arch, e.when, e.when_config)] = e
     # Conditional and arch-specific entries come last so that, when they apply, they win.
-    ordered = sorted(latest.values(), key=lambda e: (e.when is not None, e.arch is not None))
+    ordered = sorted(latest.values(),
+                     key=lambda e: (e.when is not None or e.when_config is not None, e.arch is not None))
     for e in ordered:
         if platform not in e.platforms:
             decisions.append(EnvDecision(e, False, current.get(e.name), f"not on {platform}"))
@@ -71,6 +78,9 @@ def plan_env(entries: Iterable[EnvEntry], *, platform: str, arch: str | None, en
             continue
         if e.when and environ.get(e.when) != "1":
             decisions.append(EnvDecision(e, False, current.get(e.name), f"only when {e.when}=1"))
+            continue
+        if e.when_config and not (config or {}).get(e.when_config):
+            decisions.append(EnvDecision(e, False, current.get(e.name), f"only when {e.when_config} is on"))
             continue
         if e.mode == "merge":
             merged = _merge_flags(current.get(e.name, ""), e.value)

@@ -33,5 +33,12 @@ class StopFlag:
         else:
             logger.warning(f"{signal.Signals(signum).name} received again: already stopping")
 
+    def request(self, why: str) -> None:
+        """Stop without a signal of our own: e.g. another rank was preempted and every rank stopped
+        at the same step boundary, so this one reports `preempted` too."""
+        if self.requested_at is None:
+            self.requested_at = time.time()
+            logger.warning(f"stopping: {why}")
+
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)

@@ -6,6 +6,7 @@ config dict in place and restore it on undo); `before_train` patches change the 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from loguru import logger
@@ -59,6 +60,106 @@ def _disable_last_saving(ctx: PatchContext) -> Undo:
     return replace_attr(PretrainLoop, "save_last_checkpoint", lambda self: None)
 
 
+def _recompute_method_for_layer_ids(ctx: PatchContext) -> Undo | None:
+    # megatron-core validates full recompute by its method and count; the listed layers replace
+    # both, so fill them in only to pass that validation
+    from primus_megatron.translate import recompute_layer_ids
+
+    ids = recompute_layer_ids(ctx.config["recompute_layer_ids"])
+    changes: dict[str, Any] = {"recompute_layer_ids": ids}
+    if ctx.config.get("recompute_method") is None:
+        changes["recompute_method"] = "block"
+    if ctx.config.get("recompute_num_layers") is None:
+        changes["recompute_num_layers"] = len(ids)
+    return _set_args(ctx, changes, "recompute_layer_ids")
+
+
+def _recompute_listed_layers(ctx: PatchContext) -> Undo:
+    """Full recompute of the listed layers of each stage only: a layer whose activations are
+    dropped runs its forward again in backward; the others keep theirs."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    ids = set(ctx.config["recompute_layer_ids"])
+    counts = ctx.state.setdefault("recompute_counts", {"checkpointed": 0, "kept": 0})
+
+    def checkpointed_forward(self: Any, hidden_states: Any, attention_mask: Any, context: Any, context_mask: Any,
+                             rotary_pos_emb: Any, attention_bias: Any, packed_seq_params: Any,
+                             use_inner_quantization_context: bool, padding_mask: Any = None) -> Any:
+        for index in range(self.num_layers_per_pipeline_rank):
+            layer = self._get_layer(index)
+
+            def run(hidden: Any, mask: Any, ctx_: Any, ctx_mask: Any, rope: Any, pad: Any = None,
+                    layer: Any = layer) -> Any:
+                return layer(hidden_states=hidden, attention_mask=mask, context=ctx_, context_mask=ctx_mask,
+                             rotary_pos_emb=rope, attention_bias=attention_bias, inference_context=None,
+                             packed_seq_params=packed_seq_params, padding_mask=pad)
+
+            args = (hidden_states, attention_mask, context, context_mask, rotary_pos_emb, padding_mask)
+            if index in ids:
+                counts["checkpointed"] += 1
+                hidden_states, context = tensor_parallel.checkpoint(run, self.config.distribute_saved_activations,
+                                                                    *args)
+            else:
+                counts["kept"] += 1
+                hidden_states, context = run(*args)
+        return hidden_states
+
+    undo = replace_attr(TransformerBlock, "_checkpointed_forward", checkpointed_forward)
+
+    def undo_and_report() -> None:
+        undo()
+        logger.info(f"recompute_layer_ids {sorted(ids)}: {counts['checkpointed']} layer forwards checkpointed "
+                    f"(recomputed in backward), {counts['kept']} kept their activations")
+
+    return undo_and_report
+
+
+def _rocm_memory(local_rank: int) -> str:
+    """One line on this rank's GPU memory from rocm-smi (JSON output)."""
+    import json
+    import shutil
+    import subprocess
+
+    if not shutil.which("rocm-smi"):
+        return "rocm-smi is not on PATH"
+    out = subprocess.run(["rocm-smi", "--showmeminfo", "vram", "--json"], capture_output=True, text=True, timeout=60)
+    try:
+        cards = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return f"rocm-smi gave no JSON (exit {out.returncode}): {out.stderr.strip()[:200]}"
+    card = cards.get(f"card{local_rank}") or next(iter(cards.values()), {})
+    used, total = int(card.get("VRAM Total Used Memory (B)", 0)), int(card.get("VRAM Total Memory (B)", 0))
+    gib = 1024**3
+    share = f" ({100 * used / total:.1f}%)" if total else ""
+    return f"card{local_rank} vram used {used / gib:.2f} GiB of {total / gib:.2f} GiB{share}"
+
+
+def _report_rocm_memory(ctx: PatchContext) -> Undo:
+    loop = ctx.state["loop"]
+    every = bool(ctx.config.get("use_rocm_mem_info"))
+    iterations = set(ctx.config.get("use_rocm_mem_info_iters") or [])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    train_step = loop.train_step
+
+    def train_step_and_report(step: int) -> Any:
+        report = train_step(step)
+        if every or step in iterations:
+            logger.info(f"rocm memory after step {step}: {_rocm_memory(local_rank)}")
+        return report
+
+    return replace_attr(loop, "train_step", train_step_and_report)
+
+
+def _rocm_memory_notice(ctx: PatchContext) -> None:
+    logger.warning(f"use_rocm_mem_info: rocm-smi reports ROCm GPUs only; nothing to report on {ctx.platform}")
+
+
+def _force_load_balancing_notice(ctx: PatchContext) -> None:
+    logger.warning("moe_router_force_load_balancing: the MoE router's logits are random, so every expert gets "
+                   "about the same tokens; for benchmarking the experts' cost only, the model does not learn routing")
+
+
 def _define_missing_te_gemm(ctx: PatchContext) -> Undo:
     # megatron-core 0.16's MoE router tests `te_general_gemm is not None`, but never defines the name
     # when TransformerEngine is absent: the first MoE forward dies with a NameError.
@@ -103,6 +204,43 @@ FEATURE_PATCHES: list[Patch] = [
           enabled_by_default=False,
           description="Loads the newest complete checkpoint of the save directory, if there is one.",
           apply=_auto_continue_train),
+    Patch(id="megatron.args.recompute_layer_ids", backend="megatron", phase="build_args", kind="feature",
+          target="primus_megatron.trainer", check_target=False, enabled_by="recompute_layer_ids",
+          enabled_by_default=False,
+          description="Recomputes only the listed layers of each pipeline stage (with recompute_granularity: full).",
+          notes="ids count the layers of one stage (of one model chunk with a virtual pipeline), from 0; a list "
+                "or a string like \"0,1\"",
+          apply=_recompute_method_for_layer_ids),
+    Patch(id="megatron.transformer.recompute_layer_ids", backend="megatron", phase="setup", kind="feature",
+          versions=">=0.16,<0.17", target="megatron.core.transformer.transformer_block.TransformerBlock."
+          "_checkpointed_forward", enabled_by="recompute_layer_ids", enabled_by_default=False,
+          description="The full-recompute forward checkpoints the listed layers and runs the others as usual.",
+          notes="logs how many layer forwards were checkpointed at the end of the run",
+          apply=_recompute_listed_layers),
+    Patch(id="megatron.rocm_mem_info", backend="megatron", phase="before_train", kind="feature",
+          platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
+          enabled_by="use_rocm_mem_info", enabled_by_default=False,
+          description="Logs this rank's GPU memory from rocm-smi after every step.",
+          notes="without it, after the steps in use_rocm_mem_info_iters",
+          apply=_report_rocm_memory),
+    Patch(id="megatron.rocm_mem_info_iters", backend="megatron", phase="before_train", kind="feature",
+          platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
+          enabled_by="use_rocm_mem_info_iters", enabled_by_default=False,
+          predicate=lambda ctx: not ctx.config.get("use_rocm_mem_info"), predicate_doc="use_rocm_mem_info is off",
+          description="Logs this rank's GPU memory from rocm-smi after the listed steps.",
+          apply=_report_rocm_memory),
+    Patch(id="megatron.rocm_mem_info.unavailable", backend="megatron", phase="before_train", kind="feature",
+          platforms=frozenset({"cpu", "cuda"}), target="primus_megatron.trainer", check_target=False,
+          enabled_by="use_rocm_mem_info", enabled_by_default=False,
+          description="A notice that rocm-smi has nothing to report on this platform.",
+          apply=_rocm_memory_notice),
+    Patch(id="megatron.moe.force_load_balancing", backend="megatron", phase="build_args", kind="feature",
+          versions=">=0.16,<0.17", target="megatron.core.transformer.moe.router.TopKRouter",
+          enabled_by="moe_router_force_load_balancing", enabled_by_default=False,
+          description="Routes tokens with random logits, so the experts get balanced load (for benchmarking).",
+          notes="megatron-core 0.16 has it natively (TransformerConfig.moe_router_force_load_balancing); the "
+                "trainer passes it through and this patch warns that routing is no longer learned",
+          apply=_force_load_balancing_notice),
     Patch(id="megatron.disable_last_saving", backend="megatron", phase="before_train", kind="feature",
           target="primus_megatron.trainer.PretrainLoop.save_last_checkpoint", enabled_by="disable_last_saving",
           enabled_by_default=False,
