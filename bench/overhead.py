@@ -1,6 +1,7 @@
 """Primus's training overhead: the same job through `primus run` and through a plain script.
 
     python bench/overhead.py hf [--rounds 3 --steps 300]
+    python bench/overhead.py megatron [...]            (plain side: bench/overhead_megatron.py)
     python bench/overhead.py torchtitan | maxtext [...]   (bench/overhead_<backend>.py)
 
 Both sides train the same tiny model with the same settings; runs alternate between the sides.
@@ -45,10 +46,10 @@ modules:
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \S+\s+step (\d+)/(\d+) ")
 
 
-def _run(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
-    """Output and peak RSS (KiB) of one child process."""
+def run_child(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
+    """Output and peak RSS (KiB) of one child process (run from the repository root)."""
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
         out.seek(0)
         text = out.read().decode(errors="replace")
@@ -58,8 +59,9 @@ def _run(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
     return text, usage.ru_maxrss
 
 
-def _primus_loop_seconds(workspace: Path, steps: int) -> float:
-    log = workspace / "bench" / "bench" / "overhead" / "logs" / "pre_trainer" / "rank-0" / "primus.log"
+def primus_loop_seconds(workspace: Path, steps: int) -> float:
+    """Seconds from the end of step 1 to the end of step N, from the rank-0 log of the run in `workspace`."""
+    log = next(workspace.rglob("logs/pre_trainer/rank-0/primus.log"))
     stamps = {}
     for line in log.read_text().splitlines():
         m = LOG_LINE.match(line)
@@ -71,23 +73,36 @@ def _primus_loop_seconds(workspace: Path, steps: int) -> float:
 def measure_hf(side: str, steps: int, workdir: Path, env: dict[str, str]) -> tuple[float, int]:
     """(seconds for steps 2..N, peak RSS KiB) of one run of `side`."""
     if side == "plain":
-        text, rss = _run([sys.executable, str(ROOT / "bench" / "plain_hf.py"), "--steps", str(steps)], env)
+        text, rss = run_child([sys.executable, str(ROOT / "bench" / "plain_hf.py"), "--steps", str(steps)], env)
         return float(re.search(r"loop_s=(\S+)", text).group(1)), rss
     workspace = Path(tempfile.mkdtemp(dir=workdir))
     exp = workspace / "overhead.yaml"
     exp.write_text(textwrap.dedent(HF_EXPERIMENT).format(steps=steps, workspace=workspace).lstrip())
-    _, rss = _run([sys.executable, "-m", "primus", "run", str(exp)], env)
-    return _primus_loop_seconds(workspace, steps), rss
+    _, rss = run_child([sys.executable, "-m", "primus", "run", str(exp)], env)
+    return primus_loop_seconds(workspace, steps), rss
 
 
-BACKENDS = {"hf": measure_hf}
+def measure_megatron(side: str, steps: int, workdir: Path, env: dict[str, str]) -> tuple[float, int]:
+    from overhead_megatron import measure  # bench/ is on sys.path when this file runs as a script
+
+    return measure(side, steps, workdir, env)
+
+
+def check_megatron(steps: int) -> None:
+    from overhead_megatron import check_settings
+
+    check_settings(steps)
+
+
+BACKENDS = {"hf": measure_hf, "megatron": measure_megatron}
+CHECKS = {"megatron": check_megatron}  # before the first round: both sides must train the same thing
 
 
 def main() -> None:
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
         backend = sys.argv.pop(1)
         other = Path(__file__).with_name(f"overhead_{backend}.py")
-        if other.exists():  # the backends with a bench script of their own
+        if backend not in BACKENDS and other.exists():  # the backends with a bench script of their own
             import runpy
 
             sys.argv[0] = str(other)
@@ -101,6 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
     measure = BACKENDS[args.backend]
+    if args.backend in CHECKS:
+        CHECKS[args.backend](args.steps)
 
     rates: dict[str, list[float]] = {"primus": [], "plain": []}
     peak_rss: dict[str, int] = {"primus": 0, "plain": 0}
