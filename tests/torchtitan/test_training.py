@@ -59,3 +59,32 @@ def test_two_processes_under_torchrun(tmp_path: Path, name: str, parallel: list[
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
     logs = run_dir(experiment) / "logs" / "pre_trainer"
     assert (logs / "rank-0").is_dir() and (logs / "rank-1").is_dir()
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    experiment = write_experiment(tmp_path, steps=5000, checkpoint="{interval: 1000, resume: auto}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "primus", "run", str(experiment)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir(experiment) / "metrics.jsonl"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    status = json.loads((run_dir(experiment) / "logs/pre_trainer/rank-0/status.json").read_text())
+    stopped = status["step"]
+    assert status["state"] == "preempted" and 3 <= stopped < 5000
+    assert (run_dir(experiment) / "checkpoints" / f"step-{stopped}").is_dir()
+
+    assert_ok(run_primus("run", str(experiment), f"train.steps={stopped + 2}"))
+    assert [m["step"] for m in read_metrics(experiment)] == list(range(1, stopped + 3))

@@ -19,6 +19,10 @@ BACKEND = BackendSpec(
     patches="primus_maxtext.patches:PATCHES",
     env="primus_maxtext.env:ENV",
     model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek"),
+    # MaxText's loop checkpoints on preemption only through JAX's own preemption notifier; Primus
+    # cannot ask it to stop after a step yet, so SIGTERM keeps its default action (the process ends;
+    # resume: auto continues from the last interval checkpoint)
+    graceful_stop=False,
     description=(
         "Pretraining through MaxText's own training entry (`maxtext.trainers.pre_train.train`), run "
         "in-process with a MaxText config that Primus generates from the experiment and keeps in the run "

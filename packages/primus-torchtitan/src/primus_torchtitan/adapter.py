@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from loguru import logger
@@ -231,6 +231,31 @@ def stop_after_step(trainer: Any, step: int) -> None:
     trainer.should_continue_training = should_continue_training
 
 
+def stop_when_asked(trainer: Any, ctx: Any) -> Callable[[], bool]:
+    """SIGTERM on any rank ends training after the current step on every rank.
+
+    TorchTitan asks `should_continue_training` before each step; the ranks all-reduce their stop
+    flag there, so one signalled rank cannot leave the others waiting in the next step's collectives.
+    Returns whether training stopped that way.
+    """
+    import torch
+
+    keep_going = trainer.should_continue_training
+    stopped = False
+
+    def should_continue_training() -> bool:
+        nonlocal stopped
+        if not keep_going():
+            return False
+        flag = torch.tensor([1 if ctx.stop_requested else 0], dtype=torch.int32, device=trainer.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        stopped = bool(flag.item())
+        return not stopped
+
+    trainer.should_continue_training = should_continue_training
+    return lambda: stopped
+
 
 class TorchTitanAdapter(Adapter):
     def run(self) -> None:
@@ -253,8 +278,12 @@ class TorchTitanAdapter(Adapter):
                 exit_at = int(native_get(ctx.native, "training.exit_at_step") or 0)
                 if exit_at:
                     stop_after_step(trainer, exit_at)
+                stopped_by_signal = stop_when_asked(trainer, ctx)
                 trainer.train()
-                if exit_at and trainer.step == exit_at and config.checkpoint.enable:
+                if stopped_by_signal() and not ctx.stop_requested:
+                    ctx.stop.request("another rank received SIGTERM; all ranks stopped after the same step")
+                stopped_early = stopped_by_signal() or (exit_at and trainer.step == exit_at)
+                if stopped_early and trainer.step > 0 and config.checkpoint.enable:
                     trainer.checkpointer.save(trainer.step, last_step=True)
                 ctx.apply_patches("after_train", trainer=trainer)
             finally:

@@ -50,6 +50,10 @@ class BackendSpec:
     # process group open, for `primus preflight`'s collective test (core never imports a framework)
     preflight: str | None = None
     model_families: tuple[str, ...] = ()
+    # the adapter polls RunContext.stop_requested between steps and checkpoints before returning;
+    # False: the worker leaves SIGTERM's default action (the process ends at once) rather than
+    # swallow a preemption signal the training loop would never look at
+    graceful_stop: bool = True
     description: str = ""
     install_hint: str = ""  # what to pip install; default "primus-<name>"
     extra: dict[str, Any] = field(default_factory=dict)

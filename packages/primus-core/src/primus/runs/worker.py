@@ -57,7 +57,8 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
                      local_rank=local_rank, world_size=world_size, patches=patches, patch_context=pctx,
                      metrics=metrics)
-    ctx.stop.install()
+    if backend.spec.graceful_stop:
+        ctx.stop.install()
     metrics.set_status("running")
     try:
         ctx.apply_patches("before_import")
