@@ -17,6 +17,8 @@ CASES = {
     "interleaved pipeline with batch_p2p_comm": (
         ["pipeline_model_parallel_size=2", "num_layers=4", "virtual_pipeline_model_parallel_size=2",
          "batch_p2p_comm=true"], 2, ["batch_p2p_comm", "silently wrong"]),
+    "moe_layer_freq expression that is code": (["model=mixtral_tiny.yaml", "moe_layer_freq=__import__('os').getcwd()"],
+                                               1, ["moe_layer_freq", "not a layer pattern"]),
     "recompute layer id past the stage": (["recompute_granularity=full", "recompute_layer_ids=[0,2]"], 1,
                                           ["recompute_layer_ids", "0 to 1"]),
     "recompute layer ids without full recompute": (["recompute_layer_ids=0,1"], 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -127,3 +128,35 @@ def test_force_load_balancing_reaches_megatron_core_and_needs_experts() -> None:
     assert config.moe_router_force_load_balancing is True and config.num_moe_experts == native["num_experts"]
     with pytest.raises(ConfigError, match="needs an MoE model"):
         resolve(EXAMPLE, ["moe_router_force_load_balancing=true"], world_size=1)
+
+
+def test_moe_layer_freq_expressions_are_read_without_eval() -> None:
+    from primus_megatron.translate import moe_layer_pattern
+
+    assert moe_layer_pattern("([0]*1+[1]*3)", 4) == [0, 1, 1, 1]
+    assert moe_layer_pattern("[1, 0]*2", 4) == [1, 0, 1, 0]
+    assert moe_layer_pattern(2, 4) == 2 and moe_layer_pattern([1, 1], 2) == [1, 1]
+    for bad, message in [("__import__('os').getcwd()", "not a layer pattern"), ("[0]*3", "3 entries for 4 layers"),
+                         ("[2]*4", "one 0 (dense) or 1 (MoE)")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            moe_layer_pattern(bad, 4)
+
+
+def test_build_args_fix_ups_reach_the_native_config() -> None:
+    import logging
+
+    from primus.patches.registry import PatchContext, PatchSet
+    from primus_megatron.patches import PATCHES
+
+    native = resolve(EXAMPLE, ["model=mixtral_tiny.yaml", "moe_layer_freq=([0]*1+[1]*1)", "stderr_sink_level=WARNING"],
+                     world_size=1).modules["pre_trainer"].native
+    patches = PatchSet(PATCHES, environ={})
+    ctx = PatchContext(backend="megatron", platform="cpu", framework_version="0.16.1", config=native)
+    applied = patches.apply_phase("build_args", ctx)
+    try:
+        assert {"megatron.args.moe_layer_freq_expression", "megatron.args.logging_level"} <= set(applied)
+        assert native["moe_layer_freq"] == [0, 1] and native["logging_level"] == logging.WARNING
+        assert logging.getLogger("megatron.core").level == logging.WARNING
+    finally:
+        patches.undo_all()
+    assert native["moe_layer_freq"] == "([0]*1+[1]*1)"

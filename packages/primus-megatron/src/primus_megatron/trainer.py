@@ -152,7 +152,7 @@ def transformer_config(args: SimpleNamespace, device: torch.device) -> Transform
             moe_router_topk=args.moe_router_topk,
             moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
             moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-            moe_layer_freq=args.moe_layer_freq,
+            moe_layer_freq=1 if args.moe_layer_freq is None else args.moe_layer_freq,
             moe_aux_loss_coeff=args.moe_aux_loss_coeff,
             moe_router_load_balancing_type=args.moe_router_load_balancing_type,
             moe_router_pre_softmax=bool(args.moe_router_pre_softmax),

@@ -205,6 +205,8 @@ class MegatronTranslator(Translator):
             raise ConfigError(f"expert_model_parallel_size {ep} does not divide data x context parallel {dp * cp}",
                               key=f"{where}.expert_model_parallel_size")
         self._check_pipeline_schedule(n, where, pp, layers)
+        if experts and n.get("moe_layer_freq") is not None:
+            moe_layer_pattern(n["moe_layer_freq"], layers, key=f"{where}.moe_layer_freq")
         if n.get("moe_router_force_load_balancing") and not experts:
             raise ConfigError("moe_router_force_load_balancing needs an MoE model (num_experts is not set)",
                               key=f"{where}.moe_router_force_load_balancing")
@@ -313,3 +315,36 @@ def recompute_layer_ids(value: Any, *, key: str = "recompute_layer_ids") -> list
     if ids[0] < 0:
         raise ConfigError(f"{value!r}: layer ids start at 0", key=key)
     return ids
+
+
+def moe_layer_pattern(value: Any, num_layers: int, *, key: str = "moe_layer_freq") -> int | list[int]:
+    """Megatron-LM's `moe_layer_freq`: an int (every n-th layer is MoE), a list with one 0/1 per
+    layer, or that list as a Python expression string such as "([0]*3+[1]*27)". The string is read
+    by a tiny evaluator of list literals, `+` and `*` (never `eval`)."""
+    import ast
+
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{value!r} is not a layer frequency or pattern", key=key)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        def evaluate(node: ast.AST) -> Any:
+            if isinstance(node, ast.Constant) and type(node.value) is int:
+                return node.value
+            if isinstance(node, ast.List):
+                return [evaluate(item) for item in node.elts]
+            if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+                left, right = evaluate(node.left), evaluate(node.right)
+                return left + right if isinstance(node.op, ast.Add) else left * right
+            raise ValueError(ast.dump(node))
+
+        try:
+            value = evaluate(ast.parse(value.strip(), mode="eval").body)
+        except (SyntaxError, ValueError, TypeError):
+            raise ConfigError(f"{value!r} is not a layer pattern", key=key,
+                              fix='write an int, a list of 0/1, or an expression like "([0]*1+[1]*3)"') from None
+    if not isinstance(value, list) or any(item not in (0, 1) or isinstance(item, bool) for item in value):
+        raise ConfigError(f"{value!r}: a pattern has one 0 (dense) or 1 (MoE) per layer", key=key)
+    if len(value) != num_layers:
+        raise ConfigError(f"the pattern has {len(value)} entries for {num_layers} layers", key=key)
+    return value

@@ -37,6 +37,38 @@ def _sequence_parallel_off_at_tp1(ctx: PatchContext) -> Undo | None:
     return _set_args(ctx, {"sequence_parallel": False}, "sequence_parallel needs tensor parallel > 1")
 
 
+def _moe_layer_freq_expression(ctx: PatchContext) -> Undo | None:
+    from primus_megatron.translate import moe_layer_pattern
+
+    pattern = moe_layer_pattern(ctx.config["moe_layer_freq"], int(ctx.config["num_layers"]))
+    return _set_args(ctx, {"moe_layer_freq": pattern}, "moe_layer_freq expression")
+
+
+_LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+
+
+def _logging_level_from_sink(ctx: PatchContext) -> Undo | None:
+    # Megatron-LM sets the `megatron.core` logger's level from --logging-level; upstream Primus
+    # derives it from the console's level so megatron's messages follow the same filter
+    import logging
+
+    level = ctx.config.get("logging_level")
+    if level is None:
+        sink = str(ctx.config.get("sink_level") or ctx.config.get("stderr_sink_level") or "INFO").upper()
+        level = _LEVELS.get(sink, logging.INFO)
+    undo_args = _set_args(ctx, {"logging_level": int(level)}, "logging_level from stderr_sink_level")
+    megatron_logger = logging.getLogger("megatron.core")
+    before = megatron_logger.level
+    megatron_logger.setLevel(int(level))
+
+    def undo() -> None:
+        megatron_logger.setLevel(before)
+        if undo_args:
+            undo_args()
+
+    return undo
+
+
 def _dataloader_mp_context(ctx: PatchContext) -> Undo | None:
     return _set_args(ctx, {"multiprocessing_context": ctx.config["dataloader_mp_context"]},
                      "dataloader_mp_context")
@@ -194,6 +226,16 @@ FEATURE_PATCHES: list[Patch] = [
           predicate_doc="tensor_model_parallel_size is 1",
           description="Turns sequence parallel off at tensor parallel 1, where it has nothing to split.",
           apply=_sequence_parallel_off_at_tp1),
+    Patch(id="megatron.args.moe_layer_freq_expression", backend="megatron", phase="build_args", kind="feature",
+          target="primus_megatron.trainer", check_target=False, enabled_by="moe_layer_freq", enabled_by_default=False,
+          predicate=lambda ctx: isinstance(ctx.config.get("moe_layer_freq"), str),
+          predicate_doc="moe_layer_freq is a string",
+          description='Reads a moe_layer_freq expression such as "([0]*1+[1]*3)" into its per-layer list.',
+          notes="list literals, + and * only; the pattern must have one entry per layer", apply=_moe_layer_freq_expression),
+    Patch(id="megatron.args.logging_level", backend="megatron", phase="build_args", kind="platform",
+          target="primus_megatron.trainer", check_target=False,
+          description="The megatron.core logger's level: logging_level, else the module's stderr_sink_level.",
+          apply=_logging_level_from_sink),
     Patch(id="megatron.args.dataloader_mp_context", backend="megatron", phase="build_args", kind="feature",
           target="primus_megatron.trainer", check_target=False, enabled_by="dataloader_mp_context",
           enabled_by_default=False,
