@@ -77,6 +77,23 @@ def _rng_object(layout: dict[str, int]) -> Any:
                           mpu.get_data_parallel_rank()), replica_id=0)
 
 
+def _optimizer_sharding(loop: PretrainLoop) -> dict[str, Any]:
+    """How the distributed optimizer lays out its state in a checkpoint (as Megatron-LM chooses it).
+
+    megatron-core 0.16's own default, fully_sharded_model_space, builds ShardedTensors with a
+    flattened_range, which its checkpointing no longer accepts. dp_reshardable (each rank writes its
+    shard, no communication) can be resumed at another data-parallel size; fully_reshardable gathers
+    the state on data-parallel rank 0 (over the gloo groups when mem_efficient, without CUDA) and can
+    be resumed at any layout.
+    """
+    if not loop.args.use_distributed_optimizer:
+        return {}
+    if loop.args.ckpt_fully_parallel_save:
+        return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
+    return {"metadata": {"distrib_optim_sharding_type": "fully_reshardable",
+                         "distrib_optim_fully_reshardable_mem_efficient": loop.device.type == "cpu"}}
+
+
 def _sharded_state(loop: PretrainLoop, *, with_rng: bool, with_optimizer: bool, loading: bool) -> dict[str, Any]:
     model_state: dict[str, Any] = {}
     for i, chunk in enumerate(loop.model):
@@ -85,7 +102,8 @@ def _sharded_state(loop: PretrainLoop, *, with_rng: bool, with_optimizer: bool, 
     state: dict[str, Any] = dict(model_state)
     if with_optimizer:
         merged = {k: v for chunk_state in model_state.values() for k, v in chunk_state.items()}
-        state["optimizer"] = loop.optimizer.sharded_state_dict(merged, is_loading=loading)
+        state["optimizer"] = loop.optimizer.sharded_state_dict(merged, is_loading=loading,
+                                                               **_optimizer_sharding(loop))
         state["scheduler"] = loop.scheduler.state_dict()
     state["step"] = loop.step
     state["layout"] = _layout()
@@ -157,9 +175,11 @@ def load(root: Path, loop: PretrainLoop, *, finetune: bool = False) -> int:
         state.pop("scheduler", None)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(loop.model):
-        chunk.module.load_state_dict(loaded["model" if len(loop.model) == 1 else f"model{i}"])
+        # the wrapper's load: DDP loads into its module; FSDP2's shards were loaded in place
+        chunk.load_state_dict(loaded["model" if len(loop.model) == 1 else f"model{i}"])
     if with_optimizer:
-        loop.optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 params: the distributed optimizer's main shards are views of them
+            loop.optimizer.load_state_dict(loaded["optimizer"])
         loop.scheduler.load_state_dict(loaded["scheduler"])
     if with_rng:
         _set_rng_state(loaded["rng_state"])

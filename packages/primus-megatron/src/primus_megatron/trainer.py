@@ -125,6 +125,7 @@ def transformer_config(args: SimpleNamespace, device: torch.device) -> Transform
         deallocate_pipeline_outputs=bool(args.deallocate_pipeline_outputs),
         variable_seq_lengths=bool(args.variable_seq_lengths),
         calculate_per_token_loss=bool(args.calculate_per_token_loss),
+        transformer_impl="local",  # the layers come from get_gpt_layer_local_spec (FSDP2 reads this)
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
@@ -212,13 +213,26 @@ def build_model(args: SimpleNamespace, config: TransformerConfig, device: torch.
 
 
 def wrap_ddp(args: SimpleNamespace, config: TransformerConfig, model: list[torch.nn.Module]) -> list[Any]:
-    ddp_config = DistributedDataParallelConfig(
+    """megatron-core's DDP (grad buffers; sharded optimizer state with the distributed optimizer), or
+    with `use_torch_fsdp2` its torch FSDP2 wrapper (each transformer layer, the embedding and the root
+    module `fully_shard`ed over the data-parallel group)."""
+    ddp_kwargs: dict[str, Any] = dict(
         grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
         overlap_grad_reduce=bool(args.overlap_grad_reduce),
         overlap_param_gather=bool(args.overlap_param_gather),
         use_distributed_optimizer=bool(args.use_distributed_optimizer),
         check_for_nan_in_grad=bool(args.check_for_nan_in_loss_and_grad),
     )
+    if args.use_torch_fsdp2:
+        from megatron.core.distributed.torch_fully_sharded_data_parallel import TorchFullyShardedDataParallel
+        from megatron.core.distributed.torch_fully_sharded_data_parallel_config import (
+            TorchFullyShardedDataParallelConfig,
+        )
+
+        fsdp_config = TorchFullyShardedDataParallelConfig(**ddp_kwargs)
+        return [TorchFullyShardedDataParallel(config=config, ddp_config=fsdp_config, module=chunk,
+                                              disable_bucketing=i > 0) for i, chunk in enumerate(model)]
+    ddp_config = DistributedDataParallelConfig(**ddp_kwargs)
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=i > 0) for i, chunk in enumerate(model)]
 

@@ -1,10 +1,13 @@
 """Platform patches that let megatron-core 0.16 train without a GPU (shared/notes/cpu-frameworks.md).
 
-megatron-core assumes CUDA in three places that a CPU run reaches:
+megatron-core assumes CUDA in five places that a CPU run reaches:
 1. the tensor-parallel RNG tracker keeps `torch.cuda` generator states;
 2. a handful of call sites create tensors with `device='cuda'`, ask `torch.cuda.current_device()`
    or synchronize streams;
-3. `clip_grad_by_total_norm_fp32` asserts that every grad is a `torch.cuda.FloatTensor`.
+3. `clip_grad_by_total_norm_fp32` asserts that every grad is a `torch.cuda.FloatTensor`;
+4. the distributed optimizer sorts the parameters it shards by `param.type()`, accepting only
+   `torch.cuda.{Float,Half,BFloat16}Tensor`;
+5. the torch-FSDP2 wrapper builds its device mesh for the "cuda" device type.
 Each fix is scoped to the megatron modules that need it (a module-local `torch` that places
 `cuda` tensors on the CPU), never to torch itself, and each apply returns its undo.
 """
@@ -192,6 +195,71 @@ def _patch_clip_grad(ctx: PatchContext) -> Undo:
     return lambda: [u() for u in reversed(undos)]
 
 
+# --------------------------------------------------------------------------- 4. distributed optimizer
+
+
+def _as_cuda_type_name(tensor: Any) -> str:
+    """`tensor.type()` as it would read on a GPU: 'torch.FloatTensor' -> 'torch.cuda.FloatTensor'."""
+    import torch
+
+    name = torch.Tensor.type(tensor)
+    if name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name.removeprefix("torch.")
+    return name
+
+
+def _patch_distopt_param_types(ctx: PatchContext) -> Undo:
+    # DistributedOptimizer._build_model_and_main_param_groups tells fp32 from 16-bit parameters by
+    # comparing `model_param.type()` with the torch.cuda type names and raises a TypeError for
+    # anything else. For the length of that call only, each CPU parameter answers `type()` with the
+    # CUDA name of its dtype (an attribute on the parameter object, removed again afterwards);
+    # `type(dtype)` conversions still go to torch.
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"].__func__
+
+    def cuda_named(param: Any) -> Any:
+        def type_(dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+            if dtype is None and not kwargs:
+                return _as_cuda_type_name(param)
+            return torch.Tensor.type(param, dtype, non_blocking, **kwargs)
+
+        return type_
+
+    def build(cls: Any, gbuf_ranges: Any, param_gbuf_map: Any, opt_group_ranges: Any, config: Any) -> Any:
+        params = [p for p in param_gbuf_map if p.device.type == "cpu" and "type" not in vars(p)]
+        for p in params:
+            p.type = cuda_named(p)
+        try:
+            return original(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        finally:
+            for p in params:
+                del p.type
+
+    return replace_attr(DistributedOptimizer, "_build_model_and_main_param_groups", classmethod(build))
+
+
+# --------------------------------------------------------------------------- 5. torch FSDP2
+
+
+def _patch_fsdp2_device_mesh(ctx: PatchContext) -> Undo:
+    # TorchFullyShardedDataParallel calls DeviceMesh.from_group(group, "cuda"); fully_shard then asks
+    # torch.cuda for the current device. The module's own `DeviceMesh` name gets a stand-in that
+    # builds the same mesh for the CPU (gloo runs FSDP2's all-gather and reduce-scatter on CPU).
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as tfsdp
+    from torch.distributed.device_mesh import DeviceMesh
+
+    class CpuDeviceMesh:
+        @staticmethod
+        def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> DeviceMesh:
+            if device_type.startswith("cuda"):
+                device_type = "cpu"
+            return DeviceMesh.from_group(group, device_type, *args, **kwargs)
+
+    return replace_attr(tfsdp, "DeviceMesh", CpuDeviceMesh)
+
+
 CPU_PATCHES: list[Patch] = [
     Patch(id="megatron.cpu.rng_tracker", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
           target="megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
@@ -207,4 +275,12 @@ CPU_PATCHES: list[Patch] = [
           target="megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
           description="Grad clipping without the assertion that every grad is a torch.cuda.FloatTensor.",
           apply=_patch_clip_grad),
+    Patch(id="megatron.cpu.distopt_param_types", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
+          target="megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
+          description="The distributed optimizer shards CPU parameters (it accepts only torch.cuda tensor types).",
+          apply=_patch_distopt_param_types),
+    Patch(id="megatron.cpu.fsdp2_device_mesh", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
+          target="megatron.core.distributed.torch_fully_sharded_data_parallel.DeviceMesh",
+          description="Torch FSDP2 builds its data-parallel device mesh for the CPU instead of 'cuda'.",
+          apply=_patch_fsdp2_device_mesh),
 ]

@@ -14,7 +14,7 @@ from loguru import logger
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
 
 
-def _set_args(ctx: PatchContext, changes: dict[str, Any], why: str) -> Undo | None:
+def set_args(ctx: PatchContext, changes: dict[str, Any], why: str) -> Undo | None:
     """Apply `changes` to the native config, log them, and return the undo."""
     changes = {k: v for k, v in changes.items() if ctx.config.get(k) != v}
     if not changes:
@@ -26,22 +26,22 @@ def _set_args(ctx: PatchContext, changes: dict[str, Any], why: str) -> Undo | No
 
 
 def _cpu_arguments(ctx: PatchContext) -> Undo | None:
-    # On CPU: gloo, fp32 math, and the plain (replicated) optimizer; the fp16/bf16 wrappers and the
-    # distributed optimizer check torch.cuda tensor types and do not run here.
-    return _set_args(ctx, {"distributed_backend": "gloo", "bf16": False, "fp16": False,
-                           "use_distributed_optimizer": False, "overlap_grad_reduce": False,
-                           "overlap_param_gather": False}, "CPU run")
+    # On CPU: gloo and fp32 math; the fp16/bf16 wrappers check torch.cuda tensor types and do not run
+    # here. The distributed optimizer runs (megatron.cpu.distopt_param_types; gloo has the
+    # reduce-scatter and all-gather it needs), and torch FSDP2 too (megatron.cpu.fsdp2_device_mesh).
+    return set_args(ctx, {"distributed_backend": "gloo", "bf16": False, "fp16": False,
+                           "overlap_grad_reduce": False, "overlap_param_gather": False}, "CPU run")
 
 
 def _sequence_parallel_off_at_tp1(ctx: PatchContext) -> Undo | None:
-    return _set_args(ctx, {"sequence_parallel": False}, "sequence_parallel needs tensor parallel > 1")
+    return set_args(ctx, {"sequence_parallel": False}, "sequence_parallel needs tensor parallel > 1")
 
 
 def _moe_layer_freq_expression(ctx: PatchContext) -> Undo | None:
     from primus_megatron.translate import moe_layer_pattern
 
     pattern = moe_layer_pattern(ctx.config["moe_layer_freq"], int(ctx.config["num_layers"]))
-    return _set_args(ctx, {"moe_layer_freq": pattern}, "moe_layer_freq expression")
+    return set_args(ctx, {"moe_layer_freq": pattern}, "moe_layer_freq expression")
 
 
 _LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
@@ -56,7 +56,7 @@ def _logging_level_from_sink(ctx: PatchContext) -> Undo | None:
     if level is None:
         sink = str(ctx.config.get("sink_level") or ctx.config.get("stderr_sink_level") or "INFO").upper()
         level = _LEVELS.get(sink, logging.INFO)
-    undo_args = _set_args(ctx, {"logging_level": int(level)}, "logging_level from stderr_sink_level")
+    undo_args = set_args(ctx, {"logging_level": int(level)}, "logging_level from stderr_sink_level")
     megatron_logger = logging.getLogger("megatron.core")
     before = megatron_logger.level
     megatron_logger.setLevel(int(level))
@@ -70,7 +70,7 @@ def _logging_level_from_sink(ctx: PatchContext) -> Undo | None:
 
 
 def _dataloader_mp_context(ctx: PatchContext) -> Undo | None:
-    return _set_args(ctx, {"multiprocessing_context": ctx.config["dataloader_mp_context"]},
+    return set_args(ctx, {"multiprocessing_context": ctx.config["dataloader_mp_context"]},
                      "dataloader_mp_context")
 
 
@@ -83,7 +83,7 @@ def _auto_continue_train(ctx: PatchContext) -> Undo | None:
     if not save_dir or latest_checkpoint(save_dir) is None:
         logger.info(f"auto_continue_train: no checkpoint in {save_dir}; starting from step 0")
         return None
-    return _set_args(ctx, {"load": str(save_dir), "finetune": False}, "auto_continue_train")
+    return set_args(ctx, {"load": str(save_dir), "finetune": False}, "auto_continue_train")
 
 
 def _disable_last_saving(ctx: PatchContext) -> Undo:
@@ -103,7 +103,7 @@ def _recompute_method_for_layer_ids(ctx: PatchContext) -> Undo | None:
         changes["recompute_method"] = "block"
     if ctx.config.get("recompute_num_layers") is None:
         changes["recompute_num_layers"] = len(ids)
-    return _set_args(ctx, changes, "recompute_layer_ids")
+    return set_args(ctx, changes, "recompute_layer_ids")
 
 
 def _recompute_listed_layers(ctx: PatchContext) -> Undo:
@@ -218,7 +218,7 @@ FEATURE_PATCHES: list[Patch] = [
           apply=_define_missing_te_gemm),
     Patch(id="megatron.args.cpu", backend="megatron", phase="build_args", kind="platform",
           platforms=frozenset({"cpu"}), target="primus_megatron.trainer", check_target=False,
-          description="CPU: gloo backend, fp32, plain optimizer (bf16 and the distributed optimizer need CUDA).",
+          description="CPU: gloo backend and fp32 (bf16/fp16 need CUDA); no overlapped grad reduce or param gather.",
           apply=_cpu_arguments),
     Patch(id="megatron.args.sequence_parallel_tp1", backend="megatron", phase="build_args", kind="feature",
           target="primus_megatron.trainer", check_target=False, enabled_by="sequence_parallel",
