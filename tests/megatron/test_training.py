@@ -53,6 +53,16 @@ def test_torch_fsdp2_matches_the_reference_and_resumes(tmp_path: Path) -> None:
     assert "use_torch_fsdp2 shards the optimizer state itself" in resumed.stdout + resumed.stderr
 
 
+def test_manual_pipeline_split_builds_uneven_stages(tmp_path: Path) -> None:
+    # 3 layers do not divide over 2 stages; upstream's manual split puts 2 on the first, 1 on the last
+    result = train(tmp_path, "parallel.pipeline=2", "num_layers=3", "decoder_pipeline_manual_split_list=[2,1]",
+                   "disable_last_saving=true", nproc=2)
+    assert_trained(result, tmp_path)
+    logs = run_dir(tmp_path) / "logs" / "pre_trainer"
+    assert "decoder layers on this pipeline rank: 1-2" in (logs / "rank-0" / "primus.log").read_text()
+    assert "decoder layers on this pipeline rank: 3-3" in (logs / "rank-1" / "primus.log").read_text()
+
+
 def test_pipeline_parallel_with_warmup_and_schedule_dump(tmp_path: Path) -> None:
     plain, featured = tmp_path / "plain", tmp_path / "featured"
     reference = assert_trained(train(plain, "parallel.pipeline=2", "disable_last_saving=true", nproc=2), plain)

@@ -324,6 +324,16 @@ class PretrainLoop:
         logger.info(f"model: {sum(p.numel() for c in self.model for p in c.parameters()):,} parameters on this "
                     f"rank; tp {a.tensor_model_parallel_size} pp {a.pipeline_model_parallel_size} dp {self.dp_size}; "
                     f"{self.microbatches_per_step} microbatches per step; starting after step {self.step}")
+        logger.info(f"decoder layers on this pipeline rank: {self.layer_ranges()}")
+
+    def layer_ranges(self) -> str:
+        """The decoder layers (1-based, as Megatron numbers them) each model chunk of this rank holds."""
+        ranges = []
+        for chunk in self.model:
+            numbers = [layer.layer_number for layer in chunk.module.decoder.layers] if hasattr(
+                chunk.module, "decoder") else []
+            ranges.append(f"{numbers[0]}-{numbers[-1]}" if numbers else "none")
+        return ", ".join(ranges)
 
     # -- one step
 
