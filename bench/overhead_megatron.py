@@ -46,6 +46,7 @@ SETTINGS: dict[str, Any] = dict(
     micro_batch_size=2, global_batch_size=4, seq_length=64, seed=1234,
     optimizer="adam", lr=3e-3, min_lr=3e-4, lr_warmup_init=0.0, lr_warmup_iters=2, lr_decay_style="cosine",
     weight_decay=0.0, clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+    use_distributed_optimizer=True,
 )
 
 
@@ -127,12 +128,14 @@ def plain_main(steps: int) -> None:
         share_embeddings_and_output_weights=not s["untie_embeddings_and_output_weights"],
         position_embedding_type="rope", rotary_percent=s["rotary_percent"], rotary_base=s["rotary_base"],
     )
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, check_for_nan_in_grad=True)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, check_for_nan_in_grad=True,
+                                               use_distributed_optimizer=s["use_distributed_optimizer"])
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     opt_config = OptimizerConfig(optimizer=s["optimizer"], lr=s["lr"], min_lr=s["min_lr"],
                                  weight_decay=s["weight_decay"], adam_beta1=s["adam_beta1"],
                                  adam_beta2=s["adam_beta2"], adam_eps=s["adam_eps"], clip_grad=s["clip_grad"],
-                                 params_dtype=torch.float32)
+                                 params_dtype=torch.float32,
+                                 use_distributed_optimizer=s["use_distributed_optimizer"])
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=s["lr_warmup_init"], max_lr=s["lr"], min_lr=s["min_lr"],

@@ -430,6 +430,8 @@ class PretrainLoop:
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop. Every rank must agree at the same step boundary, or
         the ranks that go on would wait forever in the next step's collectives."""
+        if torch.distributed.get_world_size() == 1:
+            return self.stop_requested()
         flag = torch.tensor([1 if self.stop_requested() else 0], dtype=torch.int32)
         if self.args.distributed_backend == "nccl":
             flag = flag.to(self.device)
