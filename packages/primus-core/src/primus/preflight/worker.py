@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         # its torch, torch.distributed and device; the test itself is framework-neutral here
         from primus.backends.spec import load_object
 
+        dist = None
         try:
             torch, dist, device = load_object(backend.spec.preflight)()
             facts["collective"] = collective_test(torch, dist, device)
@@ -99,8 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a broken fabric is what preflight exists to find
             facts["collective"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             gathered = [facts]
-    if rank != 0:
-        return 0
+            dist = None
+    code = _write_report(run_dir, gathered) if rank == 0 else 0
+    if backend.spec.preflight is not None and dist is not None:
+        # leave together, with the group closed: a rank that exits while another still holds the
+        # group (or the launcher's store) makes that one abort at interpreter exit
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+def _write_report(run_dir: Path, gathered: list[dict]) -> int:
     report = _report(gathered)
     (run_dir / "preflight.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (run_dir / "preflight.md").write_text(_markdown(report))

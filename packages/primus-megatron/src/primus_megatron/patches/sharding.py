@@ -23,9 +23,11 @@ def _fsdp2_plain_optimizer(ctx: PatchContext) -> Undo | None:
 
 
 def _torch_adam_in_distributed_optimizer(ctx: PatchContext) -> bool:
-    from megatron.core.optimizer import distrib_optimizer
+    # megatron-core's distrib_optimizer uses TransformerEngine's or Apex's FusedAdam when it can
+    # import one (HAVE_APEX_OR_TE); asked without importing megatron, as `primus patches` must stay light
+    import importlib.util
 
-    return not distrib_optimizer.HAVE_APEX_OR_TE
+    return importlib.util.find_spec("transformer_engine") is None and importlib.util.find_spec("apex") is None
 
 
 def _distopt_torch_adam_state(ctx: PatchContext) -> Undo:
