@@ -51,6 +51,20 @@ def node_facts(run_dir: Path, frameworks: list[str]) -> dict[str, object]:
     }
 
 
+def torch_process_group(torch) -> tuple[object, object, object]:
+    """The job's process group for a torch backend's preflight hook, which passes in its torch (core
+    imports no framework): NCCL/RCCL on the local GPU, else gloo. Returns (torch, dist, device)."""
+    dist = torch.distributed
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return torch, dist, device
+
+
 def collective_test(torch, dist, device) -> dict[str, object]:
     numel = PAYLOAD_MB * 2**20 // 4
     t = torch.ones(numel, dtype=torch.float32, device=device)

@@ -136,6 +136,13 @@ def _fsdp2_optimizer_state_load(ctx: PatchContext) -> Undo:
     return lambda: [u() for u in reversed(undos)]
 
 
+def _fsdp2_fix(name: str, target: str, description: str, apply: Any) -> Patch:
+    """One of megatron-core 0.16's FSDP2-wrapper fixes: all apply at setup, with use_torch_fsdp2 on."""
+    return Patch(id=f"megatron.fsdp2.{name}", backend="megatron", phase="setup", kind="platform",
+                 versions=">=0.16,<0.17", target=target, enabled_by="use_torch_fsdp2", enabled_by_default=False,
+                 description=description, apply=apply)
+
+
 SHARDING_PATCHES: list[Patch] = [
     Patch(id="megatron.distopt.torch_adam_state", backend="megatron", phase="setup", kind="platform",
           versions=">=0.16,<0.17", target="megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
@@ -144,24 +151,16 @@ SHARDING_PATCHES: list[Patch] = [
           description="The distributed optimizer over torch Adam resumes from a checkpoint with its real step "
                       "count (one step tensor per parameter) instead of failing or counting steps wrongly.",
           apply=_distopt_torch_adam_state),
-    Patch(id="megatron.fsdp2.finish_grad_sync", backend="megatron", phase="setup", kind="platform",
-          versions=">=0.16,<0.17",
-          target="megatron.core.distributed.torch_fully_sharded_data_parallel.TorchFullyShardedDataParallel",
-          enabled_by="use_torch_fsdp2", enabled_by_default=False,
-          description="The FSDP2 wrapper's finish_grad_sync takes the force_all_reduce keyword that "
-                      "finalize_model_grads passes.",
-          apply=_fsdp2_finish_grad_sync),
-    Patch(id="megatron.fsdp2.optimizer_param_identity", backend="megatron", phase="setup", kind="platform",
-          versions=">=0.16,<0.17", target="megatron.core.dist_checkpointing.optimizer.to_local_if_dtensor",
-          enabled_by="use_torch_fsdp2", enabled_by_default=False,
-          description="Optimizer checkpoints under FSDP2 match each DTensor parameter to its ShardedTensor "
-                      "by its local shard.",
-          apply=_fsdp2_optimizer_param_identity),
-    Patch(id="megatron.fsdp2.optimizer_state_load", backend="megatron", phase="setup", kind="platform",
-          versions=">=0.16,<0.17", target="megatron.core.optimizer.optimizer.FP32Optimizer.load_state_dict",
-          enabled_by="use_torch_fsdp2", enabled_by_default=False,
-          description="Optimizer states loaded under FSDP2 become DTensors again, sharded like their parameters.",
-          apply=_fsdp2_optimizer_state_load),
+    _fsdp2_fix("finish_grad_sync",
+               "megatron.core.distributed.torch_fully_sharded_data_parallel.TorchFullyShardedDataParallel",
+               "The FSDP2 wrapper's finish_grad_sync takes the force_all_reduce keyword that finalize_model_grads "
+               "passes.", _fsdp2_finish_grad_sync),
+    _fsdp2_fix("optimizer_param_identity", "megatron.core.dist_checkpointing.optimizer.to_local_if_dtensor",
+               "Optimizer checkpoints under FSDP2 match each DTensor parameter to its ShardedTensor by its local "
+               "shard.", _fsdp2_optimizer_param_identity),
+    _fsdp2_fix("optimizer_state_load", "megatron.core.optimizer.optimizer.FP32Optimizer.load_state_dict",
+               "Optimizer states loaded under FSDP2 become DTensors again, sharded like their parameters.",
+               _fsdp2_optimizer_state_load),
     Patch(id="megatron.args.fsdp2_plain_optimizer", backend="megatron", phase="build_args", kind="feature",
           target="primus_megatron.trainer", check_target=False, enabled_by="use_torch_fsdp2",
           enabled_by_default=False,
