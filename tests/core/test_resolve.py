@@ -102,7 +102,8 @@ def test_parallel_sizes_checked_against_world_and_model(toy_exp, write):
 
 def test_global_batch_arithmetic(toy_exp, write):
     exp, _ = toy_exp
-    bad = write("gb.yaml", exp.read_text().replace("lr: 0.1}", "lr: 0.1, micro_batch_size: 2, global_batch_size: 6}"))
+    bad = write("gb.yaml", exp.read_text().replace("lr: 0.1}", "lr: 0.1, micro_batch_size: 2, global_batch_size: 6}")
+                .replace("batch: 16", "seed: 1"))
     msg = _error(bad, world_size=2)
     assert "global_batch_size 6 is not a multiple of micro_batch_size 2 x data-parallel 2" in msg
 
@@ -148,9 +149,13 @@ def test_native_model_preset_keys_are_checked(write, tmp_path):
 
 
 def test_cli_dotted_native_keys_sharing_a_module_field_name():
-    from primus.config.resolve import parse_cli_overrides
+    """TorchTitan-style native sections (`checkpoint.enable`, `model.flavor`) stay native; a neutral
+    section's own field, or a section the backend does not have natively, is neutral."""
+    from primus.config.resolve import _route_to_native, parse_command_line
 
-    cli = parse_cli_overrides(["model.flavor=8B", "checkpoint.enable=false", "checkpoint.interval=5",
-                               "train.steps=3", "training.steps=4"])
-    assert cli.native == {"model": {"flavor": "8B"}, "checkpoint": {"enable": False}, "training": {"steps": 4}}
-    assert cli.module == {"checkpoint": {"interval": 5}, "train": {"steps": 3}}
+    items = parse_command_line(["model.flavor=8B", "checkpoint.enable=false", "checkpoint.interval=5",
+                                "train.steps=3", "training.steps=4", "train.step=3"]).items
+    titan_keys = {"model", "checkpoint", "training"}
+    assert [_route_to_native(i, titan_keys) for i in items] == [True, True, False, False, True, False]
+    flat_keys = {"train_iters", "lr"}  # a flat backend: train.step is a neutral typo, not a native key
+    assert [_route_to_native(i, flat_keys) for i in items] == [True, False, False, False, True, False]

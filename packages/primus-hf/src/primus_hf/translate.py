@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from primus.backends.translator import NativeValues, Translator
 from primus.errors import ConfigError
-from primus.suggest import did_you_mean
 from primus_hf.training_args import NOT_PLAIN, training_arguments
 
 if TYPE_CHECKING:
@@ -135,6 +134,13 @@ MODEL_BUILDERS = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mixtral": 
 
 class HFTranslator(Translator):
     default_module_preset = "pre_trainer.yaml"
+    steps_key = "max_steps"
+    dimension_keys = {
+        "micro_batch_size": "per_device_train_batch_size", "global_batch_size": "global_batch_size",
+        "seq_length": "seq_length", "steps": "max_steps",
+        "num_layers": "model_config.num_hidden_layers", "num_heads": "model_config.num_attention_heads",
+        "num_kv_heads": "model_config.num_key_value_heads", "max_positions": "model_config.max_position_embeddings",
+    }
     unavailable_keys = {
         "deepspeed": "the Primus hf loop shards with FSDP (parallel.fsdp), not DeepSpeed",
         "push_to_hub": "runs write to the local run directory only",
@@ -197,100 +203,97 @@ class HFTranslator(Translator):
             out.set("auto_continue_train", c.resume in ("auto", True), "checkpoint.resume")
         return out
 
-    # ----------------------------------------------------------------------- checks before anything runs
+    # ----------------------------------------------------------------------- derived values and checks
 
-    def check(self, resolved: ResolvedModule) -> None:
-        n = resolved.native
-        base = f"modules.{resolved.name}"
-        self._check_parallel(resolved, base)
-        self._check_batch(resolved, base)
-        self._check_model(resolved, base)
-        self._check_data(n, base)
-        self._check_schedule(n, base)
-        self._check_trackers(n)
-
-    def _check_parallel(self, resolved: ResolvedModule, base: str) -> None:
-        p = resolved.module.parallel
-        for name in ("tensor", "pipeline", "context", "expert"):
-            if (getattr(p, name) or 1) > 1:
-                raise ConfigError(f"{name} parallelism is {UNSUPPORTED}", key=f"{base}.parallel.{name}",
-                                  fix="the hf backend is data parallel (DDP, or FSDP with parallel.fsdp: true)")
-
-    def _check_batch(self, resolved: ResolvedModule, base: str) -> None:
-        """Global batch = micro x data-parallel x accumulation; fills gradient_accumulation_steps."""
-        n = resolved.native
+    def derive(self, resolved: ResolvedModule) -> NativeValues:
+        """Gradient accumulation from the batch sizes (core checked they divide), and a local
+        `hf_path` made absolute against the experiment's folder."""
+        n, out = resolved.native, NativeValues()
         micro, world = int(n["per_device_train_batch_size"]), resolved.world_size
         gbs = n.get("global_batch_size")
         if gbs is None:
-            n["global_batch_size"] = micro * world * int(n["gradient_accumulation_steps"])
-            return
-        if gbs % (micro * world):
-            raise ConfigError(
-                f"global_batch_size {gbs} cannot be made from micro batch {micro} x world size {world}",
-                key=f"{base}.train.global_batch_size", fix=f"use a multiple of {micro * world}")
-        accumulation = gbs // (micro * world)
-        explicit = int(n.get("gradient_accumulation_steps", 1))
-        source = resolved.sources.get(("gradient_accumulation_steps",))
-        if explicit != accumulation and source is not None and source.layer in ("overrides", "cli"):
-            raise ConfigError(
-                f"gradient_accumulation_steps {explicit} contradicts global_batch_size {gbs} "
-                f"(micro {micro} x world {world} x {explicit} = {micro * world * explicit})",
-                key=f"{base}.overrides.gradient_accumulation_steps", fix="set only one of the two")
-        # Core's translation step does not know the world size; the accumulation is settled here.
-        n["gradient_accumulation_steps"] = accumulation
+            out.set("global_batch_size", micro * world * int(n["gradient_accumulation_steps"]),
+                    "train.micro_batch_size,gradient_accumulation_steps,world_size")
+        else:
+            out.set("gradient_accumulation_steps", int(gbs) // (micro * world),
+                    "train.global_batch_size,train.micro_batch_size,world_size")
+        if n.get("hf_path"):
+            out.set("hf_path", _local_or_hub(str(n["hf_path"]), Path(resolved.experiment_file).parent), "hf_path")
+        return out
 
-    def _check_model(self, resolved: ResolvedModule, base: str) -> None:
+    def check(self, resolved: ResolvedModule) -> None:
         n = resolved.native
-        hf_path = n.get("hf_path")
-        if hf_path:
-            n["hf_path"] = _local_or_hub(str(hf_path), Path(resolved.experiment_file).parent, f"{base}.model.hf_path")
+        self._check_parallel(resolved)
+        self._check_accumulation(resolved)
+        self._check_model(n)
+        self._check_data(n)
+        self._check_schedule(n)
+        self._check_trackers(n)
+
+    def _check_parallel(self, resolved: ResolvedModule) -> None:
+        p = resolved.module.parallel
+        for name in ("tensor", "pipeline", "context", "expert"):
+            if (getattr(p, name) or 1) > 1:
+                raise ConfigError(f"{name} parallelism is {UNSUPPORTED}", key=f"parallel.{name}",
+                                  fix="the hf backend is data parallel (DDP, or FSDP with parallel.fsdp: true)")
+
+    def _check_accumulation(self, resolved: ResolvedModule) -> None:
+        """An accumulation written by the user must agree with the one the batch sizes imply."""
+        source = resolved.sources.get(("gradient_accumulation_steps",))
+        if source is None or source.layer not in ("overrides", "cli"):
+            return
+        n = resolved.native
+        micro, world, explicit = int(n["per_device_train_batch_size"]), resolved.world_size, \
+            int(n["gradient_accumulation_steps"])
+        if micro * world * explicit != int(n["global_batch_size"]):
+            raise ConfigError(
+                f"gradient_accumulation_steps {explicit} contradicts global_batch_size {n['global_batch_size']} "
+                f"(micro {micro} x world {world} x {explicit} = {micro * world * explicit})",
+                key="gradient_accumulation_steps", fix="set only one of the two")
+
+    def _check_model(self, n: dict[str, Any]) -> None:
+        if n.get("hf_path"):
             return
         config = n.get("model_config") or {}
         if not config.get("model_type"):
             raise ConfigError("no model: set `model:` to a model preset (e.g. llama3_tiny.yaml) or "
-                              "`{hf_path: ./dir}`", key=f"{base}.model")
-        max_positions = config.get("max_position_embeddings")
-        if max_positions and int(n["seq_length"]) > int(max_positions):
-            raise ConfigError(f"seq_length {n['seq_length']} exceeds the model's max_position_embeddings "
-                              f"{max_positions}", key=f"{base}.train.seq_length")
+                              "`{hf_path: ./dir}`", key="model")
 
-    def _check_data(self, n: dict[str, Any], base: str) -> None:
+    def _check_data(self, n: dict[str, Any]) -> None:
+        """The hf loop's own data rules; the corpus and tokenizer paths are core's (config.rules)."""
         if n.get("mock_data"):
+            if n.get("data_path"):
+                raise ConfigError("mock_data is true beside a data_path", key="mock_data",
+                                  fix="set data.mock: false, or drop data.path")
             return
-        path = n.get("data_path")
-        if not path:
-            raise ConfigError("no training data", key=f"{base}.data",
+        if not n.get("data_path"):
+            raise ConfigError("no training data", key="data",
                               fix="set data: {mock: true} or data: {path: corpus.jsonl, tokenizer: ./tokenizer}")
-        corpus = Path(path)
-        if not corpus.is_file():
-            raise ConfigError(f"corpus {corpus} does not exist", key=f"{base}.data.path")
-        if corpus.suffix == ".jsonl":
-            _check_text_key(corpus, n.get("text_key") or "text", f"{base}.data.text_key")
         tokenizer = n.get("tokenizer_path")
         if not tokenizer:
-            raise ConfigError("a corpus needs a tokenizer", key=f"{base}.data.tokenizer",
+            raise ConfigError("a corpus needs a tokenizer", key="data.tokenizer",
                               fix="set data.tokenizer to a local tokenizer directory")
-        vocab = _tokenizer_vocab_size(Path(tokenizer), f"{base}.data.tokenizer")
+        vocab = _tokenizer_vocab_size(Path(tokenizer), "tokenizer_path")
         model_vocab = (n.get("model_config") or {}).get("vocab_size")
         if vocab and model_vocab and vocab > int(model_vocab):
             raise ConfigError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is {model_vocab}",
-                              key=f"{base}.data.tokenizer", fix="use a model preset whose vocab fits the tokenizer")
+                              key="tokenizer_path", fix="use a model preset whose vocab fits the tokenizer")
 
-    def _check_schedule(self, n: dict[str, Any], base: str) -> None:
+    def _check_schedule(self, n: dict[str, Any]) -> None:
         if n.get("optim") not in SUPPORTED_OPTIMIZERS:
-            raise ConfigError(f"optim {n.get('optim')!r} is {UNSUPPORTED}", key=f"{base}.overrides.optim",
+            raise ConfigError(f"optim {n.get('optim')!r} is {UNSUPPORTED}", key="optim",
                               fix=f"use one of {', '.join(SUPPORTED_OPTIMIZERS)}")
         if int(n["max_steps"]) <= 0:
             raise ConfigError("max_steps must be positive (the loop trains by steps, not epochs)",
-                              key=f"{base}.train.steps")
+                              key="max_steps")
         if n.get("eval_strategy") not in ("no", "steps"):
             raise ConfigError(f"eval_strategy {n.get('eval_strategy')!r} is {UNSUPPORTED}",
-                              key=f"{base}.overrides.eval_strategy", fix='use "steps" or "no"')
+                              key="eval_strategy", fix='use "steps" or "no"')
         if n.get("eval_strategy") == "steps" and not n.get("eval_steps"):
-            raise ConfigError('eval_strategy "steps" needs eval_steps', key=f"{base}.train.eval_interval")
+            raise ConfigError('eval_strategy "steps" needs eval_steps', key="eval_strategy")
         if n.get("save_strategy") not in ("no", "steps"):
             raise ConfigError(f"save_strategy {n.get('save_strategy')!r} is {UNSUPPORTED}",
-                              key=f"{base}.overrides.save_strategy", fix='use "steps" or "no"')
+                              key="save_strategy", fix='use "steps" or "no"')
 
     def _check_trackers(self, n: dict[str, Any]) -> None:
         from importlib.util import find_spec
@@ -337,7 +340,7 @@ _MODEL_ORIGINS = {
 # --------------------------------------------------------------------------- file checks (no heavy imports)
 
 
-def _local_or_hub(value: str, base: Path, key: str) -> str:
+def _local_or_hub(value: str, base: Path, key: str = "hf_path") -> str:
     """A local model directory becomes absolute; a bare `org/name` is left for the hub."""
     path = Path(value).expanduser()
     candidate = path if path.is_absolute() else (base / path)
@@ -349,25 +352,6 @@ def _local_or_hub(value: str, base: Path, key: str) -> str:
         raise ConfigError(f"model directory {candidate} does not exist", key=key,
                           fix="point hf_path at a directory with config.json (and weights)")
     return value  # a hub id: from_pretrained resolves it (needs network or a local hub cache)
-
-
-def _check_text_key(corpus: Path, text_key: str, key: str) -> None:
-    """The first non-empty JSONL record must carry `text_key` with a string."""
-    with corpus.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{corpus}:{number} is not JSON ({exc.msg})", key=key) from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                fields = sorted(record) if isinstance(record, dict) else []
-                hint = did_you_mean(text_key, fields)
-                raise ConfigError(f"corpus {corpus} line {number} has no text field '{text_key}'", key=key,
-                                  fix=hint or f"fields there: {', '.join(fields) or 'none'}; set data.text_key")
-            return
-    raise ConfigError(f"corpus {corpus} is empty", key=key.rsplit(".", 1)[0] + ".path")
 
 
 def _tokenizer_vocab_size(directory: Path, key: str) -> int | None:

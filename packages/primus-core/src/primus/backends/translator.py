@@ -1,7 +1,20 @@
 """The light half of a backend: neutral config in, native keys out, checks before anything runs.
 
 A backend subclasses `Translator`; core calls it while resolving a config (`primus config show`,
-`primus run --dry-run`), so it must not import the framework.
+`primus run --dry-run`), so it must not import the framework. Core drives it in this order
+(docs/guide/new-backend.md has the whole contract):
+
+1. `native_keys(preset)`       the native key set, for validating overrides and the command line
+2. `translate_model(spec)`     a neutral `ModelSpec` -> native model keys          (layer "model")
+3. `translate_sections(...)`   the neutral train/parallel/data/checkpoint sections (layer "neutral")
+   ... core applies `overrides:` and the command line, then checks the neutral rules (parallel
+   sizes against the world size and the model, batch arithmetic, data and tokenizer paths) on the
+   dimensions named by `dimension_keys` (primus.config.rules) ...
+4. `derive(resolved)`          values computed from others, each with the keys it came from
+                               (layer "derived", e.g. gradient accumulation from the batch sizes)
+5. `check(resolved)`           read-only format rules; raise `ConfigError(key=<native key>)` and core
+                               turns the key into file, line and layer through provenance
+6. `notices(resolved)`         one-line warnings printed before the run
 """
 
 from __future__ import annotations
@@ -17,10 +30,22 @@ if TYPE_CHECKING:
     from primus.config.schema import ModuleConfig
     from primus.models.spec import ModelSpec
 
+#: the dimensions core's neutral rules read; a translator maps each to the native key holding it
+DIMENSIONS = (
+    "tensor", "pipeline", "context", "expert", "data",  # parallel sizes
+    "micro_batch_size", "global_batch_size", "seq_length", "steps",
+    "pipeline_split",  # an explicit list of layers per pipeline stage, when the backend has one
+    "num_layers", "num_heads", "num_kv_heads", "num_experts", "max_positions",  # a native model's sizes
+)
+
 
 @dataclass
 class NativeValues:
-    """Native keys produced by a translation, each with the neutral key it came from."""
+    """Native keys produced by a translation, each with the key(s) it came from.
+
+    An origin is a neutral path (`train.lr`, or a `ModelSpec` field for models), a native key, or
+    `world_size`; several origins are joined with commas (`train.global_batch_size,world_size`).
+    """
 
     values: dict[str, Any] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
@@ -47,13 +72,21 @@ class Translator:
     #: native keys accepted for compatibility with upstream Primus but unavailable here, with why.
     #: A truthy value is reported as a notice, not rejected.
     unavailable_keys: dict[str, str] = {}
-    #: native keys that hold the parallel and batch sizes ("tensor", "pipeline", "context", "expert",
-    #: "data", "micro_batch_size", "global_batch_size"); core checks the resolved values of these
-    #: against the world size and the model. Unnamed ones are read from the neutral sections.
-    native_parallel_keys: dict[str, str] = {}
-    #: processes in the job (--nproc-per-node x --nnodes); core sets it before translating, so a
-    #: backend can turn a global batch into gradient accumulation steps
+    #: dimension (see DIMENSIONS) -> the native key (dots walk sections) holding its resolved value.
+    #: Core's rules read these, so an override of `tensor_model_parallel_size` is judged like
+    #: `parallel.tensor`. An unnamed dimension is read from the neutral sections or the ModelSpec.
+    dimension_keys: dict[str, str] = {}
+    #: the native key holding the number of optimizer steps (the worker's progress line reads it)
+    steps_key: str | None = None
+    #: neutral fields this backend honours ("train.lr", or "data.*" for a whole section); None:
+    #: whatever `translate_sections` maps. A field set by the user that is not honoured is
+    #: reported as ignored rather than dropped silently.
+    neutral_fields: frozenset[str] | None = None
+    #: processes in the job (--nproc-per-node x --nnodes); core sets it before translating
     world_size: int = 1
+
+    #: the first contract's name for the parallel and batch part of `dimension_keys`; still read
+    native_parallel_keys: dict[str, str] = {}
 
     def native_keys(self, preset: dict[str, Any]) -> set[str]:
         """Top-level native keys this backend accepts (default: the module preset's keys)."""
@@ -72,10 +105,18 @@ class Translator:
     def translate_sections(self, module: ModuleConfig, model: ModelSpec | None) -> NativeValues:
         return NativeValues()
 
-    def check(self, resolved: ResolvedModule) -> None:
-        """Cross-key checks that need the resolved config (data paths, batch arithmetic, ...).
+    def derive(self, resolved: ResolvedModule) -> NativeValues:
+        """Values computed from others (set with `origin` = the keys they came from, comma-joined).
 
-        Raise ConfigError; run before the run directory exists, so a failure leaves nothing.
+        Runs after core's neutral rules passed, so the sizes it divides are consistent. Core applies
+        the result as the `derived` layer; `config show --explain` names the keys it came from.
+        """
+        return NativeValues()
+
+    def check(self, resolved: ResolvedModule) -> None:
+        """Read-only rules of this backend's format. Raise ConfigError with `key=` the native key
+        (`tensor_model_parallel_size`, `training.steps`) or a neutral path (`data.tokenizer`); core
+        locates it. Must not change `resolved.native`: computed values belong in `derive`.
         """
 
     def notices(self, resolved: ResolvedModule) -> list[str]:

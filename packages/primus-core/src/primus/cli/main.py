@@ -17,14 +17,33 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refused with the range otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high if high is not None else ''}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+_POSITIVE, _NON_NEGATIVE, _PORT = _int_at_least(1), _int_at_least(0), _int_at_least(1, 65535)
+
+
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launch (defaults from GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT)")
-    g.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (torch backends); devices per host for per-host (JAX) backends")
-    g.add_argument("--nnodes", type=int, default=None)
-    g.add_argument("--node-rank", type=int, default=None)
+    g.add_argument("--nproc-per-node", type=_POSITIVE, default=None, help="processes per node (torch backends); devices per host for per-host (JAX) backends")
+    g.add_argument("--nnodes", type=_POSITIVE, default=None)
+    g.add_argument("--node-rank", type=_NON_NEGATIVE, default=None)
     g.add_argument("--master-addr", default=None)
-    g.add_argument("--master-port", type=int, default=None)
-    g.add_argument("--max-restarts", type=int, default=None, help="torchrun restarts of failed workers")
+    g.add_argument("--master-port", type=_PORT, default=None)
+    g.add_argument("--max-restarts", type=_NON_NEGATIVE, default=None, help="torchrun restarts of failed workers")
     g.add_argument("--launcher", choices=["local", "slurm", "container"], default=None,
                    help="default: the experiment's launch.launcher, else local")
     g.add_argument("--wait", action="store_true", help="slurm: follow the job and return its exit code")
@@ -76,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = csub.add_parser("validate", help="check an experiment without running it")
     validate.add_argument("exp")
     validate.add_argument("overrides", nargs="*", metavar="key=value")
-    validate.add_argument("--nproc-per-node", type=int, default=1)
-    validate.add_argument("--nnodes", type=int, default=1)
+    validate.add_argument("--nproc-per-node", type=_POSITIVE, default=1)
+    validate.add_argument("--nnodes", type=_POSITIVE, default=1)
     csub.add_parser("schema", help="print the JSON Schema of experiment files")
 
     patches = sub.add_parser("patches", help="list patches and whether they would apply")
@@ -87,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     patches.add_argument("--exp", help="decide with this experiment's config")
 
     env = sub.add_parser("env", help="print the environment Primus would set")
-    env.add_argument("--backend", required=True)
+    env.add_argument("--backend", help="add this backend's entries (default: core's platform set only)")
     env.add_argument("--platform", choices=["rocm", "cuda", "cpu"])
     env.add_argument("--arch", help="gfx arch on ROCm, e.g. gfx942")
     env.add_argument("--all", action="store_true", help="also list entries that would not apply")
@@ -136,6 +155,7 @@ def _extra_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
         item = extra[i]
         if item.startswith("--") and len(item) > 2:
             key = item[2:]
+            _refuse_mistyped_option(key.partition("=")[0], parser)
             if "=" in key:
                 out.append(key)
             elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
@@ -151,13 +171,41 @@ def _extra_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[
     return out
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command being run, whose options a mistyped one is compared with."""
+    for attr in ("command", "config_command", "data_command"):
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, attr, None)
+        if sub is None or name not in sub.choices:
+            break
+        parser = sub.choices[name]
+    return parser
+
+
+def _refuse_mistyped_option(name: str, parser: argparse.ArgumentParser) -> None:
+    """`--dryrun` is a mistyped `--dry-run`, not upstream's `--key value` config form.
+
+    Config keys use underscores; an option of this command within a small edit distance, or a
+    name with a dash, is taken as a mistyped option (exit 2 with the suggestion).
+    """
+    import difflib
+
+    options = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
+    if close and name not in options:
+        parser.error(f"unknown option --{name}; did you mean --{close[0]}?")
+    if "-" in name:
+        parser.error(f"unknown option --{name} (config keys are written key=value; `{parser.prog} --help` lists "
+                     "the options)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides"):
             parser.error("unrecognized arguments: " + " ".join(extra))
-        args.overrides = list(args.overrides) + _extra_overrides(extra, parser)
+        args.overrides = list(args.overrides) + _extra_overrides(extra, _command_parser(parser, args))
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

@@ -23,25 +23,29 @@ def _warn(text: str) -> None:
 
 def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     from primus.backends.discovery import discover
-    from primus.config.resolve import load_experiment, parse_cli_overrides, resolve
+    from primus.config.resolve import load_experiment, resolve
     from primus.launch.plan import PREFLIGHT, WORKER, LaunchOptions, plan_launch
     from primus.platform.detect import detect_platform
     from primus.platform.env import core_entries, plan_env
 
     platform = detect_platform()
-    experiment, _ = load_experiment(Path(args.exp), parse_cli_overrides(args.overrides))
+    # parsed once: launch options change this one object, and the run directory records it
+    loaded = load_experiment(Path(args.exp), args.overrides)
+    experiment = loaded.experiment
     launch = experiment.launch
     launcher = args.launcher or launch.launcher
+    if args.image:
+        launch.container.image = args.image
+    launch.slurm.srun_args = [*launch.slurm.srun_args, *(args.srun_arg or [])]
+    launch.slurm.sbatch = [*launch.slurm.sbatch, *(args.sbatch_arg or [])]
     opts = LaunchOptions.from_args(
-        nproc_per_node=args.nproc_per_node or launch.nproc_per_node, nnodes=args.nnodes or launch.nnodes,
-        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port or launch.master_port,
-        max_restarts=args.max_restarts if args.max_restarts is not None else launch.max_restarts,
-        default_nproc=platform.devices or 1)
+        nproc_per_node=_given(args.nproc_per_node, launch.nproc_per_node), nnodes=_given(args.nnodes, launch.nnodes),
+        node_rank=args.node_rank, master_addr=args.master_addr, master_port=_given(args.master_port, launch.master_port),
+        max_restarts=_given(args.max_restarts, launch.max_restarts), default_nproc=platform.devices or 1)
     discovery = discover()
     for w in discovery.warnings:
         _warn(w)
-    resolved = resolve(args.exp, args.overrides, module=args.module, world_size=opts.world_size,
-                       discovery=discovery)
+    resolved = resolve(loaded, module=args.module, world_size=opts.world_size, discovery=discovery)
     for m in resolved.modules.values():
         for note in m.notices:
             _warn(f"{m.name}: {note}")
@@ -79,10 +83,6 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
             node_cmd += ["--max-restarts", str(opts.max_restarts)]
         if preflight:
             node_cmd += ["--entry", entry]
-        if args.image:
-            launch.container.image = args.image
-        launch.slurm.srun_args = [*launch.slurm.srun_args, *(args.srun_arg or [])]
-        launch.slurm.sbatch = [*launch.slurm.sbatch, *(args.sbatch_arg or [])]
         if launcher == "slurm":
             from primus.launch.slurm import render_sbatch
 
@@ -112,6 +112,7 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     from primus.runs.rundir import create_run_dir
     from primus.runs.worker import run_worker
 
+    _check_launcher_tools(launcher, rendered[names[0]] if launcher == "container" else None)
     existed = run_dir.exists()
     create_run_dir(resolved, env_changes, platform.describe())
     if launcher == "slurm":
@@ -125,8 +126,6 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         return wait(job_id) if args.wait else EXIT_OK
     if launcher == "container":
         argv = shlex.split(rendered[names[0]])
-        if shutil.which(argv[0]) is None:
-            raise ConfigError(f"{argv[0]} not found on this machine", key="launch.container.runtime")
         os.execvpe(argv[0], argv, os.environ)
 
     os.environ.update(env_changes)
@@ -146,6 +145,23 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         if code != EXIT_OK:
             return code
     return EXIT_OK
+
+
+def _given(value, default):
+    """The command line's value when given (0 included: it is range-checked, not ignored)."""
+    return value if value is not None else default
+
+
+def _check_launcher_tools(launcher: str, container_command: str | None) -> None:
+    """A launcher's tools must exist before the run directory does (exit 2 leaves nothing)."""
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise ConfigError("sbatch not found on this machine", key="--launcher slurm",
+                          fix="run on a Slurm login node or use --launcher local")
+    if launcher == "container" and container_command:
+        runtime = shlex.split(container_command)[0]
+        if shutil.which(runtime) is None:
+            raise ConfigError(f"{runtime} not found on this machine", key="launch.container.runtime",
+                              fix="install it or set launch.container.runtime")
 
 
 def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes) -> None:

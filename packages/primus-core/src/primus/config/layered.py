@@ -11,21 +11,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from primus.config.yamlfile import KeyPath, YamlDoc, deep_merge, flatten, load_yaml, substitute_env
+from primus.config.yamlfile import (
+    KeyPath,
+    YamlDoc,
+    deep_merge,
+    file_problem,
+    flatten,
+    is_regular_file,
+    load_yaml,
+    substitute_env,
+)
 from primus.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Source:
+    """Where a value came from: its layer, the file and line that set it (`command line` for the
+    cli layer, with the `key=value` item as typed), and for a derived value the keys it came from.
+    """
+
     layer: str
     file: str | None = None
     line: int | None = None
+    item: str | None = None  # the command-line item, e.g. "train.steps=10"
+    origins: tuple[str, ...] = ()  # derived values: the neutral or native keys they were computed from
+
+    @property
+    def where(self) -> str:
+        """`file:line`, `command line: key=value`, or ''."""
+        if self.item is not None:
+            return f"command line: {self.item}"
+        if self.file:
+            return self.file + (f":{self.line}" if self.line else "")
+        return ""
 
     def describe(self) -> str:
-        where = ""
-        if self.file:
-            where = f" ({self.file}" + (f":{self.line}" if self.line else "") + ")"
-        return f"{self.layer}{where}"
+        if self.origins:
+            return f"{self.layer} from {', '.join(self.origins)}"
+        return f"{self.layer} ({self.where})" if self.where else self.layer
+
+
+COMMAND_LINE = "command line"
 
 
 class Layered:
@@ -65,14 +91,17 @@ class Layered:
 
 
 def find_file(name: str, *, relative_to: Path | None, search_dirs: list[Path]) -> Path | None:
-    """Resolve a preset reference: absolute, relative to the referring file, then the search dirs."""
+    """Resolve a preset reference: absolute, relative to the referring file, then the search dirs.
+
+    Only regular files (or symlinks to one) are found: a FIFO, a device or a symlink loop is skipped.
+    """
     candidate = Path(name).expanduser()
     if candidate.is_absolute():
-        return candidate if candidate.exists() else None
-    if relative_to is not None and (relative_to / candidate).is_file():
+        return candidate if is_regular_file(candidate) else None
+    if relative_to is not None and is_regular_file(relative_to / candidate):
         return (relative_to / candidate).resolve()
     for directory in search_dirs:
-        if (directory / candidate).is_file():
+        if is_regular_file(directory / candidate):
             return (directory / candidate).resolve()
     return None
 
@@ -89,7 +118,11 @@ def load_with_extends(
 
     Returns the merged data (without `extends`) and the file/line of every leaf.
     """
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: RuntimeError before Python 3.13, OSError after
+        problem, fix = file_problem(path) or ("path cannot be resolved", None)
+        raise ConfigError(f"{what} {problem}", file=str(path), fix=fix) from None
     if path in _stack:
         chain = " -> ".join(p.name for p in (*_stack, path))
         raise ConfigError(f"`extends` cycle: {chain}", file=str(_stack[-1]), key="extends",
@@ -109,8 +142,13 @@ def load_with_extends(
     for base in bases:
         found = find_file(base, relative_to=path.parent, search_dirs=search_dirs)
         if found is None:
-            raise ConfigError(f"extended file '{base}' not found", file=str(path), line=doc.line_of(("extends",)),
-                              key="extends", fix=f"looked next to the file and in {_dirs(search_dirs)}")
+            # name what is wrong with the file next to this one (a FIFO, a device), if there is one
+            beside = path.parent / Path(base).expanduser()
+            problem, fix = file_problem(beside) or ("not found", None)
+            if problem == "not found":
+                fix = f"looked next to the file and in {_dirs(search_dirs)}"
+            raise ConfigError(f"extended file '{base}' {problem}", file=str(path), line=doc.line_of(("extends",)),
+                              key="extends", fix=fix)
         data, sources = load_with_extends(found, search_dirs=search_dirs, environ=environ, what=what,
                                           _stack=(*_stack, path))
         merged.apply(data, "extends", sources=sources)

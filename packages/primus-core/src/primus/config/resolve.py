@@ -6,28 +6,44 @@ Layers, lowest to highest, each recorded for `primus config show --explain`:
   3 model         the model preset: neutral (translated by the backend) or backend-native
   4 neutral       the `train`, `parallel`, `data`, `checkpoint` sections, translated
   5 overrides     the module's `overrides:` (native keys)
-  6 cli           `key=value` from the command line
+  6 cli           `key=value` from the command line, neutral or native, each item with its own text
+then the neutral rules (primus.config.rules) on the resolved dimensions, then
+  7 derived       values the translator computes from others (`Translator.derive`), with their origins
+and the translator's read-only `check`. Every error a rule or a translator raises names a key; the
+resolver turns it into file:line or `command line: key=value` through the recorded sources.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from primus.backends.discovery import Backend, Discovery, discover
 from primus.backends.translator import NativeValues, Translator
-from primus.config.layered import Layered, Source, find_file, load_with_extends
+from primus.config.layered import COMMAND_LINE, Layered, Source, find_file, load_with_extends
+from primus.config.rules import check_data, check_dimensions, get_path, non_finite, read_dimensions
 from primus.config.schema import NEUTRAL_SECTIONS, Experiment, ModuleConfig
 from primus.config.yamlfile import KeyPath, YamlDoc, flatten, load_yaml, substitute_env
 from primus.errors import ConfigError
 from primus.models.spec import ModelSpec
 from primus.suggest import did_you_mean
+
+try:  # TEMPORARY until yamlfile.parse_scalar lands
+    from primus.config.yamlfile import parse_scalar
+except ImportError:  # pragma: no cover
+    import yaml as _yaml
+
+    def parse_scalar(text: str):  # type: ignore[no-redef]
+        try:
+            return _yaml.safe_load(text) if text != "" else ""
+        except _yaml.YAMLError:
+            return text
 
 MODULE_FIELDS = set(ModuleConfig.model_fields)
 EXPERIMENT_SCALARS = {"work_group", "user_name", "exp_name", "workspace"}
@@ -49,12 +65,29 @@ class ResolvedModule:
     experiment_file: str
     world_size: int = 1
     notices: list[str] = field(default_factory=list)
+    #: native key -> the neutral path it was translated from (`max_steps` -> `train.steps`,
+    #: `model_config.hidden_size` -> `model.hidden_size`)
+    neutral_origins: dict[str, str] = field(default_factory=dict)
+    #: the native key holding the number of optimizer steps (Translator.steps_key)
+    steps_key: str | None = None
 
     def explain(self, key: str) -> Source | None:
-        """The layer, file and line that set `key` (dotted), or None."""
+        """The layer, file and line that set the native `key` (dotted), or None."""
         layered = Layered()
         layered.sources = self.sources
         return layered.source_of(key)
+
+    def native_keys_of(self, neutral_path: str) -> list[str]:
+        """The native keys a neutral path (`train.steps`) was translated to."""
+        return [k for k, o in self.neutral_origins.items() if neutral_path in o.split(",")]
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps the run trains for, read from the backend's step key."""
+        value = get_path(self.native, self.steps_key) if self.steps_key else None
+        if value is None:
+            value = self.module.train.steps
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable form, written into the run directory and read back by workers."""
@@ -67,6 +100,7 @@ class ResolvedModule:
             "model": self.model.model_dump(exclude_none=True) if self.model else None,
             "module": self.module.model_dump(exclude_none=True),
             "native": self.native,
+            "steps_key": self.steps_key,
         }
 
     @classmethod
@@ -81,6 +115,7 @@ class ResolvedModule:
             model_file=data.get("model_file"),
             experiment_file=data["experiment_file"],
             world_size=data.get("world_size", 1),
+            steps_key=data.get("steps_key"),
         )
 
 
@@ -90,6 +125,7 @@ class ResolvedExperiment:
     experiment: Experiment
     modules: dict[str, ResolvedModule]
     backends: dict[str, Backend]
+    loaded: LoadedExperiment | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -97,81 +133,132 @@ class ResolvedExperiment:
         return Path(e.workspace).expanduser() / e.work_group / e.user_name / e.exp_name
 
 
-# --------------------------------------------------------------------------- command-line overrides
+# --------------------------------------------------------------------------- the command line
+
+MAX_KEY_PARTS = 32  # a dotted command-line key deeper than any real config is a mistake (or an attack)
+EXPERIMENT_SECTIONS = {"env", "launch"}  # experiment-level mappings a dotted command-line key may reach
+
+
+@dataclass(frozen=True)
+class CliItem:
+    """One `key=value` from the command line, as typed and as parsed."""
+
+    text: str
+    path: KeyPath  # inside the module (a `modules.NAME.` prefix is removed) or the experiment
+    value: Any
+    module: str | None = None  # `modules.NAME.key=...` targets NAME only
+
+    @property
+    def source(self) -> Source:
+        return Source("cli", COMMAND_LINE, item=self.text)
+
+    def error(self, message: str, fix: str | None = None) -> ConfigError:
+        return ConfigError(message, file=COMMAND_LINE, key=self.text, fix=fix)
 
 
 @dataclass
-class CliOverrides:
-    experiment: dict[str, Any] = field(default_factory=dict)
-    module: dict[str, Any] = field(default_factory=dict)  # neutral sections and module fields
-    native: dict[str, Any] = field(default_factory=dict)
+class CommandLine:
+    """The command line's `key=value` items: a layer of their own, above everything in files."""
+
+    items: list[CliItem] = field(default_factory=list)
+
+    @property
+    def experiment_items(self) -> list[CliItem]:
+        return [i for i in self.items if i.module is None and _experiment_level(i.path)]
+
+    def module_items(self, name: str) -> list[CliItem]:
+        return [i for i in self.items if i.module in (None, name) and not (i.module is None and _experiment_level(i.path))]
 
 
-def parse_cli_overrides(items: list[str]) -> CliOverrides:
+def _experiment_level(path: KeyPath) -> bool:
+    return (len(path) == 1 and path[0] in EXPERIMENT_SCALARS) or (len(path) > 1 and path[0] in EXPERIMENT_SECTIONS)
+
+
+def parse_command_line(items: list[str]) -> CommandLine:
     """`key=value` items: dotted paths inside the module; a bare native key goes to layer 6."""
-    out = CliOverrides()
-    for item in items:
-        key, sep, raw = item.partition("=")
+    out = CommandLine()
+    for text in items:
+        key, sep, raw = text.partition("=")
+        path = tuple(key.split("."))
         if not sep or not key:
-            raise ConfigError(f"override '{item}' is not key=value", key=item, fix="write e.g. train.steps=10")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        path = key.split(".")
-        if path[0] == "modules" and len(path) > 2:
-            path = path[2:]
-        if len(path) == 1 and path[0] in EXPERIMENT_SCALARS:
-            out.experiment[path[0]] = value
-        elif path[0] == "overrides" and len(path) > 1:
-            _set_path(out.native, path[1:], value)
-        elif path[0] in MODULE_FIELDS and not _native_dotted(path):
-            _set_path(out.module, path, value)
-        else:
-            _set_path(out.native, path, value)
+            raise ConfigError("is not key=value", file=COMMAND_LINE, key=text, fix="write e.g. train.steps=10")
+        if len(path) > MAX_KEY_PARTS or not all(path):
+            raise ConfigError(f"'{key[:80]}' is not a config key ({len(path)} dotted parts)", file=COMMAND_LINE,
+                              key=text[:80], fix="write a dotted key such as train.steps")
+        module = None
+        if path[0] == "modules":
+            if len(path) < 3:
+                raise ConfigError("names no key inside the module", file=COMMAND_LINE, key=text,
+                                  fix="write modules.NAME.KEY=VALUE, e.g. modules.pre_trainer.train.steps=10")
+            module, path = path[1], path[2:]
+        out.items.append(CliItem(text=text, path=path, value=parse_scalar(raw), module=module))
     return out
 
 
-def _native_dotted(path: list[str]) -> bool:
-    """`model.flavor=8B` or `checkpoint.enable=false`: a dotted native key that shares its first
-    part with a module field (TorchTitan's sections), not a path into that field."""
-    if len(path) < 2:
-        return False
-    if path[0] == "model":
+def parse_cli_overrides(items: list[str]) -> CommandLine:
+    """The first contract's name for `parse_command_line`."""
+    return parse_command_line(items)
+
+
+def _route_to_native(item: CliItem, native_keys: set[str]) -> bool:
+    """Whether a module-level item is a native key (else a module field or neutral path).
+
+    `train.steps` is neutral; `overrides.x` and bare unknown names are native; a dotted key whose
+    first part is both a neutral section and one of the backend's native sections
+    (TorchTitan's `checkpoint.enable`) is native unless the section has that field.
+    """
+    path = item.path
+    if path[0] == "overrides":
         return True
+    if len(path) == 1:
+        return path[0] not in MODULE_FIELDS
+    if path[0] == "model":
+        return True  # model.flavor=8B: a native section (an inline model is written in the file)
     section = NEUTRAL_SECTIONS.get(path[0])
-    return section is not None and path[1] not in section.model_fields
+    if section is not None:
+        return path[0] in native_keys and path[1] not in section.model_fields
+    return path[0] not in MODULE_FIELDS
 
 
-def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
+def _native_path(item: CliItem) -> KeyPath:
+    return item.path[1:] if item.path[0] == "overrides" else item.path
+
+
+def _set_path(target: dict[str, Any], path: KeyPath, value: Any) -> None:
     for part in path[:-1]:
-        target = target.setdefault(part, {})
+        child = target.get(part)
+        if not isinstance(child, dict):
+            child = target[part] = {}
+        target = child
     target[path[-1]] = value
 
 
 # --------------------------------------------------------------------------- pydantic errors
 
 
-def _raise_validation(exc: ValidationError, doc: YamlDoc, prefix: KeyPath, known_by_prefix: Any) -> None:
+def _validation_error(exc: ValidationError, *, doc: YamlDoc, prefix: KeyPath, known_by_prefix: Any,
+                      items: list[CliItem], item_prefix: KeyPath = ()) -> ConfigError:
+    """One line for a pydantic error: at the command-line item that set it, else at the file's line."""
     err = exc.errors()[0]
     loc = tuple(str(p) for p in err["loc"])
-    key_path = (*prefix, *loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = key_path[:-1]
         known = known_by_prefix(loc[:-1])
         hint = did_you_mean(loc[-1], known) if known else None
         message = "unknown key" + (f"; {hint}" if hint else "")
         fix = None if hint else ("known keys: " + ", ".join(sorted(known)) if known else None)
-        del parent
     elif kind == "missing":
         message, fix = "required key is missing", None
     else:
         message, fix = err["msg"].replace("Value error, ", ""), None
         if "input" in err and not isinstance(err["input"], dict):
             message += f" (got {err['input']!r})"
-    raise ConfigError(message, file=str(doc.path), line=doc.line_of(key_path), key=".".join(key_path),
-                      fix=fix) from None
+    for item in items:
+        path = (*item_prefix, *item.path)
+        if loc[: len(path)] == path or path[: len(loc)] == loc:
+            return item.error(message, fix)
+    key_path = (*prefix, *loc)
+    return ConfigError(message, file=str(doc.path), line=doc.line_of(key_path), key=".".join(key_path), fix=fix)
 
 
 def _known_fields(model_cls: type) -> Any:
@@ -198,56 +285,92 @@ def _known_fields(model_cls: type) -> Any:
     return known
 
 
-# --------------------------------------------------------------------------- resolution
+# --------------------------------------------------------------------------- loading (once per command)
 
 
-def load_experiment(path: Path, cli: CliOverrides | None = None,
-                    environ: dict[str, str] | None = None) -> tuple[Experiment, YamlDoc]:
+@dataclass
+class LoadedExperiment:
+    """The experiment file parsed once, with the command line beside it (not merged into it).
+
+    Launch options (`--image`, `--srun-arg`, ...) change `experiment` in place, so what the run
+    directory records is exactly what will run.
+    """
+
+    doc: YamlDoc
+    experiment: Experiment
+    cli: CommandLine
+
+    @property
+    def path(self) -> Path:
+        return self.doc.path
+
+
+def load_experiment(path: str | Path, cli: CommandLine | list[str] | None = None,
+                    environ: dict[str, str] | None = None) -> LoadedExperiment:
+    """Parse the experiment file and validate its skeleton; command-line items are checked here
+    (module names, experiment-level keys) and applied to each module when it is resolved."""
+    path = Path(path)
+    env = dict(os.environ) if environ is None else environ
+    command_line = cli if isinstance(cli, CommandLine) else parse_command_line(list(cli or []))
     doc = load_yaml(path, what="experiment file")
-    substitute_env(doc, environ)
+    substitute_env(doc, env)
     if "extends" in doc.data:
-        data, _ = load_with_extends(path, search_dirs=[], environ=environ, what="experiment file")
+        data, _ = load_with_extends(path, search_dirs=[], environ=env, what="experiment file")
         doc.data = data
-    cli = cli or CliOverrides()
-    data = dict(doc.data)
-    data.update(cli.experiment)
-    if cli.module:
-        modules = data.get("modules")
-        if isinstance(modules, dict) and modules:
-            # module-level command-line keys apply to every module being resolved
-            from primus.config.yamlfile import deep_merge
-
-            data["modules"] = {n: deep_merge(m or {}, cli.module) for n, m in modules.items()}
+    data = copy.deepcopy(doc.data)
+    modules = data.get("modules")
+    for item in command_line.items:
+        if item.module is not None and not (isinstance(modules, dict) and item.module in modules):
+            names = sorted(modules) if isinstance(modules, dict) else []
+            raise item.error(f"no module '{item.module}' in {path}",
+                             did_you_mean(item.module, names) or f"modules there: {', '.join(names) or 'none'}")
+    for item in command_line.experiment_items:
+        _set_path(data, item.path, item.value)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
-        _raise_validation(exc, doc, (), _known_fields(Experiment))
-    return experiment, doc
+        raise _validation_error(exc, doc=doc, prefix=(), known_by_prefix=_known_fields(Experiment),
+                                items=command_line.experiment_items) from None
+    return LoadedExperiment(doc=doc, experiment=experiment, cli=command_line)
 
 
-def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend,
-               environ: dict[str, str] | None) -> tuple[ModelSpec | None, dict[str, Any], dict[KeyPath, Source], str | None]:
+# --------------------------------------------------------------------------- the model
+
+
+def _is_experiment_file(path: Path) -> bool:
+    """A YAML file with `modules:` is an experiment, never a model preset (a copy of an example
+    saved beside it must not be picked up as `model: llama3_tiny.yaml`)."""
+    try:
+        return "modules" in load_yaml(path, what="model preset").data
+    except ConfigError:
+        return False
+
+
+def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend, environ: dict[str, str] | None,
+               cli_model: CliItem | None) -> tuple[ModelSpec | None, dict[str, Any], dict[KeyPath, Source], str | None]:
     """The module's model: (neutral spec or None, native values, their sources, file)."""
     key = f"modules.{name}.model"
     if module.model is None:
         return None, {}, {}, None
     search = [backend.spec.preset_dir() / "models", core_preset_dir() / "models"]
     if isinstance(module.model, dict):
-        data, sources, file = dict(module.model), {}, str(doc.path)
+        data, file = dict(module.model), str(doc.path)
         line_base = ("modules", name, "model")
         sources = {p: Source("model", file, doc.line_of((*line_base, *p))) for p in flatten(data)}
     else:
-        found = find_file(module.model, relative_to=doc.path.parent, search_dirs=search)
-        if found is not None and found == doc.path.resolve():
-            # an experiment named like its model preset (examples/hf/llama3_tiny.yaml) is not its own model
-            found = find_file(module.model, relative_to=None, search_dirs=search)
+        relative_to = Path.cwd() if cli_model is not None else doc.path.parent
+        found = find_file(module.model, relative_to=relative_to, search_dirs=[])
+        if found is not None and (found == doc.path.resolve() or _is_experiment_file(found)):
+            found = None  # an experiment named like its model preset (examples/hf/llama3_tiny.yaml)
+        found = found or find_file(module.model, relative_to=None, search_dirs=search)
         if found is None:
             available = sorted({p.name for d in search if d.is_dir() for p in d.glob("*.yaml")})
             hint = did_you_mean(module.model, available)
+            fix = hint or "looked next to the experiment and in the model presets; `primus presets` lists them"
+            if cli_model is not None:
+                raise cli_model.error(f"model preset '{module.model}' not found", fix)
             raise ConfigError(f"model preset '{module.model}' not found", file=str(doc.path),
-                              line=doc.line_of(("modules", name, "model")), key=key,
-                              fix=hint or "looked next to the experiment and in the model presets; "
-                              "`primus presets` lists them")
+                              line=doc.line_of(("modules", name, "model")), key=key, fix=fix)
         data, sources = load_with_extends(found, search_dirs=search, environ=environ, what="model preset")
         file = str(found)
     if "family" not in data:
@@ -262,6 +385,9 @@ def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend,
         hint = did_you_mean(loc[-1], ModelSpec.model_fields) if err["type"] == "extra_forbidden" and loc else None
         raise ConfigError(msg, file=src.file, line=src.line, key=".".join(loc) or key, fix=hint) from None
     return spec, {}, sources, file
+
+
+# --------------------------------------------------------------------------- native values
 
 
 def _type_name(value: Any) -> str:
@@ -282,114 +408,146 @@ def _type_mismatch(default: Any, value: Any) -> bool:
 
 
 def _check_native(values: dict[str, Any], *, known: set[str], preset: dict[str, Any], translator: Translator,
-                  where: str, doc_file: str | None, line_of: Any) -> None:
+                  where: Any) -> None:
+    """Native keys against the backend's key set and the preset's types; `where(path)` locates."""
     for path, value in flatten(values).items():
         why = translator.check_native_key(path, known)
         if why:
-            raise ConfigError(why, file=doc_file, line=line_of(path), key=f"{where}.{'.'.join(path)}")
+            raise where(path, why, None)
+        if non_finite(value):
+            raise where(path, f"must be a finite number, got {value!r}", "write a finite value")
         default: Any = preset
         for part in path:
             default = default.get(part) if isinstance(default, dict) else None
         if _type_mismatch(default, value):
-            raise ConfigError(
-                f"expects {_type_name(default)}, got {_type_name(value)} {value!r}",
-                file=doc_file, line=line_of(path), key=f"{where}.{'.'.join(path)}",
-                fix=f"the preset's value is {default!r}")
+            raise where(path, f"expects {_type_name(default)}, got {_type_name(value)} {value!r}",
+                        f"the preset's value is {default!r}")
 
 
-@dataclass
-class _Size:
-    value: Any
-    key: str
-    file: str | None
-    line: int | None
+# --------------------------------------------------------------------------- resolution
 
 
-def _layout(module: ModuleConfig, layered: Layered, translator: Translator, doc: YamlDoc,
-            name: str) -> dict[str, _Size]:
-    """Parallel sizes and batch sizes as the backend will see them, each with where it was set.
+def _absolute(value: str | None, base: Path) -> str | None:
+    if not value:
+        return value
+    p = Path(os.path.expandvars(value)).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
 
-    A backend that names its native keys (`Translator.native_parallel_keys`) is judged on the
-    resolved native values, so an override of `tensor_model_parallel_size` counts; otherwise the
-    neutral sections are.
-    """
-    out: dict[str, _Size] = {}
-    neutral = {"tensor": ("parallel", "tensor"), "pipeline": ("parallel", "pipeline"),
-               "context": ("parallel", "context"), "expert": ("parallel", "expert"), "data": ("parallel", "data"),
-               "micro_batch_size": ("train", "micro_batch_size"),
-               "global_batch_size": ("train", "global_batch_size")}
-    for field_name, (section, key) in neutral.items():
-        native_key = translator.native_parallel_keys.get(field_name)
-        if native_key is not None:
-            src = layered.source_of(native_key)
-            out[field_name] = _Size(layered.data.get(native_key), native_key, src.file if src else None,
-                                    src.line if src else None)
-        else:
-            path = ("modules", name, section, key)
-            out[field_name] = _Size(getattr(getattr(module, section), key), ".".join(path), str(doc.path),
-                                    doc.line_of(path))
+
+_PATH_FIELDS = (("data", "path"), ("data", "tokenizer"), ("checkpoint", "dir"))
+
+
+def _absolute_paths(module: ModuleConfig, base: Path, cli_paths: dict[KeyPath, CliItem]) -> ModuleConfig:
+    """Relative data, tokenizer and checkpoint paths: relative to the experiment file's folder when
+    written there, to the working directory when given on the command line (as a shell user means)."""
+    updates: dict[str, Any] = {}
+    for section, key in _PATH_FIELDS:
+        origin = Path.cwd() if (section, key) in cli_paths else base
+        current = updates.get(section, getattr(module, section))
+        updates[section] = current.model_copy(update={key: _absolute(getattr(current, key), origin)})
+    return module.model_copy(update=updates)
+
+
+def _module_config(name: str, loaded: LoadedExperiment, items: list[CliItem]) -> ModuleConfig:
+    """The module as written, with the command line's module-level items applied on top."""
+    raw = loaded.doc.data.get("modules", {}).get(name) or {}
+    data = copy.deepcopy(raw) if isinstance(raw, dict) else {}
+    for item in items:
+        _set_path(data, item.path, item.value)
+    try:
+        return ModuleConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, doc=loaded.doc, prefix=("modules", name), known_by_prefix=_known_fields(ModuleConfig),
+                                items=items) from None
+
+
+class _Locator:
+    """Turns a key named by a rule or a translator into file:line or the command line, through
+    provenance, the same way for every backend."""
+
+    def __init__(self, name: str, doc: YamlDoc, layered: Layered, neutral_origins: dict[str, str],
+                 cli_paths: dict[KeyPath, CliItem]) -> None:
+        self.name, self.doc, self.layered = name, doc, layered
+        self.neutral_origins, self.cli_paths = neutral_origins, cli_paths
+
+    def _neutral(self, path: KeyPath, message: str, fix: str | None, shown: str | None = None) -> ConfigError:
+        for cli_path, item in self.cli_paths.items():
+            if cli_path[: len(path)] == path or path[: len(cli_path)] == cli_path:
+                return item.error(message, fix)
+        full = ("modules", self.name, *path)
+        key = ".".join(full) + (f" ({shown})" if shown else "")
+        return ConfigError(message, file=str(self.doc.path), line=self.doc.line_of(full), key=key, fix=fix)
+
+    def locate(self, exc: ConfigError) -> ConfigError:
+        if exc.file:
+            return exc
+        key = exc.key or ""
+        prefix = f"modules.{self.name}."
+        key = key[len(prefix):] if key.startswith(prefix) else key
+        native_key = key[len("overrides."):] if key.startswith("overrides.") else key
+        src = self.layered.source_of(native_key) if native_key else None
+        if src is None:
+            path = tuple(key.split(".")) if key else ()
+            if path and path[0] in MODULE_FIELDS:
+                return self._neutral(path, exc.message, exc.fix)
+            return ConfigError(exc.message, file=str(self.doc.path), line=self.doc.line_of(("modules", self.name)),
+                               key=f"modules.{self.name}" + (f".{key}" if key else ""), fix=exc.fix)
+        if src.layer == "derived":
+            shown = f"{native_key} (derived from {', '.join(src.origins)})"
+            for origin in src.origins:
+                origin_path = tuple(origin.split("."))
+                if origin_path[0] in NEUTRAL_SECTIONS and len(origin_path) == 2:
+                    located = self._neutral(origin_path, exc.message, exc.fix, shown=native_key)
+                    if located.file == COMMAND_LINE:
+                        return located
+                    return ConfigError(exc.message, file=located.file, line=located.line, key=shown, fix=exc.fix)
+            return ConfigError(exc.message, file=str(self.doc.path), line=None, key=shown, fix=exc.fix)
+        if src.item is not None:
+            return ConfigError(exc.message, file=COMMAND_LINE, key=src.item, fix=exc.fix)
+        origin = self.neutral_origins.get(native_key)
+        if src.layer.startswith("neutral") and origin:
+            return self._neutral(tuple(origin.split(".")), exc.message, exc.fix,
+                                 shown=native_key if native_key != origin else None)
+        if src.layer == "overrides":
+            native_key = f"modules.{self.name}.overrides.{native_key}"
+        return ConfigError(exc.message, file=src.file, line=src.line, key=native_key, fix=exc.fix)
+
+
+# neutral fields core itself acts on, whatever the backend maps: the checkpoint folder (the run
+# context hands it to the adapter) and the data-parallel size (checked against the world size)
+CORE_CONSUMED_FIELDS = frozenset({"checkpoint.dir", "parallel.data"})
+
+
+def _honoured(translator: Translator, origins: dict[str, str]) -> set[str]:
+    declared = translator.neutral_fields
+    if declared is not None:
+        return set(declared)
+    return {o for origin in origins.values() for o in origin.split(",")}
+
+
+def _ignored_neutral_fields(module: ModuleConfig, translator: Translator, origins: dict[str, str]) -> list[str]:
+    """Neutral fields the user set that this backend does not use."""
+    honoured = _honoured(translator, origins) | CORE_CONSUMED_FIELDS
+    out = []
+    for section in NEUTRAL_SECTIONS:
+        for field_name in getattr(module, section).model_dump(exclude_none=True):
+            path = f"{section}.{field_name}"
+            if path not in honoured and f"{section}.*" not in honoured:
+                out.append(path)
     return out
 
 
-def _check_parallel(layout: dict[str, _Size], model: ModelSpec | None, world_size: int) -> None:
-    def num(k: str) -> int:
-        v = layout[k].value
-        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
-
-    def fail(k: str, message: str, fix: str | None = None) -> None:
-        s = layout[k]
-        raise ConfigError(message, file=s.file, line=s.line, key=s.key, fix=fix)
-
-    tp, pp, cp = num("tensor"), num("pipeline"), num("context")
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        fail("tensor" if tp > 1 else "pipeline" if pp > 1 else "context",
-             f"tensor x pipeline x context = {model_parallel} does not divide the world size {world_size}",
-             "change the parallel sizes or the number of processes (--nproc-per-node x --nnodes)")
-    data = layout["data"].value
-    if isinstance(data, int) and data * model_parallel != world_size:
-        fail("data", f"data ({data}) x tensor x pipeline x context ({model_parallel}) = {data * model_parallel} "
-             f"!= world size {world_size}", "use data: auto")
-    if model is not None:
-        if model.num_heads % tp:
-            fail("tensor", f"tensor ({tp}) does not divide the model's {model.num_heads} attention heads",
-                 "pick a tensor size that divides the heads")
-        if model.mla is None and model.kv_heads % tp:
-            fail("tensor", f"tensor ({tp}) does not divide the model's {model.kv_heads} key/value heads",
-                 "pick a tensor size that divides the kv heads")
-        if model.num_layers % pp:
-            fail("pipeline", f"pipeline ({pp}) does not divide the model's {model.num_layers} layers")
-        ep = num("expert")
-        if model.moe and ep > 1 and model.moe.experts % ep:
-            fail("expert", f"expert ({ep}) does not divide the model's {model.moe.experts} experts")
-    micro, global_ = layout["micro_batch_size"].value, layout["global_batch_size"].value
-    if isinstance(micro, int) and isinstance(global_, int) and micro > 0 and global_ > 0:
-        dp = world_size // model_parallel
-        if global_ % (micro * dp):
-            fail("global_batch_size", f"global_batch_size {global_} is not a multiple of micro_batch_size "
-                 f"{micro} x data-parallel {dp}", f"use a multiple of {micro * dp}")
-
-
-def _absolute_paths(module: ModuleConfig, base: Path) -> ModuleConfig:
-    """Relative data, tokenizer and checkpoint paths are relative to the experiment file's folder."""
-
-    def absolute(value: str | None) -> str | None:
-        if not value:
-            return value
-        p = Path(os.path.expandvars(value)).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
-
-    data = module.data.model_copy(update={"path": absolute(module.data.path),
-                                          "tokenizer": absolute(module.data.tokenizer)})
-    ckpt = module.checkpoint.model_copy(update={"dir": absolute(module.checkpoint.dir)})
-    return module.model_copy(update={"data": data, "checkpoint": ckpt})
-
-
-def resolve_module(name: str, experiment: Experiment, doc: YamlDoc, discovery: Discovery,
-                   cli: CliOverrides, world_size: int, environ: dict[str, str] | None) -> ResolvedModule:
-    module = _absolute_paths(experiment.modules[name], doc.path.parent)
-    file = str(doc.path)
-    backend = discovery.get(module.framework, file=file, key=f"modules.{name}.framework")
+def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, world_size: int,
+                   environ: dict[str, str] | None) -> ResolvedModule:
+    doc, file = loaded.doc, str(loaded.doc.path)
+    items = loaded.cli.module_items(name)
+    field_items = [i for i in items if len(i.path) == 1 and i.path[0] in MODULE_FIELDS]
+    first = _module_config(name, loaded, field_items)  # framework, config, model may come from the command line
+    framework_item = next((i for i in field_items if i.path == ("framework",)), None)
+    try:
+        backend = discovery.get(first.framework, file=file, key=f"modules.{name}.framework")
+    except ConfigError as exc:
+        raise (framework_item.error(exc.message, exc.fix) if framework_item else exc) from None
     translator: Translator = backend.spec.load_translator()
     translator.world_size = world_size
     layered = Layered()
@@ -400,90 +558,154 @@ def resolve_module(name: str, experiment: Experiment, doc: YamlDoc, discovery: D
     layered.apply(base, "module_base", sources=base_sources)
 
     # 2 module preset
-    preset_name = module.config or translator.default_module_preset
+    preset_name = first.config or translator.default_module_preset
     search = [backend.spec.preset_dir(), core_preset_dir()]
-    preset_path = find_file(preset_name, relative_to=doc.path.parent, search_dirs=search)
+    config_item = next((i for i in field_items if i.path == ("config",)), None)
+    preset_path = find_file(preset_name, relative_to=Path.cwd() if config_item else doc.path.parent,
+                            search_dirs=search)
     if preset_path is None:
         available = sorted(p.name for p in backend.spec.preset_dir().glob("*.yaml"))
-        raise ConfigError(f"module preset '{preset_name}' not found for backend '{backend.name}'", file=file,
-                          line=doc.line_of(("modules", name, "config")), key=f"modules.{name}.config",
-                          fix="available: " + (", ".join(available) or "none"))
+        message = f"module preset '{preset_name}' not found for backend '{backend.name}'"
+        fix = did_you_mean(preset_name, available) or "available: " + (", ".join(available) or "none")
+        if config_item:
+            raise config_item.error(message, fix)
+        raise ConfigError(message, file=file, line=doc.line_of(("modules", name, "config")),
+                          key=f"modules.{name}.config", fix=fix)
     preset, preset_sources = load_with_extends(preset_path, search_dirs=search, environ=environ,
                                                what="module preset")
     layered.apply(preset, "module preset", sources=preset_sources)
     known = translator.native_keys(layered.data)
     preset_values = dict(layered.data)
 
+    # the command line: module fields and neutral paths vs native keys, now that the keys are known
+    native_items = [i for i in items if i not in field_items and _route_to_native(i, known)]
+    module_items = [i for i in items if i not in native_items]
+    module = _module_config(name, loaded, module_items)
+    cli_paths = {i.path: i for i in module_items}
+    module = _absolute_paths(module, doc.path.parent, cli_paths)
+
     # 3 model
-    spec, model_native, model_sources, model_file = _model_for(module, name, doc, backend, environ)
+    model_item = next((i for i in field_items if i.path == ("model",)), None)
+    spec, model_native, model_sources, model_file = _model_for(module, name, doc, backend, environ, model_item)
+    neutral_origins: dict[str, str] = {}
     if spec is not None:
         try:
             translated = translator.translate_model(spec)
         except ConfigError as exc:
+            if model_item is not None:
+                raise model_item.error(exc.message, exc.fix) from None
             raise exc.located(file=model_file or file, key=f"modules.{name}.model") from None
+        neutral_origins.update({k: f"model.{o}" for k, o in translated.origins.items()})
         layered.apply(translated.values, "model", sources={
             tuple(k.split(".")): model_sources.get((origin,), Source("model", model_file))
             for k, origin in translated.origins.items()})
     elif model_native:
-        _check_native(model_native, known=known, preset=preset_values, translator=translator,
-                      where="model", doc_file=model_file,
-                      line_of=lambda p: (model_sources.get(p) or Source("model")).line)
+        def where_model(path: KeyPath, message: str, fix: str | None) -> ConfigError:
+            src = model_sources.get(path) or Source("model", model_file)
+            return ConfigError(message, file=src.file, line=src.line, key=".".join(path), fix=fix)
+
+        _check_native(model_native, known=known, preset=preset_values, translator=translator, where=where_model)
         layered.apply(model_native, "model", sources=model_sources)
 
     # 4 neutral sections
     neutral: NativeValues = translator.translate_sections(module, spec)
     base_path = ("modules", name)
+
+    def neutral_source(origin: str) -> Source:
+        path = tuple(origin.split("."))
+        for cli_path, item in cli_paths.items():
+            if path[: len(cli_path)] == cli_path:
+                return item.source
+        return Source("neutral " + path[0], file, doc.line_of((*base_path, *path)))
+
+    neutral_origins.update(neutral.origins)
     layered.apply(neutral.values, "neutral", sources={
-        tuple(k.split(".")): Source("neutral " + origin.split(".")[0], file,
-                                    doc.line_of((*base_path, *origin.split("."))))
-        for k, origin in neutral.origins.items()}, keep_layer_names=True)
+        tuple(k.split(".")): neutral_source(origin.split(",")[0]) for k, origin in neutral.origins.items()},
+        keep_layer_names=True)
     for level_key in ("trainable", "sink_level", "file_sink_level", "stderr_sink_level"):
         value = getattr(module, level_key)
         if value is not None:
-            layered.apply({level_key: value}, "experiment", file=file,
-                          lines={(level_key,): doc.line_of((*base_path, level_key))})
+            item = cli_paths.get((level_key,))
+            src = item.source if item else Source("experiment", file, doc.line_of((*base_path, level_key)))
+            layered.apply({level_key: value}, src.layer, sources={(level_key,): src}, keep_layer_names=True)
 
     # 5 overrides
     ov_base = (*base_path, "overrides")
-    _check_native(module.overrides, known=known, preset=preset_values, translator=translator,
-                  where=f"modules.{name}.overrides", doc_file=file, line_of=lambda p: doc.line_of((*ov_base, *p)))
+
+    def where_override(path: KeyPath, message: str, fix: str | None) -> ConfigError:
+        full = (*ov_base, *path)
+        return ConfigError(message, file=file, line=doc.line_of(full), key=".".join(full), fix=fix)
+
+    _check_native(module.overrides, known=known, preset=preset_values, translator=translator, where=where_override)
     layered.apply(module.overrides, "overrides", file=file,
                   lines={p: doc.line_of((*ov_base, *p)) or 0 for p in flatten(module.overrides)})
 
-    # 6 command line
-    if cli.native:
-        _check_native(cli.native, known=known, preset=preset_values, translator=translator,
-                      where="command line", doc_file=None, line_of=lambda p: None)
-        layered.apply(cli.native, "cli", file="command line")
+    # 6 command line (native keys); every item keeps its own text for --explain and errors
+    for item in native_items:
+        path = _native_path(item)
+        values: dict[str, Any] = {}
+        _set_path(values, path, item.value)
+        _check_native(values, known=known, preset=preset_values, translator=translator,
+                      where=lambda _p, message, fix, item=item: item.error(message, fix))
+        layered.apply(values, "cli", sources={p: item.source for p in flatten(values)}, keep_layer_names=True)
 
-    _check_parallel(_layout(module, layered, translator, doc, name), spec, world_size)
     resolved = ResolvedModule(
         name=name, framework=backend.name, native=layered.data, sources=layered.sources, module=module,
-        model=spec, model_file=model_file, experiment_file=file, world_size=world_size)
+        model=spec, model_file=model_file, experiment_file=file, world_size=world_size,
+        neutral_origins=neutral_origins, steps_key=translator.steps_key)
+    locator = _Locator(name, doc, layered, neutral_origins, cli_paths)
     try:
+        # the neutral rules, once, on the resolved dimensions
+        dims = read_dimensions(layered.data, module, spec, translator, {
+            k: o[len("model."):] for k, o in neutral_origins.items() if o.startswith("model.")})
+        check_dimensions(dims, spec, world_size)
+        check_data(module)
+        # values computed from others: a layer of their own, with the keys they came from
+        derived = translator.derive(resolved)
+        for key, origin in derived.origins.items():
+            value = get_path(derived.values, key)
+            values = {}
+            _set_path(values, tuple(key.split(".")), value)
+            layered.apply(values, "derived", sources={p: Source("derived", origins=tuple(origin.split(",")))
+                                                      for p in flatten(values)}, keep_layer_names=True)
+        resolved.native, resolved.sources = layered.data, layered.sources
+        before = copy.deepcopy(resolved.native)
         translator.check(resolved)
     except ConfigError as exc:
-        raise exc.located(file=file) from None
-    resolved.notices = translator.notices(resolved)
+        raise locator.locate(exc) from None
+    if resolved.native != before:
+        changed = sorted(k for k in set(before) | set(resolved.native) if before.get(k) != resolved.native.get(k))
+        raise RuntimeError(f"{type(translator).__name__}.check() changed {', '.join(changed)}: check() is "
+                           "read-only; return computed values from derive()")
+    resolved.notices = translator.notices(resolved) + [
+        f"{path} is not used by the {backend.name} backend; ignored"
+        for path in _ignored_neutral_fields(module, translator, neutral.origins)]
     return resolved
 
 
-def resolve(path: str | Path, overrides: list[str] | None = None, *, module: str | None = None,
-            world_size: int = 1, environ: dict[str, str] | None = None,
+def resolve(experiment: str | Path | LoadedExperiment, overrides: list[str] | None = None, *,
+            module: str | None = None, world_size: int = 1, environ: dict[str, str] | None = None,
             discovery: Discovery | None = None) -> ResolvedExperiment:
-    """Load, resolve and validate an experiment. Raises ConfigError for anything the user must fix."""
-    path = Path(path)
+    """Resolve and validate an experiment. Raises ConfigError for anything the user must fix.
+
+    Pass a `LoadedExperiment` (parsed once by the command) or a path plus the command line's items.
+    """
     env = dict(os.environ) if environ is None else environ
-    cli = parse_cli_overrides(overrides or [])
-    experiment, doc = load_experiment(path, cli, env)
+    if isinstance(experiment, LoadedExperiment):
+        if overrides:
+            raise TypeError("a LoadedExperiment carries its own command line")
+        loaded = experiment
+    else:
+        loaded = load_experiment(Path(experiment), overrides or [], env)
     discovery = discovery or discover()
-    names = list(experiment.modules)
+    names = list(loaded.experiment.modules)
     if module is not None:
-        if module not in experiment.modules:
+        if module not in loaded.experiment.modules:
             hint = did_you_mean(module, names)
-            raise ConfigError(f"no module '{module}' in the experiment (has: {', '.join(names)})", file=str(path),
-                              key="modules", fix=hint)
+            raise ConfigError(f"no module '{module}' in the experiment (has: {', '.join(names)})",
+                              file=str(loaded.path), key="--module", fix=hint)
         names = [module]
-    modules = {n: resolve_module(n, experiment, doc, discovery, cli, world_size, env) for n in names}
+    modules = {n: resolve_module(n, loaded, discovery, world_size, env) for n in names}
     used = {m.framework: discovery.backends[m.framework] for m in modules.values()}
-    return ResolvedExperiment(file=str(path), experiment=experiment, modules=modules, backends=used)
+    return ResolvedExperiment(file=str(loaded.path), experiment=loaded.experiment, modules=modules, backends=used,
+                              loaded=loaded)

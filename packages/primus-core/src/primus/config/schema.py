@@ -7,9 +7,18 @@ unset (None) means "keep the backend preset's value", so only what the user wrot
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+# numbers a training engineer means as finite: `.inf` or `.nan` is a mistake, refused here
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+PositiveFiniteFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFiniteFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# what a POSIX shell and os.environ accept as a variable name
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
 
@@ -20,8 +29,8 @@ class _Strict(BaseModel):
 
 class TrainSection(_Strict):
     steps: PositiveInt | None = Field(None, description="Optimizer steps to train.")
-    lr: PositiveFloat | None = Field(None, description="Peak learning rate.")
-    min_lr: float | None = Field(None, ge=0, description="Learning rate at the end of the decay.")
+    lr: PositiveFiniteFloat | None = Field(None, description="Peak learning rate.")
+    min_lr: NonNegativeFiniteFloat | None = Field(None, description="Learning rate at the end of the decay.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps.")
     lr_schedule: Literal["cosine", "linear", "constant"] | None = Field(None, description="Decay after warmup.")
     micro_batch_size: PositiveInt | None = Field(None, description="Sequences per device per micro step.")
@@ -29,8 +38,8 @@ class TrainSection(_Strict):
         None, description="Sequences per optimizer step: micro x data-parallel x accumulation.")
     seq_length: PositiveInt | None = Field(None, description="Tokens per sequence.")
     seed: int | None = Field(None, ge=0, description="Random seed.")
-    weight_decay: float | None = Field(None, ge=0)
-    grad_clip: float | None = Field(None, ge=0, description="Max global grad norm; 0 disables clipping.")
+    weight_decay: NonNegativeFiniteFloat | None = None
+    grad_clip: NonNegativeFiniteFloat | None = Field(None, description="Max global grad norm; 0 disables clipping.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
         None, description="auto: bf16 on GPUs, fp32 on CPU.")
     log_interval: PositiveInt | None = Field(None, description="Steps between logged metrics.")
@@ -52,7 +61,7 @@ class DataSection(_Strict):
     path: str | None = Field(None, description="Local text or JSONL corpus.")
     text_key: str | None = Field(None, description="JSONL field holding the text (default 'text').")
     tokenizer: str | None = Field(None, description="Local tokenizer directory.")
-    valid_fraction: float | None = Field(None, ge=0, lt=1, description="Share of documents held out for validation.")
+    valid_fraction: FiniteFloat | None = Field(None, ge=0, lt=1, description="Share of documents held out for validation.")
 
     @model_validator(mode="after")
     def _mock_or_path(self) -> DataSection:
@@ -138,6 +147,20 @@ class Experiment(_Strict):
         default_factory=dict, description="Exported before the backend is imported; wins over platform defaults.")
     modules: dict[str, ModuleConfig] = Field(min_length=1)
     launch: LaunchSection = Field(default_factory=LaunchSection)
+
+    @field_validator("env")
+    @classmethod
+    def _env_exportable(cls, env: dict[str, Any]) -> dict[str, Any]:
+        """Names a shell can export and values os.environ can hold: checked before anything runs."""
+        for name, value in env.items():
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"env name {name!r} is not a variable name (letters, digits, _; not starting "
+                                 "with a digit)")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"env {name}: {value!r} is not a finite number")
+            if "\0" in str(value):
+                raise ValueError(f"env {name}: the value holds a NUL character, which no environment can carry")
+        return env
 
     @model_validator(mode="after")
     def _names_are_path_safe(self) -> Experiment:

@@ -53,10 +53,16 @@ class LaunchOptions:
             node_rank=int(pick(node_rank, "NODE_RANK", 0, int)),
             master_addr=str(pick(master_addr, "MASTER_ADDR", "127.0.0.1", str)),
             master_port=int(pick(master_port, "MASTER_PORT", 29500, int)),
-            max_restarts=int(max_restarts or 0),
+            max_restarts=int(max_restarts if max_restarts is not None else 0),
         )
         if opts.nproc_per_node < 1 or opts.nnodes < 1:
-            raise ConfigError("--nproc-per-node and --nnodes must be at least 1", key="launch")
+            raise ConfigError(f"--nproc-per-node ({opts.nproc_per_node}) and --nnodes ({opts.nnodes}) must be "
+                              "at least 1", key="launch", fix="give a positive number of processes and nodes")
+        if not 1 <= opts.master_port <= 65535:
+            raise ConfigError(f"--master-port {opts.master_port} is not a TCP port", key="launch",
+                              fix="use a port in 1..65535 (MASTER_PORT counts too)")
+        if opts.max_restarts < 0:
+            raise ConfigError(f"--max-restarts {opts.max_restarts} is negative", key="launch", fix="use 0 or more")
         if not 0 <= opts.node_rank < opts.nnodes:
             raise ConfigError(f"--node-rank {opts.node_rank} is outside 0..{opts.nnodes - 1}", key="launch")
         return opts

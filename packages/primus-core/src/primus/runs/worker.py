@@ -51,7 +51,7 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     patches = PatchSet(backend.spec.load_patches())
     pctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
                         framework_version=backend.framework_version, config=native, world_size=world_size)
-    total = int(resolved.module.train.steps or native.get("train_iters") or native.get("max_steps") or 0)
+    total = resolved.total_steps
     metrics = MetricsWriter(run_dir / "metrics.jsonl", total_steps=total, rank=rank, module=module_name,
                             status_path=run_dir / "logs" / module_name / f"rank-{rank}" / "status.json")
     ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
