@@ -15,6 +15,7 @@ from packaging.version import InvalidVersion, Version
 
 from primus.backends.spec import BackendSpec
 from primus.errors import ConfigError
+from primus.suggest import did_you_mean
 
 GROUP = "primus.backends"
 
@@ -74,7 +75,10 @@ class Discovery:
         else:
             msg = f"unknown framework '{name}' (installed backends: {installed})"
             dist = KNOWN_BACKENDS.get(name)
-            fix = f"pip install {dist}" if dist else "choose one of " + ", ".join(sorted(KNOWN_BACKENDS))
+            # every installed backend counts, third-party ones included, then the ones we publish
+            hint = did_you_mean(name, set(self.backends) | set(KNOWN_BACKENDS))
+            fix = f"pip install {dist}" if dist else hint or "choose one of " + ", ".join(
+                sorted(set(self.backends) | set(KNOWN_BACKENDS)))
         raise ConfigError(msg, file=file, key=key, fix=fix)
 
 

@@ -15,7 +15,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from primus.config.resolve import resolve
     from primus.config.yamlfile import flatten
 
-    resolved = resolve(args.exp, args.overrides, module=args.module)
+    resolved = resolve(args.exp, args.overrides, module=args.module, world_size=args.nproc_per_node * args.nnodes)
     for name, m in resolved.modules.items():
         for note in m.notices:
             sys.stderr.write(f"primus: warning: {name}: {note}\n")

@@ -70,11 +70,15 @@ def cmd_env(args: argparse.Namespace) -> int:
     from primus.backends.discovery import discover
     from primus.platform.env import core_entries, plan_env
 
-    backend = discover().get(args.backend)
     platform, arch = _platform(args.platform, args.arch)
-    entries = core_entries(backend.spec.runtime) + backend.spec.load_env()
+    if args.backend:
+        backend = discover().get(args.backend, key="--backend")
+        entries = core_entries(backend.spec.runtime) + backend.spec.load_env()
+        title = backend.name
+    else:  # core alone: its own platform set (the torch runtime's, which a core-only install runs)
+        entries, title = core_entries("torch"), "core (give --backend B to add a backend's entries)"
     changes, decisions = plan_env(entries, platform=platform, arch=arch, environ=os.environ)
-    print(f"# {backend.name} on {platform}" + (f" ({arch})" if arch else ""))
+    print(f"# {title} on {platform}" + (f" ({arch})" if arch else ""))
     for dec in decisions:
         if dec.applied:
             print(f"{dec.entry.name}={dec.value}  # {dec.entry.source}: {dec.reason}" +

@@ -547,7 +547,9 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
     try:
         backend = discovery.get(first.framework, file=file, key=f"modules.{name}.framework")
     except ConfigError as exc:
-        raise (framework_item.error(exc.message, exc.fix) if framework_item else exc) from None
+        if framework_item:
+            raise framework_item.error(exc.message, exc.fix) from None
+        raise exc.located(line=doc.line_of(("modules", name, "framework"))) from None
     translator: Translator = backend.spec.load_translator()
     translator.world_size = world_size
     layered = Layered()
