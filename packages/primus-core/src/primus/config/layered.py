@@ -35,6 +35,7 @@ class Source:
     line: int | None = None
     item: str | None = None  # the command-line item, e.g. "train.steps=10"
     origins: tuple[str, ...] = ()  # derived values: the neutral or native keys they were computed from
+    env: str | None = None  # the `${VAR}` reference the written value was substituted from
 
     @property
     def where(self) -> str:
@@ -48,7 +49,8 @@ class Source:
     def describe(self) -> str:
         if self.origins:
             return f"{self.layer} from {', '.join(self.origins)}"
-        return f"{self.layer} ({self.where})" if self.where else self.layer
+        where = ", ".join(filter(None, (self.where, f"from {self.env}" if self.env else "")))
+        return f"{self.layer} ({where})" if where else self.layer
 
 
 COMMAND_LINE = "command line"
@@ -63,21 +65,27 @@ class Layered:
 
     def apply(self, values: dict[str, Any], layer: str, file: str | None = None,
               lines: dict[KeyPath, int] | None = None, sources: dict[KeyPath, Source] | None = None,
-              keep_layer_names: bool = False) -> None:
+              keep_layer_names: bool = False, env_refs: dict[KeyPath, str] | None = None) -> None:
         """Merge `values` over what is there; leaves get `sources[path]`, else (layer, file, line).
 
         With `keep_layer_names` the layer names inside `sources` are kept (e.g. "neutral train").
         """
+        before = self.data
         self.data = deep_merge(self.data, values)
         for path in flatten(values):
-            # A leaf that replaces a mapping (or the reverse) drops the stale sources below it.
-            for old in [p for p in self.sources if p[: len(path)] == path or path[: len(p)] == p]:
-                del self.sources[old]
+            # A leaf that replaces a mapping (or the reverse) drops the stale sources around it:
+            # ancestors by lookup, descendants only when a mapping was really replaced (linear time)
+            for n in range(1, len(path)):
+                self.sources.pop(path[:n], None)
+            if isinstance(_at(before, path), dict):
+                for old in [p for p in self.sources if len(p) > len(path) and p[: len(path)] == path]:
+                    del self.sources[old]
             if sources and path in sources:
                 src = sources[path]
-                self.sources[path] = src if keep_layer_names else Source(layer, src.file, src.line)
+                self.sources[path] = src if keep_layer_names else Source(layer, src.file, src.line, src.item,
+                                                                         src.origins, src.env)
             else:
-                self.sources[path] = Source(layer, file, (lines or {}).get(path))
+                self.sources[path] = Source(layer, file, (lines or {}).get(path), env=(env_refs or {}).get(path))
 
     def source_of(self, key: str) -> Source | None:
         path = tuple(key.split("."))
@@ -88,6 +96,14 @@ class Layered:
             if p[: len(path)] == path:
                 return src
         return None
+
+
+def _at(data: Any, path: KeyPath) -> Any:
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
 def find_file(name: str, *, relative_to: Path | None, search_dirs: list[Path]) -> Path | None:
@@ -152,7 +168,7 @@ def load_with_extends(
         data, sources = load_with_extends(found, search_dirs=search_dirs, environ=environ, what=what,
                                           _stack=(*_stack, path))
         merged.apply(data, "extends", sources=sources)
-    merged.apply(doc.data, "file", file=str(path), lines=doc.lines)
+    merged.apply(doc.data, "file", file=str(path), lines=doc.lines, env_refs=doc.env_refs)
     return merged.data, merged.sources
 
 

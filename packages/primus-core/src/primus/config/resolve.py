@@ -337,6 +337,12 @@ def load_experiment(path: str | Path, cli: CommandLine | list[str] | None = None
 # --------------------------------------------------------------------------- the model
 
 
+def _via_extends(sources: dict[KeyPath, Source], layer: str) -> dict[KeyPath, Source]:
+    """Name the layer of each value, saying when it came from a file the preset `extends`."""
+    return {p: Source(f"{layer} via extends" if src.layer == "extends" else layer, src.file, src.line)
+            for p, src in sources.items()}
+
+
 def _is_experiment_file(path: Path) -> bool:
     """A YAML file with `modules:` is an experiment, never a model preset (a copy of an example
     saved beside it must not be picked up as `model: llama3_tiny.yaml`)."""
@@ -372,6 +378,7 @@ def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend, 
             raise ConfigError(f"model preset '{module.model}' not found", file=str(doc.path),
                               line=doc.line_of(("modules", name, "model")), key=key, fix=fix)
         data, sources = load_with_extends(found, search_dirs=search, environ=environ, what="model preset")
+        sources = _via_extends(sources, "model")
         file = str(found)
     if "family" not in data:
         return None, data, sources, file
@@ -575,7 +582,8 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
                           key=f"modules.{name}.config", fix=fix)
     preset, preset_sources = load_with_extends(preset_path, search_dirs=search, environ=environ,
                                                what="module preset")
-    layered.apply(preset, "module preset", sources=preset_sources)
+    layered.apply(preset, "module preset", sources=_via_extends(preset_sources, "module preset"),
+                  keep_layer_names=True)
     known = translator.native_keys(layered.data)
     preset_values = dict(layered.data)
 
@@ -618,7 +626,8 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         for cli_path, item in cli_paths.items():
             if path[: len(cli_path)] == cli_path:
                 return item.source
-        return Source("neutral " + path[0], file, doc.line_of((*base_path, *path)))
+        return Source("neutral " + path[0], file, doc.line_of((*base_path, *path)),
+                      env=doc.env_refs.get((*base_path, *path)))
 
     neutral_origins.update(neutral.origins)
     layered.apply(neutral.values, "neutral", sources={
@@ -640,7 +649,9 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
 
     _check_native(module.overrides, known=known, preset=preset_values, translator=translator, where=where_override)
     layered.apply(module.overrides, "overrides", file=file,
-                  lines={p: doc.line_of((*ov_base, *p)) or 0 for p in flatten(module.overrides)})
+                  lines={p: doc.line_of((*ov_base, *p)) or 0 for p in flatten(module.overrides)},
+                  env_refs={p: doc.env_refs[(*ov_base, *p)] for p in flatten(module.overrides)
+                            if (*ov_base, *p) in doc.env_refs})
 
     # 6 command line (native keys); every item keeps its own text for --explain and errors
     for item in native_items:
