@@ -48,7 +48,7 @@ def explain(m, key: str) -> list[str]:
 
     if m.explain(key) is not None:
         origin = m.neutral_origins.get(key)
-        return [native_line(key) + (f"  [neutral {origin}]" if origin else "")]
+        return [native_line(key) + (f"  (neutral name: {origin})" if origin else "")]
     neutral_paths = [f"{s}.{f}" for s, cls in NEUTRAL_SECTIONS.items() for f in cls.model_fields]
     if key not in neutral_paths:
         bare = [p for p in neutral_paths if p.split(".")[1] == key]

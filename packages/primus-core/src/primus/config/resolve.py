@@ -29,21 +29,10 @@ from primus.backends.translator import NativeValues, Translator
 from primus.config.layered import COMMAND_LINE, Layered, Source, find_file, load_with_extends
 from primus.config.rules import check_data, check_dimensions, get_path, non_finite, read_dimensions
 from primus.config.schema import NEUTRAL_SECTIONS, Experiment, ModuleConfig
-from primus.config.yamlfile import KeyPath, YamlDoc, flatten, load_yaml, substitute_env
+from primus.config.yamlfile import KeyPath, YamlDoc, flatten, load_yaml, parse_scalar, substitute_env
 from primus.errors import ConfigError
 from primus.models.spec import ModelSpec
 from primus.suggest import did_you_mean
-
-try:  # TEMPORARY until yamlfile.parse_scalar lands
-    from primus.config.yamlfile import parse_scalar
-except ImportError:  # pragma: no cover
-    import yaml as _yaml
-
-    def parse_scalar(text: str):  # type: ignore[no-redef]
-        try:
-            return _yaml.safe_load(text) if text != "" else ""
-        except _yaml.YAMLError:
-            return text
 
 MODULE_FIELDS = set(ModuleConfig.model_fields)
 EXPERIMENT_SCALARS = {"work_group", "user_name", "exp_name", "workspace"}
