@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.support import run_primus, write_yaml
+
+__all__ = ["run_primus"]  # tests in this folder import it from here
+
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def run_primus(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-               timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "primus", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -25,10 +18,7 @@ def write(tmp_path: Path):
     """write("name.yaml", text) -> Path, dedented, under tmp_path."""
 
     def _write(name: str, text: str) -> Path:
-        path = tmp_path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
-        return path
+        return write_yaml(tmp_path / name, text)
 
     return _write
 

@@ -15,18 +15,8 @@ import yaml
 
 from primus.config.resolve import resolve
 from primus.errors import ConfigError
-
-from .conftest import run_primus
-
-
-def _fails(result, *needles: str) -> str:
-    """Exit 2, exactly one line on stderr, no traceback, every needle in it."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
+from tests.support import assert_config_error as _fails
+from tests.support import run_primus
 
 
 def _stub_tool(directory: Path, name: str, body: str) -> Path:

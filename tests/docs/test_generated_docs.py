@@ -1,10 +1,23 @@
 """docs/backends/ is generated from the registries; committed pages must match (nox session `docs`)."""
 
+from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 from primus.docs.generate import generate_docs
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "backends"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "backends"
+
+
+@pytest.fixture(autouse=True)
+def _only_this_repos_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The committed pages describe this repository's backends: a backend installed from elsewhere
+    (a developer's venv with the toy fixture or the template) is hidden while they are generated."""
+    ours = {p.name.removeprefix("primus-") for p in (ROOT / "packages").iterdir()}
+    others = {ep.name for ep in metadata.entry_points(group="primus.backends")} - ours
+    monkeypatch.setenv("PRIMUS_DISABLE_BACKENDS", ",".join(sorted(others)))
 
 
 def test_committed_backend_docs_match_the_registries():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_port, run_primus
+
+__all__ = ["free_port"]  # tests in this folder import it from here
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -25,15 +27,8 @@ modules:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def primus(*args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path | None = None):
-    return subprocess.run([sys.executable, "-m", "primus", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd)
+    return run_primus(*args, env=env, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

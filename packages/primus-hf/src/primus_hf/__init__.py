@@ -5,12 +5,16 @@ that `primus backends` never imports torch or transformers. The translator, adap
 env are named by import strings and loaded when used.
 """
 
-from primus.backends.spec import BackendSpec
+from primus.backends.spec import BackendSpec, framework_range
+
+#: The transformers versions this package supports: read from its pyproject's dependency (the one
+#: declaration); the spec and the patch modules use this name, never a literal.
+FRAMEWORK_RANGE = framework_range("primus-hf", "transformers")
 
 BACKEND = BackendSpec(
     name="hf",
     framework="transformers",
-    supported=">=5.0,<6",
+    supported=FRAMEWORK_RANGE,
     presets="primus_hf.presets",
     preflight="primus_hf.preflight:process_group",
     adapter="primus_hf.adapter:HFAdapter",

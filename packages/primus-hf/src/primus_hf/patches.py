@@ -130,6 +130,9 @@ def _tracker_on(key: str) -> Callable[[PatchContext], bool]:
     return lambda ctx: not ctx.config.get(key, True)
 
 
+TRACKER_NEEDS = ("metrics", "run_dir")  # the adapter passes both at before_train
+
+
 PATCHES: list[Patch] = [
     Patch(id="hf.auto_continue_train", backend=BACKEND, kind="feature", phase="setup",
           target="primus_hf.adapter.HFAdapter.resume_point", enabled_by="auto_continue_train",
@@ -141,14 +144,14 @@ PATCHES: list[Patch] = [
           description="Skip saving the final model to <run dir>/model."),
     Patch(id="hf.tensorboard", backend=BACKEND, kind="feature", phase="before_train",
           target="primus.runs.metrics.MetricsWriter.train_step", predicate=_tracker_on("disable_tensorboard"),
-          predicate_doc="`disable_tensorboard: false`", apply=_tracker(_tensorboard),
+          predicate_doc="`disable_tensorboard: false`", apply=_tracker(_tensorboard), needs=TRACKER_NEEDS,
           description="Mirror train/eval metrics to TensorBoard under <run dir>/tensorboard (rank 0)."),
     Patch(id="hf.wandb", backend=BACKEND, kind="feature", phase="before_train",
           target="primus.runs.metrics.MetricsWriter.train_step", predicate=_tracker_on("disable_wandb"),
-          predicate_doc="`disable_wandb: false`", apply=_tracker(_wandb),
+          predicate_doc="`disable_wandb: false`", apply=_tracker(_wandb), needs=TRACKER_NEEDS,
           description="Mirror train/eval metrics to Weights & Biases, offline under <run dir>/wandb (rank 0)."),
     Patch(id="hf.mlflow", backend=BACKEND, kind="feature", phase="before_train",
           target="primus.runs.metrics.MetricsWriter.train_step", predicate=_tracker_on("disable_mlflow"),
-          predicate_doc="`disable_mlflow: false`", apply=_tracker(_mlflow),
+          predicate_doc="`disable_mlflow: false`", apply=_tracker(_mlflow), needs=TRACKER_NEEDS,
           description="Mirror train/eval metrics to MLflow, a file store under <run dir>/mlruns (rank 0)."),
 ]

@@ -5,12 +5,16 @@ This module is what the `primus.backends` entry point loads: a `BackendSpec` and
 import strings and loaded when used.
 """
 
-from primus.backends.spec import BackendSpec
+from primus.backends.spec import BackendSpec, framework_range
+
+#: The maxtext versions this package supports: read from its pyproject's dependency (the one
+#: declaration); the spec and the patch modules use this name, never a literal.
+FRAMEWORK_RANGE = framework_range("primus-maxtext", "maxtext")
 
 BACKEND = BackendSpec(
     name="maxtext",
     framework="maxtext",
-    supported=">=0.2.5,<0.3",
+    supported=FRAMEWORK_RANGE,
     presets="primus_maxtext.presets",
     adapter="primus_maxtext.adapter:MaxTextAdapter",
     translator="primus_maxtext.translate:MaxTextTranslator",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
+from primus_maxtext import FRAMEWORK_RANGE
 
 METRIC_LOGGER = "maxtext.common.metric_logger.MetricLogger"
 
@@ -60,7 +61,8 @@ PATCHES: list[Patch] = [
         description="MaxText's per-step loss, lr, grad norm and step time also go to Primus's metrics.jsonl "
                     "and progress line (every log_period steps, the first and the last).",
         apply=report_metrics_to_primus,
-        versions=">=0.2.5,<0.3",
+        versions=FRAMEWORK_RANGE,
         kind="feature",
+        needs=("metrics",),
     ),
 ]

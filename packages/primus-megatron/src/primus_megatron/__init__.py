@@ -1,11 +1,15 @@
 """Primus's Megatron backend. This module is the entry point and stays light: no torch, no megatron."""
 
-from primus.backends.spec import BackendSpec
+from primus.backends.spec import BackendSpec, framework_range
+
+#: The megatron-core versions this package supports: read from its pyproject's dependency (the one
+#: declaration); the spec and the patch modules use this name, never a literal.
+FRAMEWORK_RANGE = framework_range("primus-megatron", "megatron-core")
 
 BACKEND = BackendSpec(
     name="megatron",
     framework="megatron-core",
-    supported=">=0.16,<0.17",
+    supported=FRAMEWORK_RANGE,
     presets="primus_megatron.presets",
     preflight="primus_megatron.preflight:process_group",
     adapter="primus_megatron.adapter:MegatronAdapter",

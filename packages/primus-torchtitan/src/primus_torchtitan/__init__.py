@@ -5,12 +5,16 @@ This module is what the `primus.backends` entry point loads: a `BackendSpec` and
 named by import strings and loaded when used.
 """
 
-from primus.backends.spec import BackendSpec
+from primus.backends.spec import BackendSpec, framework_range
+
+#: The torchtitan versions this package supports: read from its pyproject's dependency (the one
+#: declaration); the spec and the patch modules use this name, never a literal.
+FRAMEWORK_RANGE = framework_range("primus-torchtitan", "torchtitan")
 
 BACKEND = BackendSpec(
     name="torchtitan",
     framework="torchtitan",
-    supported=">=0.3.0,<0.4",
+    supported=FRAMEWORK_RANGE,
     presets="primus_torchtitan.presets",
     preflight="primus_torchtitan.preflight:process_group",
     adapter="primus_torchtitan.adapter:TorchTitanAdapter",

@@ -264,10 +264,12 @@ class TorchTitanAdapter(Adapter):
             import torch
             from torchtitan.trainer import Trainer  # noqa: F401 - the framework import, after before_import
 
-            ctx.apply_patches("setup")
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             config = build_trainer_config(ctx.native, run_dir=str(ctx.run_dir), checkpoint_dir=str(ctx.checkpoint_dir))
-            ctx.apply_patches("build_args", titan_config=config, world_size=ctx.world_size)
+            # core's phase order: build_args (the config), then setup (torchtitan's modules), both
+            # before config.build() creates the model
+            ctx.apply_patches("build_args", titan_config=config)
+            ctx.apply_patches("setup")
             trainer = None
             try:
                 trainer = config.build()

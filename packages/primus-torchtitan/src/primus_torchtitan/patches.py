@@ -19,9 +19,9 @@ from typing import Any
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
 from primus.runs.logs import InterceptHandler
+from primus_torchtitan import FRAMEWORK_RANGE
 
 BACKEND = "torchtitan"
-VERSIONS = ">=0.3.0,<0.4"
 CPU = frozenset({"cpu"})
 GPUS = frozenset({"rocm", "cuda"})
 
@@ -208,8 +208,8 @@ def _eager_block_mask(ctx: PatchContext) -> Undo:
 def _cpu_spmd_backend(ctx: PatchContext) -> Undo | None:
     # With FSDP or TP on CPU TorchTitan's default SPMD backend fails at start, and full_dtensor
     # trains but reports about twice the loss; partial_dtensor trains correctly.
-    config = ctx.state.get("titan_config")
-    if config is None or ctx.config_value("parallelism.spmd_backend") is not None:
+    config = ctx.state["titan_config"]
+    if ctx.config_value("parallelism.spmd_backend") is not None:
         return None
     old = config.parallelism.spmd_backend
     config.parallelism.spmd_backend = "partial_dtensor"
@@ -221,7 +221,8 @@ def _cpu_spmd_backend(ctx: PatchContext) -> Undo | None:
 
 
 def _multi_process(ctx: PatchContext) -> bool:
-    return int(ctx.state.get("world_size", 1)) > 1
+    # the context's world size, so `primus run --dry-run` (which passes no run state) decides alike
+    return ctx.world_size > 1
 
 
 # ----------------------------------------------------------------------------- AMD GPUs
@@ -306,65 +307,65 @@ def _route_logging(ctx: PatchContext) -> Undo:
 PATCHES: list[Patch] = [
     Patch(
         id="torchtitan.cpu.stub_triton_kernels", backend=BACKEND, target=TRITON_KERNELS,
-        phase="before_import", versions=VERSIONS, platforms=CPU, check_target=False,
+        phase="before_import", versions=FRAMEWORK_RANGE, platforms=CPU, check_target=False,
         description="Replace the expert-parallel triton kernel module (imported at top level) with a "
                     "stub, so torchtitan imports without triton; triton itself stays absent.",
         apply=_stub_triton_kernels),
     Patch(
         id="torchtitan.cpu.device_type", backend=BACKEND, target="torchtitan.tools.utils.device_type",
-        phase="before_import", versions=VERSIONS, platforms=CPU, check_target=False,
+        phase="before_import", versions=FRAMEWORK_RANGE, platforms=CPU, check_target=False,
         description="Make torchtitan's import-time device detection answer `cpu` instead of falling "
                     "back to `cuda`.",
         apply=_force_cpu_device),
     Patch(
         id="torchtitan.cpu.device_api", backend=BACKEND, target="torch.cpu", phase="before_import",
-        versions=VERSIONS, platforms=CPU,
+        versions=FRAMEWORK_RANGE, platforms=CPU,
         description="Give `torch.cpu` the memory-stats and device-name calls torchtitan's metrics make, "
                     "an integer `current_device()`, and a barrier that ignores `device_ids` under gloo.",
         apply=_cpu_device_api),
     Patch(
         id="torchtitan.cpu.dist_set_timeout", backend=BACKEND, target="torch.distributed.set_timeout",
-        phase="before_import", versions=VERSIONS, platforms=CPU, check_target=False,
+        phase="before_import", versions=FRAMEWORK_RANGE, platforms=CPU, check_target=False,
         description="Provide `torch.distributed.set_timeout` (missing in torch 2.13) through the private "
                     "`_set_pg_timeout`.",
         apply=_dist_set_timeout),
     Patch(
         id="torchtitan.cpu.gloo_sum_reduction", backend=BACKEND,
         target="torch.distributed.fsdp.FSDPModule.set_gradient_divide_factor", phase="before_import",
-        versions=VERSIONS, platforms=CPU,
+        versions=FRAMEWORK_RANGE, platforms=CPU,
         description="Force plain SUM reductions in FSDP2, since gloo rejects the PREMUL_SUM op that a "
                     "divide factor of 1 selects.",
         apply=_gloo_sum_reduction),
     Patch(
         id="torchtitan.cpu.eager_attention", backend=BACKEND,
         target="torchtitan.models.common.attention.FlexAttention.compiled_flex_attn", phase="setup",
-        versions=VERSIONS, platforms=CPU,
+        versions=FRAMEWORK_RANGE, platforms=CPU,
         description="Compute FlexAttention eagerly from the dense form of the same block mask: "
                     "FlexAttention has no backward on CPU.",
         apply=_eager_masked_attention),
     Patch(
         id="torchtitan.cpu.eager_block_mask", backend=BACKEND,
         target="torchtitan.models.common.attention._compiled_create_block_mask", phase="setup",
-        versions=VERSIONS, platforms=CPU,
+        versions=FRAMEWORK_RANGE, platforms=CPU,
         description="Build FlexAttention block masks eagerly: the compiled mask builder spends about "
                     "10 s per process in inductor on CPU.",
         apply=_eager_block_mask),
     Patch(
         id="torchtitan.cpu.spmd_backend", backend=BACKEND,
-        target="torchtitan.config.configs.ParallelismConfig", phase="build_args", versions=VERSIONS,
-        platforms=CPU, predicate=_multi_process, predicate_doc="more than one process",
+        target="torchtitan.config.configs.ParallelismConfig", phase="build_args", versions=FRAMEWORK_RANGE,
+        platforms=CPU, predicate=_multi_process, predicate_doc="more than one process", needs=("titan_config",),
         description="Use `parallelism.spmd_backend: partial_dtensor` for FSDP/TP on CPU unless set: the "
                     "default fails at start and `full_dtensor` misreports the loss.",
         apply=_cpu_spmd_backend),
     Patch(
         id="torchtitan.amd_peak_flops", backend=BACKEND, target="torchtitan.tools.utils.get_peak_flops",
-        phase="setup", versions=VERSIONS, platforms=frozenset({"rocm"}),
+        phase="setup", versions=FRAMEWORK_RANGE, platforms=frozenset({"rocm"}),
         description="Peak bf16 FLOP/s of AMD Instinct GPUs for MFU: MI300X/MI325X 1307T, MI350X 2300T, "
                     "MI355X 2500T.",
         apply=_amd_peak_flops),
     Patch(
         id="torchtitan.embedding_autocast", backend=BACKEND,
-        target="torchtitan.models.common.embedding.Embedding.__init__", phase="setup", versions=VERSIONS,
+        target="torchtitan.models.common.embedding.Embedding.__init__", phase="setup", versions=FRAMEWORK_RANGE,
         kind="feature", predicate=_embedding_autocast_on,
         predicate_doc="`primus_turbo.enable_embedding_autocast` (default on)",
         description="Cast embedding outputs to the autocast dtype under mixed precision "
@@ -372,7 +373,7 @@ PATCHES: list[Patch] = [
         apply=_embedding_autocast),
     Patch(
         id="torchtitan.route_logging", backend=BACKEND, target="torchtitan.tools.logging.logger",
-        phase="setup", versions=VERSIONS, kind="feature",
+        phase="setup", versions=FRAMEWORK_RANGE, kind="feature",
         description="Route torchtitan's stdlib logger into Primus's loguru sinks (stderr and the "
                     "per-rank log files).",
         apply=_route_logging),

@@ -52,7 +52,14 @@ class RunContext:
         return self.world_size > 1 or "LOCAL_RANK" in os.environ
 
     def apply_patches(self, phase: Phase, **state: Any) -> list[str]:
-        """Apply `phase`'s patches; `state` (model, args, trainer, ...) is visible to them."""
+        """Apply `phase`'s patches; `state` (model, args, trainer, ...) is visible to them.
+
+        Phases come in the order of `primus.patches.registry.PHASES`, each once (core applies
+        `before_import` before the adapter is imported). State passed at one phase stays visible at
+        the later ones; a patch that applies and names a key in `Patch.needs` that was never
+        passed fails with its id, the phase and the key (docs/patches-and-env.md lists what each
+        backend passes where).
+        """
         self.patch_context.state.update(state)
         return self.patches.apply_phase(phase, self.patch_context)
 

@@ -12,7 +12,9 @@ entry point stays cheap. Everything heavy is named by an import string and loade
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,11 +33,65 @@ def load_object(ref: str) -> Any:
     return obj
 
 
+# lower bounds first, as people write ranges; metadata stores them sorted as text ("<0.17,>=0.16")
+_OPERATOR_ORDER = {"===": 0, "==": 0, "~=": 1, ">=": 2, ">": 2, "!=": 3, "<=": 4, "<": 4}
+# a Requires-Dist line as build backends write it: name, optional [extras], specifiers, optional marker
+_REQUIREMENT = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*\(?([^;()@]*)\)?\s*(;.*)?$")
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
+def _parse_requirement(line: str) -> tuple[str, str, bool]:
+    """(normalized name, specifiers, has a marker) of one Requires-Dist line.
+
+    A regular expression rather than packaging.requirements, whose import (markers, tags, logging,
+    subprocess) would cost every `primus` command about 10 ms; anything unusual goes to packaging.
+    """
+    match = _REQUIREMENT.match(line)
+    if match:
+        return _normalized(match[1]), match[2].strip(), match[3] is not None
+    from packaging.requirements import Requirement
+
+    requirement = Requirement(line)
+    return _normalized(requirement.name), str(requirement.specifier), requirement.marker is not None
+
+
+@functools.cache
+def framework_range(dist: str, framework: str) -> str:
+    """The version range that distribution `dist` requires of `framework`, read from its installed
+    metadata (its pyproject's dependency): the one place a backend package declares its range.
+
+    `dist`'s unconditional requirement on `framework` counts; lines behind a marker (an extra, a
+    Python version) do not. Cached: a backend's entry point and its patch modules ask once.
+    """
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    try:
+        requirements = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        raise LookupError(f"{dist} is not installed, so the range of {framework} it supports is unknown "
+                          f"(pip install {dist}; an editable install also writes its metadata)") from None
+    wanted = _normalized(framework)
+    for line in requirements:
+        name, specifiers, has_marker = _parse_requirement(line)
+        if name == wanted and not has_marker:
+            ordered = sorted(SpecifierSet(specifiers), key=lambda s: (_OPERATOR_ORDER.get(s.operator, 5), s.version))
+            return ",".join(str(s) for s in ordered)
+    raise LookupError(f"{dist} declares no dependency on {framework}; its pyproject.toml must name the range")
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
     framework: str  # the framework's distribution name, e.g. "transformers"
-    supported: str  # PEP 440 range of the framework, e.g. ">=5.0,<6"
+    # PEP 440 range of the framework, e.g. ">=5.0,<6": Primus's backends pass
+    # framework_range(<their distribution>, framework), so their pyproject's dependency is the one
+    # declaration; a literal works too
+    supported: str
     presets: str  # package holding module presets (and models/), read with importlib.resources
     adapter: str  # "primus_hf.adapter:HFAdapter"
     translator: str  # "primus_hf.translate:HFTranslator"

@@ -4,6 +4,11 @@ A patch is data plus a function. Core decides whether it applies (selection by P
 platform, framework version, enabling key or predicate) and applies it at its phase; `apply`
 returns the undo. A patch whose target is missing in the installed framework fails loudly with its
 id and the framework version, unless it is optional.
+
+Phases run once each, in the order of PHASES, for every backend. At each phase the adapter passes
+run state (`ctx.apply_patches(phase, model=..., ...)`) into `PatchContext.state`, where it stays
+for the later phases; a patch names the keys it reads in `needs`, and a patch that applies with a
+needed key missing fails with its id, its phase and the key, before its function runs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class PatchContext:
     arch: str | None = None
     world_size: int = 1
     state: dict[str, Any] = field(default_factory=dict)  # objects the adapter shares (model, args, ...)
+    phase: Phase | None = None  # the phase being applied, or the last one applied in this run
 
     def config_value(self, key: str, default: Any = None) -> Any:
         """A native config value; a dotted key also walks nested sections (`primus_turbo.enable_x`)."""
@@ -68,6 +74,15 @@ class Patch:
     kind: Literal["feature", "platform"] = "platform"
     check_target: bool = True  # False for targets that exist only after an import or are being added
     notes: str = ""  # for the generated patch notes: caveats, related keys, where output goes
+    # keys of PatchContext.state that `apply` reads (passed by the adapter at this phase or earlier)
+    needs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"patch {self.id}: unknown phase '{self.phase}' (phases: {', '.join(PHASES)})")
+        # a bare string would be read as its letters; a list would make the record unhashable
+        needs = (self.needs,) if isinstance(self.needs, str) else tuple(self.needs)
+        object.__setattr__(self, "needs", needs)
 
     @property
     def flag(self) -> str | None:
@@ -84,6 +99,14 @@ class PatchDecision:
 
 class PatchTargetMissing(RuntimeError):
     pass
+
+
+class PatchStateMissing(RuntimeError):
+    """A patch that applies needs run state that the adapter has not passed."""
+
+
+class PatchPhaseOrder(RuntimeError):
+    """A phase was applied after a later one (or twice) in the same run."""
 
 
 def resolve_target(dotted: str) -> Any:
@@ -154,11 +177,33 @@ class PatchSet:
         return [self.decide(p, ctx) for p in self.patches]
 
     def apply_phase(self, phase: Phase, ctx: PatchContext) -> list[str]:
-        """Apply the patches of `phase` that should apply; returns their ids."""
+        """Apply the patches of `phase` that should apply; returns their ids.
+
+        `ctx` is the run's context: phases must come in the order of PHASES, each at most once
+        (phases without patches may be skipped).
+        """
+        if phase not in PHASES:
+            raise ValueError(f"unknown patch phase '{phase}' (phases, in order: {', '.join(PHASES)})")
+        if ctx.phase is not None and PHASES.index(phase) <= PHASES.index(ctx.phase):
+            again = "again" if phase == ctx.phase else f"after phase '{ctx.phase}'"
+            raise PatchPhaseOrder(
+                f"{ctx.backend}: patch phase '{phase}' applied {again} in the same run; phases run once each, "
+                f"in the order {' -> '.join(PHASES)}"
+            )
+        ctx.phase = phase
         done = []
         for patch in self.patches:
             if patch.phase != phase or not self.decide(patch, ctx).applies:
                 continue
+            missing = [key for key in patch.needs if key not in ctx.state]
+            if missing:
+                passed = ", ".join(sorted(ctx.state)) or "nothing"
+                raise PatchStateMissing(
+                    f"patch {patch.id} (phase {phase}) needs run state {', '.join(repr(k) for k in missing)}, "
+                    f"which {ctx.backend}'s adapter has not passed by this phase (passed so far: {passed}); "
+                    f"the adapter passes it as ctx.apply_patches('{phase}', {missing[0]}=...) or at an earlier "
+                    f"phase, or PRIMUS_PATCHES can leave the patch out"
+                )
             if patch.check_target and phase != "before_import":
                 try:
                     resolve_target(patch.target)
@@ -200,8 +245,8 @@ def replace_attr(owner: Any, name: str, new: Any) -> Undo:
 def patches_markdown(backend: str, patches: list[Patch]) -> str:
     """The generated patch-notes table of one backend (docs/backends/<backend>.md)."""
     lines = [
-        "| id | kind | phase | target | versions | platforms | enabled by | what it does |",
-        "|---|---|---|---|---|---|---|---|",
+        "| id | kind | phase | target | versions | platforms | enabled by | what it does | needs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in patches:
         enabled = f"`{p.enabled_by}`" if p.enabled_by else (p.predicate_doc or "always")
@@ -211,10 +256,11 @@ def patches_markdown(backend: str, patches: list[Patch]) -> str:
             enabled = f"`{p.disabled_by}: false`"
         lines.append(
             f"| `{p.id}` | {p.kind} | {p.phase} | `{p.target}` | {p.versions or 'any'} | "
-            f"{', '.join(sorted(p.platforms))} | {enabled} | {p.description} |"
+            f"{', '.join(sorted(p.platforms))} | {enabled} | {p.description} | "
+            f"{', '.join(f'`{k}`' for k in p.needs) or '-'} |"
         )
     if not patches:
-        lines.append("| (none) | | | | | | | |")
+        lines.append("| (none) | | | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,9 +20,9 @@ import types
 from typing import Any
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
+from primus_megatron import FRAMEWORK_RANGE
 
 CPU = frozenset({"cpu"})
-VERSIONS = ">=0.16,<0.17"
 
 
 # --------------------------------------------------------------------------- 1. RNG tracker
@@ -261,26 +261,26 @@ def _patch_fsdp2_device_mesh(ctx: PatchContext) -> Undo:
 
 
 CPU_PATCHES: list[Patch] = [
-    Patch(id="megatron.cpu.rng_tracker", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
-          target="megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
+    Patch(id="megatron.cpu.rng_tracker", backend="megatron", phase="setup", platforms=CPU,
+          versions=FRAMEWORK_RANGE, target="megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
           description="The tensor-parallel RNG tracker keeps CPU generator states instead of torch.cuda ones.",
           apply=_patch_rng_tracker),
     *[
         Patch(id="megatron.cpu.device." + name.removeprefix("megatron.core."), backend="megatron", phase="setup",
-              platforms=CPU, versions=VERSIONS, target=f"{name}.torch",
+              platforms=CPU, versions=FRAMEWORK_RANGE, target=f"{name}.torch",
               description=f"CUDA call sites made CPU-local: {why}.", apply=_module_torch_on_cpu(name))
         for name, why in CUDA_CALL_SITES.items()
     ],
-    Patch(id="megatron.cpu.clip_grad", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
-          target="megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+    Patch(id="megatron.cpu.clip_grad", backend="megatron", phase="setup", platforms=CPU,
+          versions=FRAMEWORK_RANGE, target="megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
           description="Grad clipping without the assertion that every grad is a torch.cuda.FloatTensor.",
           apply=_patch_clip_grad),
-    Patch(id="megatron.cpu.distopt_param_types", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
-          target="megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
+    Patch(id="megatron.cpu.distopt_param_types", backend="megatron", phase="setup", platforms=CPU,
+          versions=FRAMEWORK_RANGE, target="megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
           description="The distributed optimizer shards CPU parameters (it accepts only torch.cuda tensor types).",
           apply=_patch_distopt_param_types),
-    Patch(id="megatron.cpu.fsdp2_device_mesh", backend="megatron", phase="setup", platforms=CPU, versions=VERSIONS,
-          target="megatron.core.distributed.torch_fully_sharded_data_parallel.DeviceMesh",
+    Patch(id="megatron.cpu.fsdp2_device_mesh", backend="megatron", phase="setup", platforms=CPU,
+          versions=FRAMEWORK_RANGE, target="megatron.core.distributed.torch_fully_sharded_data_parallel.DeviceMesh",
           description="Torch FSDP2 builds its data-parallel device mesh for the CPU instead of 'cuda'.",
           apply=_patch_fsdp2_device_mesh),
 ]

@@ -12,6 +12,7 @@ from typing import Any
 from loguru import logger
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
+from primus_megatron import FRAMEWORK_RANGE
 
 
 def set_args(ctx: PatchContext, changes: dict[str, Any], why: str) -> Undo | None:
@@ -77,6 +78,7 @@ def _dataloader_mp_context(ctx: PatchContext) -> Undo | None:
 def _auto_continue_train(ctx: PatchContext) -> Undo | None:
     # Continue from the newest complete checkpoint in the save directory, with its optimizer and
     # RNG state (a continuation, not a finetune). No checkpoint yet: start from scratch.
+    # `checkpoint_dir` (state) is read only when `save` is unset, so it is not among the patch's needs.
     from primus_megatron.checkpoint import latest_checkpoint
 
     save_dir = ctx.config.get("save") or ctx.state.get("checkpoint_dir")
@@ -212,7 +214,8 @@ def _tp_of(ctx: PatchContext) -> int:
 
 FEATURE_PATCHES: list[Patch] = [
     Patch(id="megatron.moe.te_gemm_undefined", backend="megatron", phase="setup", kind="platform",
-          versions=">=0.16,<0.17", target="megatron.core.transformer.moe.moe_utils", predicate=_transformer_engine_missing,
+          versions=FRAMEWORK_RANGE, target="megatron.core.transformer.moe.moe_utils",
+          predicate=_transformer_engine_missing,
           predicate_doc="TransformerEngine is not installed",
           description="Defines moe_utils.te_general_gemm = None so the MoE router falls back to torch matmul.",
           apply=_define_missing_te_gemm),
@@ -254,7 +257,7 @@ FEATURE_PATCHES: list[Patch] = [
                 "or a string like \"0,1\"",
           apply=_recompute_method_for_layer_ids),
     Patch(id="megatron.transformer.recompute_layer_ids", backend="megatron", phase="setup", kind="feature",
-          versions=">=0.16,<0.17", target="megatron.core.transformer.transformer_block.TransformerBlock."
+          versions=FRAMEWORK_RANGE, target="megatron.core.transformer.transformer_block.TransformerBlock."
           "_checkpointed_forward", enabled_by="recompute_layer_ids", enabled_by_default=False,
           description="The full-recompute forward checkpoints the listed layers and runs the others as usual.",
           notes="logs how many layer forwards were checkpointed at the end of the run",
@@ -262,14 +265,14 @@ FEATURE_PATCHES: list[Patch] = [
     Patch(id="megatron.rocm_mem_info", backend="megatron", phase="before_train", kind="feature",
           platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
           enabled_by="use_rocm_mem_info", enabled_by_default=False,
-          description="Logs this rank's GPU memory from rocm-smi after every step.",
+          description="Logs this rank's GPU memory from rocm-smi after every step.", needs=("loop",),
           notes="without it, after the steps in use_rocm_mem_info_iters",
           apply=_report_rocm_memory),
     Patch(id="megatron.rocm_mem_info_iters", backend="megatron", phase="before_train", kind="feature",
           platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
           enabled_by="use_rocm_mem_info_iters", enabled_by_default=False,
           predicate=lambda ctx: not ctx.config.get("use_rocm_mem_info"), predicate_doc="use_rocm_mem_info is off",
-          description="Logs this rank's GPU memory from rocm-smi after the listed steps.",
+          description="Logs this rank's GPU memory from rocm-smi after the listed steps.", needs=("loop",),
           apply=_report_rocm_memory),
     Patch(id="megatron.rocm_mem_info.unavailable", backend="megatron", phase="before_train", kind="feature",
           platforms=frozenset({"cpu", "cuda"}), target="primus_megatron.trainer", check_target=False,
@@ -277,7 +280,7 @@ FEATURE_PATCHES: list[Patch] = [
           description="A notice that rocm-smi has nothing to report on this platform.",
           apply=_rocm_memory_notice),
     Patch(id="megatron.moe.force_load_balancing", backend="megatron", phase="build_args", kind="feature",
-          versions=">=0.16,<0.17", target="megatron.core.transformer.moe.router.TopKRouter",
+          versions=FRAMEWORK_RANGE, target="megatron.core.transformer.moe.router.TopKRouter",
           enabled_by="moe_router_force_load_balancing", enabled_by_default=False,
           description="Routes tokens with random logits, so the experts get balanced load (for benchmarking).",
           notes="megatron-core 0.16 has it natively (TransformerConfig.moe_router_force_load_balancing); the "

@@ -21,6 +21,7 @@ from typing import Any
 from loguru import logger
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
+from primus_megatron import FRAMEWORK_RANGE
 
 SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 
@@ -117,7 +118,7 @@ def _dump_pp_data(ctx: PatchContext) -> Undo:
     from megatron.core.pipeline_parallel import schedules
 
     recorder = ScheduleRecorder(ctx.state["loop"])
-    rank, pp_rank, pp_size = (ctx.state.get("rank", 0), mpu.get_pipeline_model_parallel_rank(),
+    rank, pp_rank, pp_size = (ctx.state["rank"], mpu.get_pipeline_model_parallel_rank(),
                               mpu.get_pipeline_model_parallel_world_size())
     path = Path(ctx.state["run_dir"]) / "pp_data" / f"rank-{rank}.json"
     undos = [replace_attr(schedules, "forward_step", recorder.timed("forward", schedules.forward_step)),
@@ -135,15 +136,15 @@ def _dump_pp_data(ctx: PatchContext) -> Undo:
 PIPELINE_PATCHES: list[Patch] = [
     # dump first, so a warm-up's microbatches are in the timeline too (as step 0)
     Patch(id="megatron.pipeline.dump_pp_data", backend="megatron", phase="before_train", kind="feature",
-          versions=">=0.16,<0.17", target=f"{SCHEDULES}.forward_step", enabled_by="dump_pp_data",
+          versions=FRAMEWORK_RANGE, target=f"{SCHEDULES}.forward_step", enabled_by="dump_pp_data",
           enabled_by_default=False,
           description="Writes each rank's forward/backward timeline to `<run dir>/pp_data/rank-<r>.json`.",
           notes=f"also wraps `{SCHEDULES}.backward_step`; Chrome trace format (Perfetto)",
-          apply=_dump_pp_data),
+          apply=_dump_pp_data, needs=("loop", "run_dir", "rank")),
     Patch(id="megatron.pipeline.pp_warmup", backend="megatron", phase="before_train", kind="feature",
           target="primus_megatron.trainer.PretrainLoop._forward_backward", enabled_by="pp_warmup",
           enabled_by_default=False,
           description="One forward/backward on every stage before step 1, so step 1 does not pay for warm-up.",
           notes="weights, gradients and RNG streams are left as they were: the loss curve is unchanged",
-          apply=_pp_warmup),
+          apply=_pp_warmup, needs=("loop",)),
 ]

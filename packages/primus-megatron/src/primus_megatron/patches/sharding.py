@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
+from primus_megatron import FRAMEWORK_RANGE
 from primus_megatron.patches.features import set_args
 
 
@@ -139,13 +140,13 @@ def _fsdp2_optimizer_state_load(ctx: PatchContext) -> Undo:
 def _fsdp2_fix(name: str, target: str, description: str, apply: Any) -> Patch:
     """One of megatron-core 0.16's FSDP2-wrapper fixes: all apply at setup, with use_torch_fsdp2 on."""
     return Patch(id=f"megatron.fsdp2.{name}", backend="megatron", phase="setup", kind="platform",
-                 versions=">=0.16,<0.17", target=target, enabled_by="use_torch_fsdp2", enabled_by_default=False,
+                 versions=FRAMEWORK_RANGE, target=target, enabled_by="use_torch_fsdp2", enabled_by_default=False,
                  description=description, apply=apply)
 
 
 SHARDING_PATCHES: list[Patch] = [
     Patch(id="megatron.distopt.torch_adam_state", backend="megatron", phase="setup", kind="platform",
-          versions=">=0.16,<0.17", target="megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
+          versions=FRAMEWORK_RANGE, target="megatron.core.optimizer.distrib_optimizer.DistributedOptimizer",
           enabled_by="use_distributed_optimizer", predicate=_torch_adam_in_distributed_optimizer,
           predicate_doc="neither Apex nor TransformerEngine is installed (torch Adam)",
           description="The distributed optimizer over torch Adam resumes from a checkpoint with its real step "

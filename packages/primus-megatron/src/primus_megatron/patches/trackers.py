@@ -14,7 +14,7 @@ from primus_megatron.trackers import TRACKERS, step_values
 
 def _open_tracker(flag: str):  # noqa: ANN202 - returns a patch's apply
     def apply(ctx: PatchContext) -> Undo | None:
-        if ctx.state.get("rank", 0) != 0:
+        if ctx.state["rank"] != 0:
             return None
         loop = ctx.state["loop"]
         tracker = TRACKERS[flag](ctx.config, Path(ctx.state["run_dir"]))
@@ -52,6 +52,7 @@ TRACKER_PATCHES: list[Patch] = [
     Patch(id=f"megatron.trackers.{flag.removeprefix('disable_')}", backend="megatron", phase="before_train",
           kind="feature", target="primus_megatron.trainer.PretrainLoop", disabled_by=flag,
           description=f"Logs the training metrics to {name} from rank 0 (set {flag}: false).",
-          notes=f"writes to {where}; needs `primus-megatron[trackers]`", apply=_open_tracker(flag))
+          notes=f"writes to {where}; needs `primus-megatron[trackers]`", apply=_open_tracker(flag),
+          needs=("loop", "run_dir", "rank"))
     for flag, (name, where) in _WHERE.items()
 ]
