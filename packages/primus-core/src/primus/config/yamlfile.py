@@ -16,6 +16,7 @@ day: `1e-3`, `1E+5`, `-2e4`, `-.5` are floats, not strings.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import re
@@ -296,9 +297,36 @@ def _load_document(text: str, shown: str) -> tuple[yaml.Node | None, Any]:
         loader.dispose()
 
 
+# parsed files by identity (path, inode, size, mtime): one process resolves the same presets again
+# and again (config show of several modules, the bench, tests); a changed file has a new identity
+_PARSED: dict[tuple[str, int, int, int], tuple[dict[str, Any], dict[KeyPath, int]]] = {}
+_PARSED_MAX = 256
+
+
+def _identity(path: Path) -> tuple[str, int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
+
+
 def load_yaml(path: Path, *, what: str = "file") -> YamlDoc:
     """Load one YAML mapping safely. Empty files, non-mappings, syntax errors and input past the
-    limits above are ConfigErrors."""
+    limits above are ConfigErrors. The caller owns the returned data (a fresh copy each call)."""
+    identity = _identity(path)
+    if identity is not None and identity in _PARSED:
+        data, lines = _PARSED[identity]
+        return YamlDoc(path=path, data=copy.deepcopy(data), lines=dict(lines))
+    doc = _parse_file(path, what)
+    if identity is not None:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[identity] = (copy.deepcopy(doc.data), dict(doc.lines))
+    return doc
+
+
+def _parse_file(path: Path, what: str) -> YamlDoc:
     shown = str(path)
     text = _read_config_text(path, what)
     try:
