@@ -72,7 +72,23 @@ def test_metrics_writer_rank0_only_and_keys(tmp_path: Path):
     w0.train_step(1, loss=2.0, lr=1e-3, grad_norm=float("nan"), tokens=1000, step_time_s=0.5)
     w1.train_step(1, loss=9.0, lr=1e-3, grad_norm=1.0, tokens=1000, step_time_s=0.5)
     w0.eval_step(1, loss=1.0)
-    rows = read_metrics(tmp_path / "m.jsonl")
+    rows = read_metrics(tmp_path / "m.jsonl", all_attempts=True)
     assert len(rows) == 2
     assert tuple(rows[0]) == TRAIN_KEYS and rows[0]["tokens_per_s"] == 2000 and rows[0]["grad_norm"] is None
-    assert rows[1] == {"step": 1, "eval_loss": 1.0, "eval_ppl": math.e}
+    assert rows[0]["attempt"] == 1 and rows[0]["time"].endswith("Z")
+    assert {k: rows[1][k] for k in ("step", "eval_loss", "eval_ppl", "attempt")} == \
+        {"step": 1, "eval_loss": 1.0, "eval_ppl": math.e, "attempt": 1}
+
+
+def test_readers_keep_the_newest_attempt_per_step(tmp_path: Path):
+    """Stopped at 5 with a checkpoint at 4, resumed (attempt 2) from 4 to 6, then a rerun of 3..6
+    (attempt 3): the history is attempt 1's steps 1-2, attempt 3's steps 3-6, never a zig-zag."""
+    path = tmp_path / "metrics.jsonl"
+    for attempt, steps in ((1, range(1, 6)), (2, range(5, 7)), (3, range(3, 7))):
+        writer = MetricsWriter(path, total_steps=6, attempt=attempt)
+        for step in steps:
+            writer.train_step(step, loss=10 * attempt + step, lr=None, grad_norm=None, tokens=1, step_time_s=1)
+    path.write_text(path.read_text() + "{not json\n")  # a line cut by a crash is skipped
+    rows = read_metrics(path)
+    assert [(r["step"], r["attempt"]) for r in rows] == [(1, 1), (2, 1), (3, 3), (4, 3), (5, 3), (6, 3)]
+    assert len(read_metrics(path, all_attempts=True)) == 11

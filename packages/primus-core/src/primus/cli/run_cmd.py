@@ -105,7 +105,12 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
                                   inner=["python", *node_cmd[1:]], workdir=Path.cwd())
             rendered = {name: shlex.join(argv)}
 
+    from primus.runs.resume import RunLock, check_resume, next_attempt
+
     if args.dry_run:
+        for name in names:
+            for note in check_resume(resolved.modules[name], run_dir).notices:
+                _warn(f"{name}: {note}")
         _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes)
         return EXIT_OK
 
@@ -114,7 +119,25 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
 
     _check_launcher_tools(launcher, rendered[names[0]] if launcher == "container" else None)
     existed = run_dir.exists()
-    create_run_dir(resolved, env_changes, platform.describe())
+    try:
+        if launcher == "local" and not preflight and opts.node_rank == 0:
+            RunLock(run_dir).acquire()  # held until the job ends (kept across the exec into torchrun)
+        checks = {name: check_resume(resolved.modules[name], run_dir) for name in names}
+    except ConfigError:
+        if not existed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if checks and all(c.complete for c in checks.values()):
+        for c in checks.values():
+            print(f"primus: {c.complete}", flush=True)
+        return EXIT_OK
+    for name, c in checks.items():
+        for note in c.notices:
+            _warn(f"{name}: {note}")
+    # one writer per job: another node of a multi-node launch writes the run directory only where
+    # node 0's is not visible (node-local workspaces); metrics come from global rank 0 alone
+    if opts.node_rank == 0 or not (run_dir / "config.yaml").exists():
+        create_run_dir(resolved, env_changes, platform.describe(), attempt=next_attempt(run_dir))
     if launcher == "slurm":
         from primus.launch.slurm import submit, wait
         from primus.runs.files import write_atomic

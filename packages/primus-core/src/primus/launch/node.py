@@ -56,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(args.run_dir)
     rank, master = node_rank_and_master()
+    if rank == 0 and args.entry == "primus.runs.worker":
+        from primus.errors import ConfigError
+        from primus.runs.resume import RunLock
+
+        try:  # the job's first node holds the run directory until the job ends
+            RunLock(run_dir).acquire()
+        except ConfigError as exc:
+            print(f"primus: error: {exc}", file=sys.stderr)
+            return 2
     opts = LaunchOptions(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=rank,
                          master_addr=master, master_port=args.master_port, max_restarts=args.max_restarts)
     plan = plan_launch(args.process_model, run_dir, args.module, opts, entry=args.entry)

@@ -11,10 +11,22 @@ from typing import Any
 import yaml
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter before 3.13's os)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
-    """Write via a temp file and rename; `durable=False` skips the fsync (status files)."""
+    """Write via a temp file and rename; `durable=False` skips the fsync (status files).
+
+    The file gets the permissions of an ordinary file under the user's umask (mkstemp's 0600
+    would hide a run's config from teammates on a shared filesystem).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -1,8 +1,13 @@
 """The common metrics stream and the rank-0 progress line (ARCHITECTURE §4.7).
 
 Every backend calls `MetricsWriter.train_step` once per logged step; `metrics.jsonl` then has the
-same keys on every backend: step, loss, lr, grad_norm, tokens_per_s, step_time_s. Validation
-passes add lines with step, eval_loss and eval_ppl.
+same keys on every backend: step, loss, lr, grad_norm, tokens_per_s, step_time_s, time (UTC, ISO
+8601) and attempt. Validation passes add lines with step, eval_loss, eval_ppl, time and attempt.
+
+The file is only appended. Each `primus run` of a run directory is a new attempt (its number is
+recorded in config.yaml); a resumed attempt repeats the steps after its checkpoint, so readers
+(`read_metrics`, `primus runs`, `primus compare`) keep, for each step, the line of the newest
+attempt that reached it, and drop an older attempt's lines from the step where a newer one began.
 """
 
 from __future__ import annotations
@@ -10,12 +15,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s")
+TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "time", "attempt")
+
+
+def utc_now() -> str:
+    from datetime import datetime
+
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _num(value: Any) -> float | None:
@@ -37,8 +49,9 @@ class MetricsWriter:
     """Appends one JSON line per logged step (rank 0 only) and prints the progress line."""
 
     def __init__(self, path: Path, *, total_steps: int, rank: int = 0, module: str = "",
-                 status_path: Path | None = None) -> None:
+                 status_path: Path | None = None, attempt: int = 1) -> None:
         self.path = path
+        self.attempt = attempt
         self.status_path = status_path
         self.last_step: int | None = None
         self._state = "starting"
@@ -92,6 +105,8 @@ class MetricsWriter:
             "grad_norm": _num(grad_norm),
             "tokens_per_s": round(tokens / step_time, 3),
             "step_time_s": round(step_time, 6),
+            "time": utc_now(),
+            "attempt": self.attempt,
             **{k: _num(v) if isinstance(v, (int, float)) else v for k, v in extra.items()},
         }
         self._append(record)
@@ -114,14 +129,42 @@ class MetricsWriter:
     def eval_step(self, step: int, *, loss: float) -> dict[str, Any]:
         value = _num(loss)
         ppl = math.exp(min(value, 50.0)) if value is not None else None
-        record = {"step": int(step), "eval_loss": value, "eval_ppl": ppl}
+        record = {"step": int(step), "eval_loss": value, "eval_ppl": ppl, "time": utc_now(), "attempt": self.attempt}
         self._append(record)
         if self.is_writer and value is not None:
             logger.info(f"eval at step {step} | loss {value:.4f} | ppl {ppl:.2f}")
         return record
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, *, all_attempts: bool = False) -> list[dict[str, Any]]:
+    """The lines of a metrics.jsonl as one consistent history (see the module docstring).
+
+    Training lines and eval lines are kept apart (a step can have both). With `all_attempts`, every
+    line in file order. A line that is not JSON (a write cut by a crash) is skipped.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    if all_attempts:
+        return records
+    # where each attempt began: a line of attempt a at step s is superseded when a later attempt
+    # began at or before s (it retrained that step from a checkpoint)
+    first_step: dict[int, int] = {}
+    for r in records:
+        a = int(r.get("attempt") or 1)
+        first_step[a] = min(first_step.get(a, r["step"]), r["step"])
+    kept: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in records:
+        a = int(r.get("attempt") or 1)
+        if any(b > a and start <= r["step"] for b, start in first_step.items()):
+            continue
+        kind = "eval" if "eval_loss" in r else "train"
+        kept[(r["step"], kind)] = r  # within one attempt, the later line wins
+    return [kept[k] for k in sorted(kept)]

@@ -33,18 +33,25 @@ def versions(frameworks: list[str]) -> dict[str, str | None]:
     return out
 
 
-def create_run_dir(resolved: ResolvedExperiment, env_set: dict[str, str], platform: str) -> Path:
+def create_run_dir(resolved: ResolvedExperiment, env_set: dict[str, str], platform: str, *,
+                   attempt: int = 1) -> Path:
+    """Write what this attempt runs: config.yaml (with its attempt number), env.json, versions.json,
+    and shape.json (what the checkpoints depend on, checked by the next attempt)."""
+    from primus.runs.resume import SHAPE_FILE, run_shape
+
     run_dir = resolved.run_dir.resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     e = resolved.experiment
     write_yaml(run_dir / CONFIG_FILE, {
+        "attempt": attempt,
         "experiment": e.model_dump(mode="json", exclude={"modules"}),
         "experiment_file": str(Path(resolved.file).resolve()),
         "argv": sys.argv,
         "platform": platform,
         "modules": {name: m.to_dict() for name, m in resolved.modules.items()},
     })
+    write_json(run_dir / SHAPE_FILE, {name: run_shape(m) for name, m in resolved.modules.items()})
     write_json(run_dir / "env.json", env_set)
     write_json(run_dir / "versions.json",
                versions([b.spec.framework for b in resolved.backends.values()]))

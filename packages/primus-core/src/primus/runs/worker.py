@@ -16,6 +16,7 @@ from pathlib import Path
 from loguru import logger
 
 from primus.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError
+from primus.runs.signals import EXIT_INTERRUPTED
 
 
 def _int_env(name: str, default: int) -> int:
@@ -33,7 +34,6 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     from primus.runs.logs import setup_logging
     from primus.runs.metrics import MetricsWriter
     from primus.runs.rundir import read_module
-    from primus.runs.signals import EXIT_PREEMPTED
 
     run_dir = run_dir.resolve()
     resolved, data = read_module(run_dir, module_name)
@@ -53,6 +53,7 @@ def run_worker(run_dir: Path, module_name: str) -> int:
                         framework_version=backend.framework_version, config=native, world_size=world_size)
     total = resolved.total_steps
     metrics = MetricsWriter(run_dir / "metrics.jsonl", total_steps=total, rank=rank, module=module_name,
+                            attempt=int(data.get("attempt") or 1),
                             status_path=run_dir / "logs" / module_name / f"rank-{rank}" / "status.json")
     ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
                      local_rank=local_rank, world_size=world_size, patches=patches, patch_context=pctx,
@@ -71,10 +72,10 @@ def run_worker(run_dir: Path, module_name: str) -> int:
         logger.error(f"configuration error: {exc}")
         print(f"primus: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or a backend that cannot stop between steps
         metrics.set_status("interrupted")
-        logger.error("interrupted")
-        return 130
+        logger.error("interrupted at once: no checkpoint was written for the steps since the last one")
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a failure in training: log it whole, exit 1
         metrics.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         logger.error(f"training failed on rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -86,9 +87,11 @@ def run_worker(run_dir: Path, module_name: str) -> int:
         # torchrun may both send one) must not turn exit 143 into death by signal during shutdown,
         # when Python puts its own handlers back to the default
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        metrics.set_status("preempted")
-        logger.warning(f"{module_name} stopped by SIGTERM at step {metrics.last_step}; resume with resume: auto")
-        return EXIT_PREEMPTED
+        stopped_by_sigint = ctx.stop.signum == signal.SIGINT
+        metrics.set_status("interrupted" if stopped_by_sigint else "preempted")
+        logger.warning(f"{module_name} stopped by {ctx.stop.reason} at step {metrics.last_step} after a checkpoint; "
+                       "run the same command again to resume")
+        return ctx.stop.exit_code
     metrics.set_status("done")
     logger.info(f"{module_name} finished; run directory {run_dir}")
     return EXIT_OK
