@@ -5,9 +5,12 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from primus.config.schema import ContainerSection, SlurmSection
 from primus.launch.container import container_argv
 from primus.launch.slurm import render_sbatch
+from tests.support import assert_config_error
 
 from .conftest import run_primus
 
@@ -91,3 +94,33 @@ def test_hostile_exp_name_end_to_end_dry_run(tmp_path: Path):
     r = run_primus("run", str(exp), "--launcher", "slurm", "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert not any(tmp_path.glob("PWNED*")) and not ws.exists()
+
+
+# values a user (or a shared environment) can put in front of the batch script: each must either
+# arrive as data or be refused in one line before anything is written or submitted
+HOSTILE_LINES = {
+    "exp_name": ("exp_name: \"x\\ntouch PWNED\"", "exp_name"),
+    "partition": ("launch: {slurm: {partition: \"p\\ntouch PWNED\"}}", "partition"),
+    "sbatch option": ("launch: {slurm: {sbatch: [\"--comment=a\\ntouch PWNED\"]}}", "launch.slurm.sbatch"),
+    "srun arg": ("launch: {slurm: {srun_args: [\"--label\\ntouch PWNED\"]}}", "launch.slurm.srun_args"),
+    "env name": ("env: {\"A=1; touch PWNED; B\": x}", "not a variable name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LINES))
+def test_hostile_values_never_steer_the_batch_script(case: str, tmp_path: Path):
+    line, needle = HOSTILE_LINES[case]
+    ws = tmp_path / "ws"
+    exp = tmp_path / "exp.yaml"
+    body = f"exp_name: ok\nworkspace: {ws}\nmodules: {{m: {{framework: toy}}}}\n"
+    key = line.split(":")[0]
+    exp.write_text(line + "\n" + "\n".join(b for b in body.splitlines() if not b.startswith(key + ":")) + "\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    _fake_tool(bin_dir, "sbatch", log)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    for extra in (["--dry-run"], []):
+        r = run_primus("run", str(exp), "--launcher", "slurm", *extra, cwd=tmp_path, env=env)
+        assert_config_error(r, needle)
+    assert not log.exists() and not ws.exists() and not any(tmp_path.rglob("PWNED*"))

@@ -66,7 +66,7 @@ def test_explain_names_the_true_layer(backend: str, tmp_path: Path):
     exp = tmp_path / "exp.yaml"
     # the copy lives elsewhere: its relative corpus paths are made absolute against the example's folder
     text = Path(example).read_text().replace("../data/", f"{ROOT / 'examples' / 'data'}/")
-    exp.write_text(re.sub(r"(\bsteps:\s*)\d+", r"\g<1>${E2E_STEPS}", text, count=1))
+    exp.write_text(re.sub(r"(\bsteps:\s*)\d+", r'\g<1>"${E2E_STEPS}"', text, count=1))
     if "${E2E_STEPS}" not in exp.read_text():
         pytest.skip("the example sets no train.steps")
     r = _primus("config", "show", str(exp), "--explain", "train.steps", env={"E2E_STEPS": "9"})

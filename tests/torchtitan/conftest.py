@@ -30,6 +30,7 @@ modules:
     model: llama3_tiny.yaml
     train: {{steps: {steps}, lr: 1.0e-2, warmup_steps: 2, micro_batch_size: 4, seq_length: 64, seed: 1234,
              log_interval: 1}}
+    parallel: {parallel}
     data: {data}
     checkpoint: {checkpoint}
     overrides:
@@ -51,11 +52,17 @@ def run_primus(*args: str, timeout: int = RUN_TIMEOUT) -> subprocess.CompletedPr
 
 
 def write_experiment(directory: Path, *, name: str = "exp", steps: int = 8, data: str = "{mock: true}",
-                     checkpoint: str = "{}") -> Path:
+                     checkpoint: str = "{}", parallel: str = "{}") -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(textwrap.dedent(EXPERIMENT).format(
-        name=name, workspace=directory / "ws", steps=steps, data=data, checkpoint=checkpoint).lstrip())
+        name=name, workspace=directory / "ws", steps=steps, data=data, checkpoint=checkpoint,
+        parallel=parallel).lstrip())
     return path
+
+
+def line_of(path: Path, text: str) -> int:
+    """The 1-based line of `path` holding `text` (where an error about it must point)."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
 
 
 def corpus_data() -> str:

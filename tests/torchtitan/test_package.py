@@ -11,7 +11,7 @@ from primus.errors import ConfigError
 from primus_torchtitan.config_keys import config_keys, model_flavors, recorded_version
 from primus_torchtitan.translate import TorchTitanTranslator
 
-from .conftest import EXAMPLES, ROOT, run_primus
+from .conftest import EXAMPLES, ROOT, run_primus, write_experiment
 
 
 def test_import_and_discovery_load_no_torch() -> None:
@@ -112,3 +112,80 @@ def test_upstream_turbo_switches_are_reported_not_rejected() -> None:
 
 def test_repo_root_is_where_tests_expect() -> None:
     assert (ROOT / "packages" / "primus-torchtitan" / "pyproject.toml").is_file()
+
+
+# ----------------------------------------------------------------------------- derive, explain, notices
+
+
+def _module(experiment, *items: str, world_size: int = 1):
+    from primus.config.resolve import resolve
+
+    return resolve(experiment, list(items), world_size=world_size).modules["pre_trainer"]
+
+
+def test_explain_train_steps_names_torchtitans_step_key(tmp_path) -> None:
+    experiment = write_experiment(tmp_path, steps=6)
+    result = run_primus("config", "show", str(experiment), "--explain", "train.steps")
+    assert result.returncode == 0, result.stderr
+    assert "train.steps = 6  -> training.steps" in result.stdout
+    assert f"pre_trainer.training.steps = 6  <- neutral train ({experiment}:" in result.stdout
+    assert _module(experiment).total_steps == 6  # the worker's progress line reads training.steps
+
+
+def test_auto_data_degree_is_derived_from_the_world_size(tmp_path) -> None:
+    """TorchTitan's -1 (and `parallel.fsdp: false`, which replicates) becomes the number of data
+    ranks, explained as derived; a replicated run needs it, as TorchTitan refuses a -1 replica degree."""
+    experiment = write_experiment(tmp_path)
+    result = run_primus("config", "show", str(experiment), "parallel.tensor=2", "--nproc-per-node", "4",
+                        "--explain", "parallelism.data_parallel_shard_degree")
+    assert result.returncode == 0, result.stderr
+    assert ("pre_trainer.parallelism.data_parallel_shard_degree = 2  <- derived from "
+            "parallelism.tensor_parallel_degree, world_size") in result.stdout, result.stdout
+
+    def degrees(*items: str) -> tuple[int, int]:
+        p = _module(experiment, *items, world_size=2).native["parallelism"]
+        return p["data_parallel_replicate_degree"], p["data_parallel_shard_degree"]
+
+    assert degrees() == (1, 2)
+    assert degrees("parallel.fsdp=true") == (1, 2)
+    assert degrees("parallel.fsdp=false") == (2, 1)
+    assert degrees("parallelism.data_parallel_replicate_degree=2") == (2, 1)
+
+
+def test_min_lr_becomes_a_factor_of_the_resolved_learning_rate(tmp_path) -> None:
+    experiment = write_experiment(tmp_path)  # train.lr 1e-2
+    factor = _module(experiment, "train.min_lr=1e-4").native["lr_scheduler"]["min_lr_factor"]
+    assert factor == pytest.approx(0.01)
+    # an LR given natively is the one the schedule scales
+    module = _module(experiment, "train.min_lr=1e-4", "optimizer.lr=1e-3")
+    assert module.native["lr_scheduler"]["min_lr_factor"] == pytest.approx(0.1)
+    assert module.explain("lr_scheduler.min_lr_factor").describe() == "derived from train.min_lr, optimizer.lr"
+    # a factor written natively wins, as native keys win over the neutral sections
+    module = _module(experiment, "train.min_lr=1e-4", "lr_scheduler.min_lr_factor=0.5")
+    assert module.native["lr_scheduler"]["min_lr_factor"] == 0.5
+
+
+def test_checkpoint_keys_on_the_command_line_native_and_neutral(tmp_path) -> None:
+    """`checkpoint.enable` is TorchTitan's (native), `checkpoint.interval` is a neutral field too:
+    both work from the command line and `--explain` names the item that set each."""
+    experiment = write_experiment(tmp_path, checkpoint="{interval: 10}")
+    items = ("checkpoint.enable=false", "checkpoint.interval=5")
+    native = _module(experiment, *items).native["checkpoint"]
+    assert native["enable"] is False and native["interval"] == 5
+    for key, value, item in (("checkpoint.enable", "False", items[0]), ("checkpoint.interval", "5", items[1])):
+        result = run_primus("config", "show", str(experiment), *items, "--explain", key)
+        assert result.returncode == 0, result.stderr
+        assert f"pre_trainer.{key} = {value}  <- cli (command line: {item})" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (EXAMPLES / "torchtitan").glob("*.yaml")))
+def test_no_neutral_field_is_reported_unused_falsely(example: str) -> None:
+    """Every neutral field the examples set is used (checkpoint.resume by the adapter too)."""
+    module = _module(EXAMPLES / "torchtitan" / example, world_size=8)
+    assert not [n for n in module.notices if "is not used by" in n], module.notices
+
+
+def test_a_neutral_field_torchtitan_does_not_use_is_reported(tmp_path) -> None:
+    experiment = write_experiment(tmp_path, checkpoint="{resume: never}")
+    notices = _module(experiment, "data.valid_fraction=0.1").notices
+    assert notices == ["data.valid_fraction is not used by the torchtitan backend; ignored"], notices

@@ -1,4 +1,4 @@
-"""Real training through TorchTitan's Trainer on CPU: one process, FSDP, TP, resume, local corpus."""
+"""Real training through TorchTitan's Trainer on CPU: one process, FSDP, DDP, TP, resume, local corpus."""
 
 from __future__ import annotations
 
@@ -49,8 +49,17 @@ def test_local_corpus_through_torchtitan_dataset_with_validation(tmp_path: Path)
     assert [m["step"] for m in evals][-2:] == [3, 6] and all(m["eval_loss"] > 0 for m in evals)
 
 
-@pytest.mark.parametrize(("name", "parallel"), [("fsdp", []), ("tp", ["parallel.tensor=2"])])
-def test_two_processes_under_torchrun(tmp_path: Path, name: str, parallel: list[str]) -> None:
+# each case sets the option it names, and TorchTitan's device mesh must say it was used
+TWO_PROCESS_LAYOUTS = {
+    "fsdp": (["parallel.fsdp=true"], "dp_replicate=1, dp_shard=2, cp=1, tp=1"),
+    "ddp": (["parallel.fsdp=false"], "dp_replicate=2, dp_shard=1, cp=1, tp=1"),
+    "tp": (["parallel.tensor=2"], "dp_replicate=1, dp_shard=1, cp=1, tp=2"),
+}
+
+
+@pytest.mark.parametrize("name", list(TWO_PROCESS_LAYOUTS))
+def test_two_processes_under_torchrun(tmp_path: Path, name: str) -> None:
+    parallel, mesh = TWO_PROCESS_LAYOUTS[name]
     experiment = write_experiment(tmp_path, steps=6)
     result = run_primus("run", str(experiment), *parallel, "--nproc-per-node", "2",
                         "--master-port", str(free_port()))
@@ -59,6 +68,7 @@ def test_two_processes_under_torchrun(tmp_path: Path, name: str, parallel: list[
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05, losses
     logs = run_dir(experiment) / "logs" / "pre_trainer"
     assert (logs / "rank-0").is_dir() and (logs / "rank-1").is_dir()
+    assert f"Building device mesh with parallelism: pp=1, {mesh}" in (logs / "rank-0" / "primus.log").read_text()
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:

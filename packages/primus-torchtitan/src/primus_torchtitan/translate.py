@@ -55,6 +55,14 @@ UNAVAILABLE = {
 FAMILY_TO_MODULE = {"llama": "llama3", "qwen3": "qwen3"}
 PARALLEL_KEYS = ("data_parallel_replicate_degree", "data_parallel_shard_degree", "context_parallel_degree",
                  "tensor_parallel_degree", "pipeline_parallel_degree")
+REPLICATE = "parallelism.data_parallel_replicate_degree"
+SHARD = "parallelism.data_parallel_shard_degree"
+#: the degrees that leave world / (their product) ranks to the two data-parallel degrees
+MODEL_PARALLEL_KEYS = ("parallelism.tensor_parallel_degree", "parallelism.pipeline_parallel_degree",
+                       "parallelism.context_parallel_degree")
+MIN_LR_FACTOR = "lr_scheduler.min_lr_factor"
+#: layers a user writes, most recent first: the one to blame when two written values disagree
+USER_LAYERS = ("cli", "overrides", "neutral")
 
 
 def native_get(native: dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -70,7 +78,55 @@ def key_matches(dotted: str, pattern: str) -> bool:
     return dotted.startswith(pattern) if pattern.endswith(".") else dotted == pattern
 
 
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _model_parallel(native: dict[str, Any]) -> int:
+    product = 1
+    for key in MODEL_PARALLEL_KEYS:
+        product *= int(native_get(native, key, 1) or 1)
+    return product
+
+
+def _latest_written(resolved: ResolvedModule, keys: tuple[str, ...]) -> str:
+    """Of `keys`, the one written in the highest user layer (command line, overrides, sections)."""
+    def rank(key: str) -> int:
+        source = resolved.sources.get(tuple(key.split(".")))
+        layer = source.layer if source else ""
+        return next((i for i, name in enumerate(USER_LAYERS) if layer.startswith(name)), len(USER_LAYERS))
+
+    return min(keys, key=rank)
+
+
 class TorchTitanTranslator(Translator):
+    steps_key = "training.steps"
+    #: what core's neutral rules (primus.config.rules) judge, read from the resolved native keys so
+    #: `parallelism.tensor_parallel_degree=3` is judged like `parallel.tensor=3`. Not named, so read
+    #: from the neutral sections: `data` (TorchTitan splits it in two degrees, replicate x shard,
+    #: checked below) and `global_batch_size` (TorchTitan's -1, "local x data-parallel", is not a
+    #: size core's rules accept). No pipeline_split: TorchTitan has no per-stage layer list.
+    dimension_keys = {
+        "tensor": "parallelism.tensor_parallel_degree", "pipeline": "parallelism.pipeline_parallel_degree",
+        "context": "parallelism.context_parallel_degree", "expert": "parallelism.expert_parallel_degree",
+        "micro_batch_size": "training.local_batch_size", "seq_length": "training.seq_len", "steps": "training.steps",
+        "num_layers": "model.n_layers", "num_heads": "model.n_heads", "num_kv_heads": "model.n_kv_heads",
+        "max_positions": "model.max_seq_len",
+    }
+    #: every neutral field translate_sections maps, plus checkpoint.resume, which the adapter also
+    #: reads (`never` keeps TorchTitan from loading a checkpoint). Not data.valid_fraction:
+    #: validation reads the training corpus (or other synthetic samples), nothing is held out.
+    neutral_fields = frozenset({
+        "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule",
+        "train.micro_batch_size", "train.global_batch_size", "train.seq_length", "train.seed",
+        "train.weight_decay", "train.grad_clip", "train.precision", "train.log_interval", "train.eval_interval",
+        "train.eval_steps",
+        "parallel.tensor", "parallel.pipeline", "parallel.context", "parallel.expert", "parallel.data",
+        "parallel.fsdp",
+        "data.mock", "data.path", "data.text_key", "data.tokenizer",
+        "checkpoint.dir", "checkpoint.interval", "checkpoint.resume", "checkpoint.keep_last",
+    })
+
     def native_keys(self, preset: dict[str, Any]) -> set[str]:
         tops = {k.split(".")[0] for k in [*config_keys(), *PRIMUS_KEYS, *UPSTREAM_ALIASES, *UNAVAILABLE]}
         return set(preset) | tops
@@ -149,9 +205,7 @@ class TorchTitanTranslator(Translator):
         out = NativeValues()
         t, p, d, c = module.train, module.parallel, module.data, module.checkpoint
         out.set("training.steps", t.steps, "train.steps")
-        out.set("optimizer.lr", t.lr, "train.lr")
-        if t.min_lr is not None and t.lr:
-            out.set("lr_scheduler.min_lr_factor", t.min_lr / t.lr, "train.min_lr")
+        out.set("optimizer.lr", t.lr, "train.lr")  # train.min_lr becomes a factor of it in derive()
         out.set("lr_scheduler.warmup_steps", t.warmup_steps, "train.warmup_steps")
         if t.lr_schedule == "constant":
             out.set("lr_scheduler.decay_ratio", 0.0, "train.lr_schedule")
@@ -176,12 +230,17 @@ class TorchTitanTranslator(Translator):
         out.set("parallelism.pipeline_parallel_degree", p.pipeline, "parallel.pipeline")
         out.set("parallelism.context_parallel_degree", p.context, "parallel.context")
         out.set("parallelism.expert_parallel_degree", p.expert, "parallel.expert")
+        # the data-parallel ranks are replicated (fsdp: false) or sharded; -1 is "what the world
+        # size leaves", made a number in derive() (TorchTitan itself accepts -1 for the shard only)
         data = None if p.data in (None, "auto") else p.data
-        if p.fsdp is False:  # plain data parallel: replicate, no sharding
-            out.set("parallelism.data_parallel_replicate_degree", data or -1, "parallel.fsdp")
-            out.set("parallelism.data_parallel_shard_degree", 1, "parallel.fsdp")
+        if p.fsdp is False:
+            out.set(REPLICATE, data or -1, "parallel.data" if data else "parallel.fsdp")
+            out.set(SHARD, 1, "parallel.fsdp")
+        elif p.fsdp is True:
+            out.set(REPLICATE, 1, "parallel.fsdp")
+            out.set(SHARD, data or -1, "parallel.data" if data else "parallel.fsdp")
         else:
-            out.set("parallelism.data_parallel_shard_degree", data, "parallel.data")
+            out.set(SHARD, data, "parallel.data")
 
         out.set("training.mock_data", d.mock, "data.mock")
         if d.path:
@@ -197,57 +256,123 @@ class TorchTitanTranslator(Translator):
         out.set("checkpoint.keep_latest_k", c.keep_last, "checkpoint.keep_last")
         return out
 
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ derived values
+
+    def derive(self, resolved: ResolvedModule) -> NativeValues:
+        """The data-parallel degree left as -1 (auto) and the minimum-LR factor, each with the keys
+        it came from. Core's rules have passed: tensor x pipeline x context divides the world size."""
+        out = NativeValues()
+        self._derive_data_degree(resolved, out)
+        self._derive_min_lr_factor(resolved, out)
+        return out
+
+    @staticmethod
+    def _derive_data_degree(resolved: ResolvedModule, out: NativeValues) -> None:
+        """-1 in one data-parallel degree: world / (tensor x pipeline x context x the other one).
+
+        Written as a number, so `config show` and the run's config.yaml say how the ranks are used,
+        and a replicated (`parallel.fsdp: false`) run gets the positive degree TorchTitan requires.
+        """
+        native = resolved.native
+        degrees = {key: native_get(native, key, 1) for key in (REPLICATE, SHARD)}
+        for key, value in degrees.items():
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+                raise ConfigError(f"must be a positive integer or -1 (auto), got {value!r}", key=key)
+        auto = [key for key, value in degrees.items() if value == -1]
+        if not auto:
+            return
+        if len(auto) > 1:
+            raise ConfigError("only one of the two data-parallel degrees may be -1 (auto)", key=REPLICATE,
+                              fix="set data_parallel_replicate_degree to a number (1: shard every data rank)")
+        (auto_key,) = auto
+        other = SHARD if auto_key == REPLICATE else REPLICATE
+        model_parallel = _model_parallel(native)
+        data_ranks = resolved.world_size // model_parallel
+        if data_ranks % degrees[other]:
+            raise ConfigError(f"{_short(other)} ({degrees[other]}) does not divide the {data_ranks} data-parallel "
+                              f"ranks (world size {resolved.world_size} / tensor x pipeline x context "
+                              f"{model_parallel})", key=other,
+                              fix=f"use a divisor of {data_ranks}, or the number of processes it needs")
+        used = [key for key in (other, *MODEL_PARALLEL_KEYS) if native_get(native, key, 1) != 1]
+        out.set(auto_key, data_ranks // degrees[other], ",".join([*used, "world_size"]))
+
+    @staticmethod
+    def _derive_min_lr_factor(resolved: ResolvedModule, out: NativeValues) -> None:
+        """TorchTitan's schedule ends at optimizer.lr x min_lr_factor: train.min_lr over the resolved
+        LR, so an LR given natively (`optimizer.lr=...`) is the one divided. A factor written
+        natively in overrides or on the command line stays, as native keys win over the sections."""
+        min_lr = resolved.module.train.min_lr
+        source = resolved.sources.get(tuple(MIN_LR_FACTOR.split(".")))
+        if min_lr is None or (source is not None and source.layer in ("overrides", "cli")):
+            return
+        lr = native_get(resolved.native, "optimizer.lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0:
+            out.set(MIN_LR_FACTOR, min_lr / lr, "train.min_lr,optimizer.lr")
+
+    # ------------------------------------------------------------------ checks (read-only)
 
     def check(self, resolved: ResolvedModule) -> None:
-        native, name = resolved.native, resolved.name
-        where = f"modules.{name}.overrides"
+        """TorchTitan's own format rules; the neutral ones (parallel sizes, heads, batch, sequence
+        length, corpus and tokenizer paths) are core's, judged on `dimension_keys`."""
+        native = resolved.native
+        self._check_model(native)
+        self._check_data_degrees(resolved)
+        self._check_data(resolved)
+        factor = native_get(native, MIN_LR_FACTOR)
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and not 0 <= factor <= 1:
+            raise ConfigError(f"lr_scheduler.min_lr_factor {factor:g} is outside [0, 1]: the schedule would end "
+                              "above the peak learning rate", key=MIN_LR_FACTOR,
+                              fix="use a train.min_lr at most the learning rate")
+
+    @staticmethod
+    def _check_model(native: dict[str, Any]) -> None:
         model_name, flavor = native_get(native, "model.name"), native_get(native, "model.flavor")
         flavors = model_flavors()
         if model_name not in flavors:
-            raise ConfigError(f"TorchTitan model '{model_name}' is not known", key=f"{where}.model.name",
+            raise ConfigError(f"TorchTitan model '{model_name}' is not known", key="model.name",
                               fix=did_you_mean(str(model_name), flavors) or "one of: " + ", ".join(flavors))
         if flavor != "custom" and flavor not in flavors[model_name]:
             raise ConfigError(f"flavor '{flavor}' does not exist for TorchTitan model '{model_name}'",
-                              key=f"{where}.model.flavor",
+                              key="model.flavor",
                               fix=did_you_mean(str(flavor), flavors[model_name])
                               or "flavors: " + ", ".join(flavors[model_name]))
         if flavor == "custom" and not native_get(native, "model.dim"):
             raise ConfigError("model.flavor 'custom' needs the model's arguments (a neutral model preset or "
-                              "model.dim, model.n_layers, ...)", key=f"{where}.model.flavor")
-        self._check_parallel(native, resolved.world_size, where)
-        self._check_data(native, where)
+                              "model.dim, model.n_layers, ...)", key="model.flavor")
 
     @staticmethod
-    def _check_parallel(native: dict[str, Any], world_size: int, where: str) -> None:
-        degrees = {k: int(native_get(native, f"parallelism.{k}", 1) or 1) for k in PARALLEL_KEYS}
-        auto = [k for k, v in degrees.items() if v == -1]
-        if len(auto) > 1:
-            raise ConfigError("only one parallel degree may be -1 (auto)", key=f"{where}.parallelism")
-        fixed = 1
-        for _k, v in degrees.items():
-            if v != -1:
-                fixed *= v
-        text = " x ".join(f"{k}={v}" for k, v in degrees.items() if v != 1)
-        if auto and world_size % fixed:
-            raise ConfigError(f"parallel degrees ({text}) do not divide the world size {world_size}",
-                              key=f"{where}.parallelism",
-                              fix="change the degrees or the number of processes (--nproc-per-node)")
-        if not auto and fixed != world_size:
-            raise ConfigError(f"parallel degrees ({text or 'all 1'}) multiply to {fixed}, not the world size "
-                              f"{world_size}", key=f"{where}.parallelism",
-                              fix="make their product the number of processes, or set one degree to -1")
+    def _check_data_degrees(resolved: ResolvedModule) -> None:
+        """TorchTitan's layout: replicate x shard x tensor x pipeline x context = the world size.
+        Core checked the model-parallel part; derive() filled a -1, so a mismatch is two written
+        data degrees that disagree with the world size."""
+        native = resolved.native
+        replicate, shard = native_get(native, REPLICATE, 1), native_get(native, SHARD, 1)
+        model_parallel = _model_parallel(native)
+        product = replicate * shard * model_parallel
+        if product != resolved.world_size:
+            culprit = _latest_written(resolved, (SHARD, REPLICATE))
+            raise ConfigError(f"{_short(REPLICATE)} ({replicate}) x {_short(SHARD)} ({shard}) x tensor x pipeline "
+                              f"x context ({model_parallel}) multiply to {product}, not the world size "
+                              f"{resolved.world_size}", key=culprit,
+                              fix="make their product the number of processes, or set one data degree to -1 (auto)")
 
     @staticmethod
-    def _check_data(native: dict[str, Any], where: str) -> None:
+    def _check_data(resolved: ResolvedModule) -> None:
+        """A real corpus needs TorchTitan's tokenizer directory (hf_assets_path). Core checked the
+        neutral `data.path` and `data.tokenizer`; a value written natively instead is checked here."""
+        native, data = resolved.native, resolved.module.data
         if native_get(native, "training.mock_data"):
             return
         path = native_get(native, "dataloader.dataset_path")
-        if native_get(native, "dataloader.dataset") == "primus_jsonl" and not (path and Path(path).is_file()):
-            raise ConfigError(f"data file '{path}' does not exist", key=f"{where}.dataloader.dataset_path")
+        if native_get(native, "dataloader.dataset") == "primus_jsonl" and path != data.path \
+                and not (path and Path(path).is_file()):
+            raise ConfigError(f"data file '{path}' does not exist", key="dataloader.dataset_path")
         assets = native_get(native, "hf_assets_path")
-        if not assets or not Path(assets).is_dir():
-            raise ConfigError(f"tokenizer directory '{assets}' does not exist", key=f"{where}.hf_assets_path",
+        if not assets:
+            raise ConfigError("a corpus needs a tokenizer", key="data.tokenizer",
+                              fix="set data.tokenizer to a local tokenizer directory, or use data: {mock: true}")
+        if assets != data.tokenizer and not Path(assets).is_dir():
+            raise ConfigError(f"tokenizer directory '{assets}' does not exist", key="hf_assets_path",
                               fix="set data.tokenizer to a local tokenizer directory, or use data: {mock: true}")
 
     def notices(self, resolved: ResolvedModule) -> list[str]:

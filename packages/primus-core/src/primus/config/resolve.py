@@ -67,8 +67,11 @@ class ResolvedModule:
         return layered.source_of(key)
 
     def native_keys_of(self, neutral_path: str) -> list[str]:
-        """The native keys a neutral path (`train.steps`) was translated to."""
-        return [k for k, o in self.neutral_origins.items() if neutral_path in o.split(",")]
+        """The native keys a neutral path (`train.steps`) was translated to, or derived from."""
+        keys = [k for k, o in self.neutral_origins.items() if neutral_path in o.split(",")]
+        keys += [".".join(p) for p, src in self.sources.items()
+                 if src.layer == "derived" and neutral_path in src.origins and ".".join(p) not in keys]
+        return keys
 
     @property
     def total_steps(self) -> int:

@@ -82,6 +82,9 @@ def read_dimensions(native: dict[str, Any], module: ModuleConfig, spec: ModelSpe
     return out
 
 
+AUTO = -1  # a native size left for the backend to work out (TorchTitan's spelling); treated as unset
+
+
 def _size(dim: Dimension) -> int:
     v = dim.value
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 1
@@ -89,6 +92,8 @@ def _size(dim: Dimension) -> int:
 
 def check_dimensions(dims: dict[str, Dimension], spec: ModelSpec | None, world_size: int) -> None:
     """Parallel layout, model divisibility, batch arithmetic, sequence length, steps."""
+    dims = {name: Dimension(None, d.key) if d.value == AUTO and not isinstance(d.value, bool) else d
+            for name, d in dims.items()}
     for name in ("tensor", "pipeline", "context", "expert", "micro_batch_size", "global_batch_size",
                  "seq_length", "steps"):
         v = dims[name].value

@@ -166,8 +166,9 @@ class Experiment(_Strict):
     def _names_are_path_safe(self) -> Experiment:
         for field_name in ("work_group", "user_name", "exp_name"):
             value = getattr(self, field_name)
-            if not value or value in (".", "..") or "/" in value or "\0" in value:
-                raise ValueError(f"{field_name} must be a plain name (no '/', not '.' or '..'), got {value!r}")
+            if not value or value in (".", "..") or "/" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                raise ValueError(f"{field_name} must be a plain name (no '/', no control characters, not '.' or "
+                                 f"'..'), got {value!r}")
         return self
 
 

@@ -21,6 +21,16 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPT
             "BOOT_FAIL", "DEADLINE"}
 
 
+def _single_line(value: str, key: str) -> str:
+    """A value bound for one line of the script: a newline (or any control character) would end an
+    `#SBATCH` comment and start a shell command, so it is refused, not quoted."""
+    bad = next((c for c in value if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise ConfigError(f"{value!r} holds the control character {bad!r}, which cannot go into a batch script",
+                          key=key, fix="use a value without newlines or control characters")
+    return value
+
+
 def _option(text: str) -> str:
     """One extra sbatch option as an #SBATCH line: `--name=value`, `--name value` or `--flag`."""
     text = text.strip()
@@ -30,7 +40,8 @@ def _option(text: str) -> str:
         name, _, value = text.partition("=")
     else:
         name, _, value = text.partition(" ")
-    if not re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", name) or "\n" in value:
+    _single_line(text, "launch.slurm.sbatch")
+    if not re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", name):
         raise ConfigError(f"sbatch option {text!r} must be one option such as --qos=high", key="launch.slurm.sbatch")
     return f"#SBATCH {name}={shlex.quote(value.strip())}" if value.strip() else f"#SBATCH {name}"
 
@@ -42,6 +53,15 @@ def job_name(exp_name: str) -> str:
 def render_sbatch(*, exp_name: str, run_dir: Path, nnodes: int, gpus_per_node: int, slurm: SlurmSection,
                   env: dict[str, str], node_command: list[str]) -> str:
     out_dir = run_dir / "slurm"
+    _single_line(str(out_dir), "workspace / work_group / user_name / exp_name")
+    for key in ("partition", "account", "time", "signal"):
+        _single_line(str(getattr(slurm, key) or ""), f"launch.slurm.{key}")
+    for name in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"environment name {name!r} is not a shell variable name", key="env",
+                              fix="use letters, digits and _ only")
+    for arg in [*slurm.srun_args, *node_command]:
+        _single_line(arg, "launch.slurm.srun_args")
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name(exp_name)}",
