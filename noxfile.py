@@ -63,7 +63,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=["3.11", "3.12"])
 def core(session: nox.Session) -> None:
-    session.install("-e", str(PACKAGES / "primus-core"), "pytest", "hatchling")
+    session.install("-e", f"{PACKAGES / 'primus-core'}[plot]", "pytest", "hatchling")
     _install_fixture_backend(session)
     _pytest(session, "tests/core")
 
@@ -139,6 +139,7 @@ def docs(session: nox.Session) -> None:
 def e2e(session: nox.Session) -> None:
     """Every backend installed together: discovery stays light, every example resolves and dry-runs."""
     _install_all_torch_backends(session)
+    session.install("hatchling")  # test_backend_template builds examples/backend-template without isolation
     _pytest(session, "tests/e2e")
 
 

@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--module")
     prepare.add_argument("--backend", help="only modules of this backend")
 
+    runs = sub.add_parser("runs", help="list the runs of a workspace, newest first")
+    runs.add_argument("workspace", nargs="?", default="./output", help="default ./output")
+    runs.add_argument("--json", action="store_true")
+
+    compare = sub.add_parser("compare", help="runs side by side (any backend), optionally plotted")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--plot", metavar="OUT.png", help="loss, eval loss and tokens/s against step "
+                         "(needs primus-core[plot])")
+    compare.add_argument("--json", action="store_true")
+
     docs = sub.add_parser("docs", help="generate docs/backends from the installed packages")
     docs.add_argument("--out", default="docs/backends")
     docs.add_argument("--check", action="store_true", help="exit 1 if the committed files differ")
@@ -141,6 +151,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return {"show": config_cmd.cmd_show, "validate": config_cmd.cmd_validate,
                 "schema": config_cmd.cmd_schema}[args.config_command](args)
+    if command in ("runs", "compare"):
+        from primus.cli import runs_cmd
+
+        return runs_cmd.cmd_runs(args) if command == "runs" else runs_cmd.cmd_compare(args)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     from primus.cli import info_cmd
 
