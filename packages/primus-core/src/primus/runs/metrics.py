@@ -60,7 +60,11 @@ class MetricsWriter:
         self.rank = rank
         self.module = module
         self._started = time.monotonic()
+        self._created = time.monotonic()
         self._first_step: int | None = None
+        self._tokens_per_s: list[float] = []
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
 
     @property
     def is_writer(self) -> bool:
@@ -110,6 +114,8 @@ class MetricsWriter:
             **{k: _num(v) if isinstance(v, (int, float)) else v for k, v in extra.items()},
         }
         self._append(record)
+        self.last_loss = record["loss"]
+        self._tokens_per_s.append(record["tokens_per_s"])
         if self.is_writer:
             if self._first_step is None:
                 self._first_step, self._started = step, time.monotonic() - step_time
@@ -130,10 +136,32 @@ class MetricsWriter:
         value = _num(loss)
         ppl = math.exp(min(value, 50.0)) if value is not None else None
         record = {"step": int(step), "eval_loss": value, "eval_ppl": ppl, "time": utc_now(), "attempt": self.attempt}
+        self.last_eval_loss = value
         self._append(record)
         if self.is_writer and value is not None:
             logger.info(f"eval at step {step} | loss {value:.4f} | ppl {ppl:.2f}")
         return record
+
+
+    def summary_line(self, *, checkpoints: Path, run_dir: Path) -> str:
+        """The one line a finished run ends with: steps, losses, speed, wall time, where things are."""
+        import statistics
+
+        parts = [f"{self.module or 'run'} finished: step {self.last_step}/{self.total_steps}"]
+        if self.last_loss is not None:
+            parts.append(f"final loss {self.last_loss:.4f}")
+        if self.last_eval_loss is not None:
+            parts.append(f"eval loss {self.last_eval_loss:.4f}")
+        if self._tokens_per_s:
+            parts.append(f"{statistics.median(self._tokens_per_s):,.0f} tok/s (median)")
+        parts.append(f"wall {_eta(time.monotonic() - self._created)}")
+        has_checkpoints = checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir())
+        parts.append(f"checkpoints {checkpoints}" if has_checkpoints else "no checkpoint saved")
+        exports = run_dir / "hf"
+        if exports.is_dir():
+            parts.append(f"export {exports}")
+        parts.append(f"run {run_dir}")
+        return " | ".join(parts)
 
 
 def read_metrics(path: Path, *, all_attempts: bool = False) -> list[dict[str, Any]]:

@@ -93,7 +93,8 @@ def run_worker(run_dir: Path, module_name: str) -> int:
                        "run the same command again to resume")
         return ctx.stop.exit_code
     metrics.set_status("done")
-    logger.info(f"{module_name} finished; run directory {run_dir}")
+    if rank == 0:
+        logger.info(metrics.summary_line(checkpoints=ctx.checkpoint_dir, run_dir=run_dir))
     return EXIT_OK
 
 
