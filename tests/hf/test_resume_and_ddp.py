@@ -67,3 +67,27 @@ def test_two_ranks_agree_with_one_process(tmp_path: Path, workspace: Path, unint
     checksums = [re.findall(r"parameter checksum (\S+)", (logs / f"rank-{r}" / "primus.log").read_text())
                  for r in (0, 1)]
     assert checksums[0] and checksums[0] == checksums[1], checksums  # both replicas hold the same weights
+
+
+class _Payload:
+    """Pickles to a call that creates a marker file: what a planted checkpoint file would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path: Path, workspace: Path):
+    import pickle
+
+    exp = _experiment(tmp_path, "p", overrides="{exit_at_step: 3}")
+    assert_ok(run_primus("run", str(exp), f"workspace={workspace}"))
+    marker = tmp_path / "PWNED"
+    rng_file = run_dir(workspace, "p") / "checkpoints" / "checkpoint-3" / "rng_state_0.pt"
+    assert rng_file.is_file()
+    rng_file.write_bytes(pickle.dumps(_Payload(marker)))
+    resumed = run_primus("run", str(exp), f"workspace={workspace}")
+    assert not marker.exists()
+    assert resumed.returncode == 1  # refused to unpickle: a training failure, reported, never executed

@@ -418,7 +418,7 @@ class HFAdapter(Adapter):
             self.scaler.load_state_dict(schedule["scaler"])
         rng_file = path / f"rng_state_{self.rank}.pt"
         if rng_file.is_file():  # absent when the world size changed: the data order does not depend on it
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            _set_rng_state(torch.load(rng_file, weights_only=True))  # plain tensors and ints: nothing executes
         logger.info(f"resumed from {path} at step {state['step']}")
         return int(state["step"])
 
