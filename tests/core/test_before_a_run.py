@@ -194,3 +194,10 @@ def test_errors_never_become_tracebacks_for_command_line_shapes(toy_exp):
     _fails(run_primus("config", "validate", str(exp), "=3"), "command line: =3")
     with pytest.raises(ConfigError, match="names no key"):
         resolve(exp, ["modules.pre_trainer=3"])
+
+
+def test_a_written_value_the_backend_would_derive_otherwise_is_refused(toy_exp):
+    exp, _ = toy_exp
+    _fails(run_primus("config", "validate", str(exp), "samples_per_step=5"),
+           "command line: samples_per_step=5", "contradicts 16", "derives from train.micro_batch_size")
+    assert run_primus("config", "validate", str(exp), "samples_per_step=16").returncode == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from primus.backends.translator import NativeValues, Translator
+from primus.config.rules import check_first_record
 from primus.errors import ConfigError
 from primus_hf.training_args import NOT_PLAIN, training_arguments
 
@@ -224,7 +225,6 @@ class HFTranslator(Translator):
     def check(self, resolved: ResolvedModule) -> None:
         n = resolved.native
         self._check_parallel(resolved)
-        self._check_accumulation(resolved)
         self._check_model(n)
         self._check_data(n)
         self._check_schedule(n)
@@ -236,20 +236,6 @@ class HFTranslator(Translator):
             if (getattr(p, name) or 1) > 1:
                 raise ConfigError(f"{name} parallelism is {UNSUPPORTED}", key=f"parallel.{name}",
                                   fix="the hf backend is data parallel (DDP, or FSDP with parallel.fsdp: true)")
-
-    def _check_accumulation(self, resolved: ResolvedModule) -> None:
-        """An accumulation written by the user must agree with the one the batch sizes imply."""
-        source = resolved.sources.get(("gradient_accumulation_steps",))
-        if source is None or source.layer not in ("overrides", "cli"):
-            return
-        n = resolved.native
-        micro, world, explicit = int(n["per_device_train_batch_size"]), resolved.world_size, \
-            int(n["gradient_accumulation_steps"])
-        if micro * world * explicit != int(n["global_batch_size"]):
-            raise ConfigError(
-                f"gradient_accumulation_steps {explicit} contradicts global_batch_size {n['global_batch_size']} "
-                f"(micro {micro} x world {world} x {explicit} = {micro * world * explicit})",
-                key="gradient_accumulation_steps", fix="set only one of the two")
 
     def _check_model(self, n: dict[str, Any]) -> None:
         if n.get("hf_path"):
@@ -269,6 +255,8 @@ class HFTranslator(Translator):
         if not n.get("data_path"):
             raise ConfigError("no training data", key="data",
                               fix="set data: {mock: true} or data: {path: corpus.jsonl, tokenizer: ./tokenizer}")
+        if str(n["data_path"]).endswith(".jsonl"):  # the hf loop's own default field is "text"
+            check_first_record(Path(n["data_path"]), n.get("text_key") or "text", key="text_key")
         tokenizer = n.get("tokenizer_path")
         if not tokenizer:
             raise ConfigError("a corpus needs a tokenizer", key="data.tokenizer",

@@ -596,7 +596,8 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         except ConfigError as exc:
             if model_item is not None:
                 raise model_item.error(exc.message, exc.fix) from None
-            raise exc.located(file=model_file or file, key=f"modules.{name}.model") from None
+            shown = f"modules.{name}.model" + (f" ({Path(model_file).name})" if model_file else "")
+            raise exc.located(file=file, line=doc.line_of(("modules", name, "model")), key=shown) from None
         neutral_origins.update({k: f"model.{o}" for k, o in translated.origins.items()})
         layered.apply(translated.values, "model", sources={
             tuple(k.split(".")): model_sources.get((origin,), Source("model", model_file))
@@ -610,7 +611,11 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         layered.apply(model_native, "model", sources=model_sources)
 
     # 4 neutral sections
-    neutral: NativeValues = translator.translate_sections(module, spec)
+    locator = _Locator(name, doc, layered, neutral_origins, cli_paths)
+    try:
+        neutral: NativeValues = translator.translate_sections(module, spec)
+    except ConfigError as exc:
+        raise locator.locate(exc) from None
     base_path = ("modules", name)
 
     def neutral_source(origin: str) -> Source:
@@ -658,7 +663,6 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         name=name, framework=backend.name, native=layered.data, sources=layered.sources, module=module,
         model=spec, model_file=model_file, experiment_file=file, world_size=world_size,
         neutral_origins=neutral_origins, steps_key=translator.steps_key)
-    locator = _Locator(name, doc, layered, neutral_origins, cli_paths)
     try:
         # the neutral rules, once, on the resolved dimensions
         dims = read_dimensions(layered.data, module, spec, translator, {
@@ -669,6 +673,12 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         derived = translator.derive(resolved)
         for key, origin in derived.origins.items():
             value = get_path(derived.values, key)
+            written = layered.source_of(key)
+            if written is not None and written.layer in ("cli", "overrides") and get_path(layered.data, key) != value:
+                # a user-written value the backend would overwrite: say so rather than drop it
+                raise ConfigError(f"{key} {get_path(layered.data, key)!r} contradicts {value!r}, which the "
+                                  f"{backend.name} backend derives from {', '.join(origin.split(','))}",
+                                  key=key, fix=f"set only one of {key} and {origin.split(',')[0]}")
             values = {}
             _set_path(values, tuple(key.split(".")), value)
             layered.apply(values, "derived", sources={p: Source("derived", origins=tuple(origin.split(",")))

@@ -147,7 +147,7 @@ def check_dimensions(dims: dict[str, Dimension], spec: ModelSpec | None, world_s
     if isinstance(seq, int) and isinstance(positions, int) and seq > positions:
         raise ConfigError(f"seq_length {seq} exceeds the model's max_position_embeddings {positions}",
                           key=dims["seq_length"].key,
-                          fix=f"use at most {positions}, or a model preset with more positions")
+                          fix=f"set train.seq_length to at most {positions}, or use a model preset with more positions")
 
 
 # --------------------------------------------------------------------------- data and tokenizer
@@ -164,9 +164,7 @@ def check_data(module: ModuleConfig) -> None:
     """The neutral `data:` section: a corpus that exists, a tokenizer directory that exists.
 
     Whether a corpus needs a tokenizer at all is the backend's rule (some ship a default)."""
-    data = module.data
-    if data.mock and data.path:
-        raise ConfigError("set either `mock: true` or `path`, not both", key="data.mock")
+    data = module.data  # mock beside path is the schema's rule (DataSection)
     if data.path:
         corpus = Path(data.path)
         if not corpus.exists():
@@ -175,7 +173,9 @@ def check_data(module: ModuleConfig) -> None:
         if not _regular_file(corpus):
             raise ConfigError(f"corpus {corpus} is not a regular file", key="data.path")
         if corpus.suffix == ".jsonl":
-            _check_first_record(corpus, data.text_key or "text")
+            # the field is checked when named here; a backend's own native key for it (Megatron's
+            # json_keys) is that backend's to check
+            check_first_record(corpus, data.text_key)
     if data.tokenizer:
         tokenizer = Path(data.tokenizer)
         if not tokenizer.is_dir():
@@ -184,8 +184,9 @@ def check_data(module: ModuleConfig) -> None:
                                   "(examples/data/make_corpus.py makes one)")
 
 
-def _check_first_record(corpus: Path, text_key: str) -> None:
-    """The first non-empty JSONL record must be an object carrying `text_key` with a string."""
+def check_first_record(corpus: Path, text_key: str | None, key: str = "data.text_key") -> None:
+    """The first non-empty JSONL record must be a JSON object carrying `text_key` (when given)
+    with a string. A backend with its own default text field calls this with it (and its key)."""
     with corpus.open("rb") as f:
         head = f.read(_FIRST_RECORD_BYTES)
     for number, raw in enumerate(head.split(b"\n"), 1):
@@ -196,10 +197,11 @@ def _check_first_record(corpus: Path, text_key: str) -> None:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
             raise ConfigError(f"corpus {corpus} line {number} is not JSON ({reason})", key="data.path") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        if not isinstance(record, dict) or (text_key is not None and not isinstance(record.get(text_key), str)):
             fields = sorted(str(k) for k in record) if isinstance(record, dict) else []
             hint = did_you_mean(text_key, fields)
-            raise ConfigError(f"corpus {corpus} line {number} has no text field '{text_key}'", key="data.text_key",
+            what = f"has no text field '{text_key}'" if text_key else "is not a JSON object"
+            raise ConfigError(f"corpus {corpus} line {number} {what}", key=key if text_key else "data.path",
                               fix=hint or f"fields there: {', '.join(fields) or 'none'}; set data.text_key")
         return
     raise ConfigError(f"corpus {corpus} is empty", key="data.path")
