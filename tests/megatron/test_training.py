@@ -63,6 +63,18 @@ def test_manual_pipeline_split_builds_uneven_stages(tmp_path: Path) -> None:
     assert "decoder layers on this pipeline rank: 3-3" in (logs / "rank-1" / "primus.log").read_text()
 
 
+def test_upstreams_layers_per_virtual_stage_interleave_the_pipeline(tmp_path: Path) -> None:
+    # num_layers_per_virtual_pipeline_stage is Megatron-LM's other spelling of the chunk count; the
+    # translator derives virtual_pipeline_model_parallel_size from it (the trainer reads only that),
+    # so each rank holds two one-layer chunks instead of two adjacent layers
+    result = train(tmp_path, "parallel.pipeline=2", "num_layers=4", "num_layers_per_virtual_pipeline_stage=1",
+                   "deallocate_pipeline_outputs=false", "disable_last_saving=true", nproc=2)
+    assert_trained(result, tmp_path)
+    logs = run_dir(tmp_path) / "logs" / "pre_trainer"
+    assert "decoder layers on this pipeline rank: 1-1, 3-3" in (logs / "rank-0" / "primus.log").read_text()
+    assert "decoder layers on this pipeline rank: 2-2, 4-4" in (logs / "rank-1" / "primus.log").read_text()
+
+
 def test_pipeline_parallel_with_warmup_and_schedule_dump(tmp_path: Path) -> None:
     plain, featured = tmp_path / "plain", tmp_path / "featured"
     reference = assert_trained(train(plain, "parallel.pipeline=2", "disable_last_saving=true", nproc=2), plain)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from mg_helpers import EXAMPLE, UPSTREAM_EXAMPLE
+from mg_helpers import EXAMPLE, REPO, UPSTREAM_EXAMPLE
 
 from primus.config.resolve import resolve
 from primus.errors import ConfigError
@@ -160,3 +161,150 @@ def test_build_args_fix_ups_reach_the_native_config() -> None:
     finally:
         patches.undo_all()
     assert native["moe_layer_freq"] == "([0]*1+[1]*1)"
+
+
+# ---------------------------------------------------------------------------- issue 11: one owner per rule
+
+TINY_LLAMA_3_LAYERS = ("{family: llama, vocab_size: 512, hidden_size: 64, num_layers: 3, num_heads: 4, "
+                       "num_kv_heads: 2, ffn_hidden_size: 172, max_position_embeddings: 256}")
+TINY_NATIVE_3_LAYERS = ("{num_layers: 3, hidden_size: 64, ffn_hidden_size: 172, num_attention_heads: 4, "
+                        "group_query_attention: true, num_query_groups: 2, vocab_size: 512, "
+                        "max_position_embeddings: 256}")
+
+
+def _experiment(tmp_path: Path, module: str, name: str = "exp.yaml") -> Path:
+    """A one-module megatron experiment; `module` is the module's body, indented by 4."""
+    path = tmp_path / name
+    path.write_text(f"exp_name: t\nworkspace: {tmp_path / 'ws'}\nmodules:\n  pre_trainer:\n"
+                    f"    framework: megatron\n{module}")
+    return path
+
+
+def _error(exp: Path, *items: str, world_size: int = 1) -> str:
+    with pytest.raises(ConfigError) as err:
+        resolve(exp, list(items), world_size=world_size)
+    return str(err.value)
+
+
+def test_a_manual_pipeline_split_is_one_rule_for_neutral_and_native_models(tmp_path: Path) -> None:
+    # 3 layers over 2 stages as 2+1: core judges the split (decoder_pipeline_manual_split_list) for
+    # both spellings; it used to refuse the neutral one (3 % 2) while megatron's check passed the native one
+    common = ("    train: {steps: 2, micro_batch_size: 2, global_batch_size: 4, seq_length: 64}\n"
+              "    data: {mock: true}\n")
+    neutral = _experiment(tmp_path, f"    model: {TINY_LLAMA_3_LAYERS}\n    parallel: {{pipeline: 2}}\n{common}"
+                                    "    overrides:\n      decoder_pipeline_manual_split_list: [2, 1]\n", "neutral.yaml")
+    native = _experiment(tmp_path, f"    model: {TINY_NATIVE_3_LAYERS}\n{common}    overrides:\n"
+                                   "      pipeline_model_parallel_size: 2\n"
+                                   "      decoder_pipeline_manual_split_list: [2, 1]\n", "native.yaml")
+    for exp in (neutral, native):
+        n = resolve(exp, world_size=2).modules["pre_trainer"].native
+        assert n["num_layers"] == 3 and n["pipeline_model_parallel_size"] == 2
+        assert n["decoder_pipeline_manual_split_list"] == [2, 1]
+        msg = _error(exp, "decoder_pipeline_manual_split_list=[2,2]", world_size=2)
+        assert msg.startswith("command line: decoder_pipeline_manual_split_list=[2,2]: "), msg
+        assert "pipeline split [2, 2] must have 2 positive entries summing to the model's 3 layers" in msg
+        written = tmp_path / f"bad-{exp.name}"
+        written.write_text(exp.read_text().replace("[2, 1]", "[2, 2]"))
+        msg = _error(written, world_size=2)
+        line = written.read_text().splitlines().index("      decoder_pipeline_manual_split_list: [2, 2]") + 1
+        assert msg.startswith(f"{written}:{line}: modules.pre_trainer.overrides.decoder_pipeline_manual_split_list: "), msg
+
+
+def test_kv_heads_are_judged_on_the_resolved_num_query_groups() -> None:
+    # the neutral model has 2 kv heads; a native override of the groups is what megatron builds
+    assert resolve(EXAMPLE, ["parallel.tensor=2", "num_query_groups=4", "num_attention_heads=8"],
+                   world_size=2).modules["pre_trainer"].native["num_query_groups"] == 4
+    msg = _error(EXAMPLE, "tensor_model_parallel_size=4", "num_attention_heads=8", world_size=4)
+    assert msg.startswith("command line: tensor_model_parallel_size=4: ")
+    assert "tensor (4) does not divide the model's 2 key/value heads" in msg
+
+
+def test_bad_values_are_located_where_they_were_written(tmp_path: Path) -> None:
+    msg = _error(EXAMPLE, "data.mock=false", "data.path=/nope.jsonl")
+    assert msg.startswith("command line: data.path=/nope.jsonl: corpus /nope.jsonl does not exist"), msg
+    msg = _error(EXAMPLE, "parallel.tensor=3", world_size=2)
+    assert msg.startswith("command line: parallel.tensor=3: tensor (3) x pipeline (1) x context (1)"), msg
+    # a native key on the command line that core does not see (the corpus of an upstream-form file)
+    msg = _error(EXAMPLE, "mock_data=false", "data_path=/nope.jsonl")
+    assert msg.startswith("command line: data_path=/nope.jsonl: corpus /nope.jsonl does not exist"), msg
+
+    # the same values written in the experiment file: its file and line
+    exp = _experiment(tmp_path, "    model: llama3_tiny.yaml\n    train: {seq_length: 64}\n"
+                                "    data: {path: /nope.jsonl}\n")
+    assert _error(exp).startswith(f"{exp}:8: modules.pre_trainer.data.path: corpus /nope.jsonl does not exist")
+    exp.write_text(exp.read_text().replace("{path: /nope.jsonl}", "{mock: true}\n    parallel: {tensor: 3}"))
+    msg = _error(exp, world_size=2)
+    assert msg.startswith(f"{exp}:9: modules.pre_trainer.parallel.tensor (tensor_model_parallel_size): tensor (3)"), msg
+
+
+def test_seq_length_beyond_the_models_positions_is_refused() -> None:
+    # megatron used to train 4096-token sequences with a 256-position model; Megatron-LM refuses it too
+    msg = _error(EXAMPLE, "train.seq_length=4096")
+    assert msg.startswith("command line: train.seq_length=4096: seq_length 4096 exceeds the model's "
+                          "max_position_embeddings 256"), msg
+    msg = _error(EXAMPLE, "max_position_embeddings=32")
+    assert "seq_length 64 exceeds the model's max_position_embeddings 32" in msg
+    # the upstream-form example trains at exactly its max_position_embeddings override (8192)
+    native = resolve(UPSTREAM_EXAMPLE, world_size=8).modules["pre_trainer"].native
+    assert native["seq_length"] == native["max_position_embeddings"] == 8192
+
+
+def test_mock_data_beside_a_corpus_is_refused_in_either_spelling(tmp_path: Path) -> None:
+    corpus = str(REPO / "examples" / "data" / "corpus.jsonl")
+    tokenizer = str(REPO / "examples" / "data" / "tokenizer")
+    assert "set either `mock: true` or `path`" in _error(EXAMPLE, f"data.path={corpus}",
+                                                         f"data.tokenizer={tokenizer}")
+    msg = _error(EXAMPLE, "mock_data=true", f"data_path={corpus}", f"tokenizer_model={tokenizer}")
+    assert msg.startswith("command line: mock_data=true: mock_data is true beside data_path"), msg
+    # an upstream-form file names only data_path (upstream's preset says mock_data: false): the
+    # package preset's mock default gives way, recorded as derived from data_path
+    module = resolve(EXAMPLE, ["data.mock=false", f"data_path={corpus}", f"tokenizer_model={tokenizer}"]
+                     ).modules["pre_trainer"]
+    assert module.native["mock_data"] is False and module.native["data_path"] == corpus
+    upstream = resolve(UPSTREAM_EXAMPLE, ["mock_data=false", f"data_path={corpus}", f"tokenizer_model={tokenizer}"],
+                       world_size=8).modules["pre_trainer"]
+    assert upstream.native["mock_data"] is False
+    exp = _experiment(tmp_path, "    model: llama3_tiny.yaml\n    train: {seq_length: 64}\n    overrides:\n"
+                                f"      data_path: {corpus}\n      tokenizer_model: {tokenizer}\n")
+    module = resolve(exp).modules["pre_trainer"]
+    assert module.native["mock_data"] is False
+    assert module.sources[("mock_data",)].origins == ("data_path",)
+    # `data.mock: false` alone is not mock data (it used to leave the preset's mock default on)
+    assert "no training data" in _error(EXAMPLE, "data.mock=false")
+
+
+def test_upstreams_layers_per_virtual_stage_derive_the_chunk_count(tmp_path: Path) -> None:
+    items = ["parallel.pipeline=2", "num_layers=4", "num_layers_per_virtual_pipeline_stage=1",
+             "deallocate_pipeline_outputs=false"]
+    module = resolve(EXAMPLE, items, world_size=2).modules["pre_trainer"]
+    assert module.native["virtual_pipeline_model_parallel_size"] == 2  # what the trainer reads
+    assert module.sources[("virtual_pipeline_model_parallel_size",)].origins == (
+        "num_layers", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage")
+    assert module.native["batch_p2p_comm"] is False  # Megatron-LM: the opposite of overlap_p2p_comm
+    assert "does not divide the 2 layers of each of the 2 pipeline stages" in _error(
+        EXAMPLE, *items[:2], "num_layers_per_virtual_pipeline_stage=3", world_size=2)
+    msg = _error(EXAMPLE, *items, "virtual_pipeline_model_parallel_size=4", world_size=2)
+    assert msg.startswith("command line: virtual_pipeline_model_parallel_size=4: ") and "contradicts" in msg
+
+
+def test_explain_names_the_step_key_and_what_a_value_was_derived_from() -> None:
+    from primus.cli.config_cmd import explain
+
+    module = resolve(EXAMPLE, ["train.steps=7"]).modules["pre_trainer"]
+    lines = explain(module, "train.steps")
+    assert lines[0].startswith("pre_trainer.train.steps = 7  -> train_iters"), lines
+    assert "cli (command line: train.steps=7)" in lines[1]
+    assert module.total_steps == 7  # the worker's progress line reads steps_key
+    lines = explain(module, "batch_p2p_comm")
+    assert lines == ["pre_trainer.batch_p2p_comm = False  <- derived from overlap_p2p_comm"], lines
+
+
+def test_check_only_reads_and_every_neutral_field_is_honoured() -> None:
+    from primus.config.schema import NEUTRAL_SECTIONS
+
+    # every neutral field translates (checkpoint.dir and parallel.data are core's own)
+    declared = MegatronTranslator.neutral_fields
+    every = {f"{s}.{f}" for s, cls in NEUTRAL_SECTIONS.items() for f in cls.model_fields}
+    assert every - declared == {"checkpoint.dir", "parallel.data"}
+    module = resolve(EXAMPLE, ["train.precision=fp32", "checkpoint.keep_last=3"]).modules["pre_trainer"]
+    assert not [note for note in module.notices if "not used by" in note]

@@ -1,4 +1,5 @@
-"""Neutral config -> Megatron's argument names, and the checks Megatron-LM would make before a run.
+"""Neutral config -> Megatron's argument names, the values Megatron-LM derives from others, and
+Megatron's own format checks before a run (the neutral rules are core's: primus.config.rules).
 
 Light on purpose: core calls this while resolving (`primus config show`, `primus run --dry-run`),
 so nothing here imports torch or megatron.
@@ -6,6 +7,7 @@ so nothing here imports torch or megatron.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from primus.backends.translator import NativeValues, Translator
@@ -53,15 +55,28 @@ SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek")
 class MegatronTranslator(Translator):
     default_module_preset = "pre_trainer.yaml"
     unavailable_keys = UNAVAILABLE
-    # core checks these resolved values against the world size and the model, overrides included
-    native_parallel_keys = {
-        "tensor": "tensor_model_parallel_size",
-        "pipeline": "pipeline_model_parallel_size",
-        "context": "context_parallel_size",
-        "expert": "expert_model_parallel_size",
-        "micro_batch_size": "micro_batch_size",
-        "global_batch_size": "global_batch_size",
+    steps_key = "train_iters"
+    # Core's neutral rules (primus.config.rules) read these resolved native values, so the neutral
+    # sections, `overrides:` and a native (upstream-form) model file are judged by the same rules.
+    dimension_keys = {
+        **{dimension: native for dimension, native in _PARALLEL.items() if dimension != "fsdp"},
+        "micro_batch_size": "micro_batch_size", "global_batch_size": "global_batch_size",
+        "seq_length": "seq_length", "steps": "train_iters",
+        "pipeline_split": "decoder_pipeline_manual_split_list",
+        "num_layers": "num_layers", "num_heads": "num_attention_heads",
+        # Megatron reads num_query_groups only with group_query_attention on; off, the kv heads are
+        # the attention heads (judged as num_heads) and num_query_groups is null in every preset
+        # this package writes. A stale num_query_groups beside group_query_attention: false would
+        # still be judged: core reads one key per dimension, with no flag.
+        "num_kv_heads": "num_query_groups",
+        "num_experts": "num_experts", "max_positions": "max_position_embeddings",
     }
+    # every neutral field translate_sections maps (prepare.py reads data.path/tokenizer/text_key too)
+    neutral_fields = frozenset(
+        [f"train.{name}" for name in _TRAIN] + ["train.precision"]
+        + [f"parallel.{name}" for name in _PARALLEL]
+        + ["data.mock", "data.path", "data.tokenizer", "data.text_key", "data.valid_fraction"]
+        + ["checkpoint.interval", "checkpoint.keep_last", "checkpoint.resume"])
 
     # ------------------------------------------------------------------ model
 
@@ -132,13 +147,14 @@ class MegatronTranslator(Translator):
             out.set(native, getattr(module.parallel, neutral), f"parallel.{neutral}")
 
         data = module.data
-        if data.mock:
-            out.set("mock_data", True, "data.mock")
-        if data.path:
+        # `mock: true` beside a `path` is refused by core (config.rules.check_data), so neither wins
+        # here: each is written as given, and a corpus alone means real data.
+        if data.mock is not None:
+            out.set("mock_data", data.mock, "data.mock")
+        elif data.path:
             out.set("mock_data", False, "data.path")
-            out.set("data_path", data.path, "data.path")
-        if data.tokenizer:
-            out.set("tokenizer_model", data.tokenizer, "data.tokenizer")
+        out.set("data_path", data.path, "data.path")
+        out.set("tokenizer_model", data.tokenizer, "data.tokenizer")
         if data.text_key:
             out.set("json_keys", [data.text_key], "data.text_key")
         if data.valid_fraction is not None:
@@ -152,97 +168,107 @@ class MegatronTranslator(Translator):
             out.set("auto_continue_train", ckpt.resume in ("auto", True), "checkpoint.resume")
         return out
 
-    # ------------------------------------------------------------------ checks before anything runs
+    # ------------------------------------------------------------------ values Megatron-LM derives
+
+    def derive(self, resolved: ResolvedModule) -> NativeValues:
+        """What Megatron-LM's argument validation would compute, recorded with the keys it came from:
+        the interleaved pipeline's chunk count from upstream's per-stage spelling, batch_p2p_comm from
+        overlap_p2p_comm, and real data for an upstream-form `data_path`."""
+        n, out = resolved.native, NativeValues()
+        chunks = _chunks_from_layers_per_virtual_stage(n)
+        if chunks is not None:
+            out.set("virtual_pipeline_model_parallel_size", chunks,
+                    "num_layers,pipeline_model_parallel_size,num_layers_per_virtual_pipeline_stage")
+        if n.get("batch_p2p_comm") is None:
+            out.set("batch_p2p_comm", effective_batch_p2p_comm(n), "overlap_p2p_comm")
+        # Upstream's preset says mock_data: false, so an upstream file names a data_path and nothing
+        # else; this package's preset defaults to mock data so that an experiment with no data runs.
+        # Only that default gives way to a data_path: a mock_data the user wrote is judged in check().
+        if n.get("data_path") and n.get("mock_data") and _is_package_default(resolved, "mock_data"):
+            out.set("mock_data", False, "data_path")
+        return out
+
+    # ------------------------------------------------------------------ Megatron's own rules
 
     def check(self, resolved: ResolvedModule) -> None:
+        """Megatron's own format rules on the resolved native keys. Parallel sizes against the world
+        size and the model, the pipeline split, batch arithmetic, seq_length against the positions
+        and the neutral data paths are core's (primus.config.rules), judged before this runs."""
         n = resolved.native
-        where = f"modules.{resolved.name}"
-        world = resolved.world_size
-
-        def need(key: str) -> Any:
+        for key in ("num_layers", "num_attention_heads", "hidden_size"):
             if n.get(key) is None:
-                raise ConfigError("is not set", key=f"{where}.{key}",
-                                  fix="set `model:` to a model preset or give the key in overrides")
-            return n[key]
-
-        layers, heads = need("num_layers"), need("num_attention_heads")
-        need("hidden_size")
+                raise ConfigError(f"{key} is not set: no model", key="model",
+                                  fix="set `model:` to a model preset (e.g. llama3_tiny.yaml) or give "
+                                      "the model's keys in overrides")
+        layers = n["num_layers"]
         tp = n.get("tensor_model_parallel_size") or 1
         pp = n.get("pipeline_model_parallel_size") or 1
         cp = n.get("context_parallel_size") or 1
         ep = n.get("expert_model_parallel_size") or 1
-        if world % (tp * pp * cp):
-            raise ConfigError(f"tensor ({tp}) x pipeline ({pp}) x context ({cp}) does not divide the world size "
-                              f"{world}", key=f"{where}.tensor_model_parallel_size",
-                              fix="change the parallel sizes or --nproc-per-node")
-        if heads % tp:
-            raise ConfigError(f"tensor_model_parallel_size {tp} does not divide num_attention_heads {heads}",
-                              key=f"{where}.tensor_model_parallel_size")
-        groups = n.get("num_query_groups") if n.get("group_query_attention") else None
-        if groups and groups % tp:
-            raise ConfigError(f"tensor_model_parallel_size {tp} does not divide num_query_groups {groups}",
-                              key=f"{where}.tensor_model_parallel_size")
-        split = n.get("decoder_pipeline_manual_split_list")
-        if split is not None:
-            if len(split) != pp or sum(split) != layers or min(split) < 1:
-                raise ConfigError(f"decoder_pipeline_manual_split_list {split} must have {pp} positive entries "
-                                  f"summing to num_layers {layers}", key=f"{where}.decoder_pipeline_manual_split_list")
-        elif layers % pp:
-            raise ConfigError(f"pipeline_model_parallel_size {pp} does not divide num_layers {layers}",
-                              key=f"{where}.pipeline_model_parallel_size",
-                              fix="pick a divisor or set decoder_pipeline_manual_split_list")
-        dp = world // (tp * pp * cp)
-        mbs, gbs = n.get("micro_batch_size") or 1, n.get("global_batch_size") or 1
-        if gbs % (mbs * dp):
-            raise ConfigError(f"global_batch_size {gbs} is not a multiple of micro_batch_size {mbs} x "
-                              f"data-parallel {dp}", key=f"{where}.global_batch_size",
-                              fix=f"use a multiple of {mbs * dp}")
         experts = n.get("num_experts")
-        if ep > 1 and (not experts or experts % ep):
-            raise ConfigError(f"expert_model_parallel_size {ep} does not divide num_experts {experts}",
-                              key=f"{where}.expert_model_parallel_size")
+        if ep > 1 and not experts:
+            raise ConfigError(f"expert_model_parallel_size {ep} needs an MoE model (num_experts is not set)",
+                              key="expert_model_parallel_size")
+        dp = resolved.world_size // (tp * pp * cp)
         if ep > 1 and dp * cp % ep:
+            # megatron-core builds the expert groups inside data x context parallel ranks
             raise ConfigError(f"expert_model_parallel_size {ep} does not divide data x context parallel {dp * cp}",
-                              key=f"{where}.expert_model_parallel_size")
-        self._check_pipeline_schedule(n, where, pp, layers)
+                              key="expert_model_parallel_size")
+        self._check_pipeline_schedule(n, pp, layers)
         if experts and n.get("moe_layer_freq") is not None:
-            moe_layer_pattern(n["moe_layer_freq"], layers, key=f"{where}.moe_layer_freq")
+            moe_layer_pattern(n["moe_layer_freq"], layers)
         if n.get("moe_router_force_load_balancing") and not experts:
             raise ConfigError("moe_router_force_load_balancing needs an MoE model (num_experts is not set)",
-                              key=f"{where}.moe_router_force_load_balancing")
-        self._check_recompute_layer_ids(n, where, pp, layers)
-        self._check_trackers(n, where)
-        data_path = n.get("data_path")
-        if not n.get("mock_data") and not data_path:
-            raise ConfigError("no data: set data.mock: true or data.path (with data.tokenizer)", key=f"{where}.data")
-        if not n.get("mock_data") and str(data_path).endswith((".jsonl", ".json")) and not n.get("tokenizer_model"):
-            raise ConfigError("a JSONL corpus needs a tokenizer directory", key=f"{where}.data.tokenizer",
-                              fix="set data.tokenizer to a local directory with tokenizer.json")
-        from pathlib import Path
-
-        if not n.get("mock_data") and str(data_path).endswith((".jsonl", ".json")) and not Path(data_path).is_file():
-            raise ConfigError(f"corpus {data_path} does not exist", key=f"{where}.data.path")
-        if n.get("tokenizer_model") and not n.get("mock_data") and not Path(n["tokenizer_model"]).is_dir():
-            raise ConfigError(f"tokenizer directory {n['tokenizer_model']} does not exist",
-                              key=f"{where}.data.tokenizer")
+                              key="moe_router_force_load_balancing")
+        self._check_recompute_layer_ids(n, pp, layers)
+        self._check_trackers(n)
+        self._check_data(resolved)
 
     @staticmethod
-    def _check_recompute_layer_ids(n: dict[str, Any], where: str, pp: int, layers: int) -> None:
-        ids = recompute_layer_ids(n.get("recompute_layer_ids"), key=f"{where}.recompute_layer_ids")
+    def _check_data(resolved: ResolvedModule) -> None:
+        """This trainer's data rules. The neutral `data:` section (a corpus that exists with the
+        text key, a tokenizer directory) is core's; a data_path or tokenizer_model written natively,
+        which core does not see, is checked here the same way."""
+        n, data = resolved.native, resolved.module.data
+        data_path, tokenizer = n.get("data_path"), n.get("tokenizer_model")
+        if n.get("mock_data"):
+            if data_path:
+                raise ConfigError("mock_data is true beside data_path: one of them would be ignored",
+                                  key="mock_data", fix="set mock_data: false to train on data_path, or drop data_path")
+            return
+        if not data_path:
+            raise ConfigError("no training data", key="data",
+                              fix="set data: {mock: true} or data: {path: corpus.jsonl, tokenizer: ./tokenizer}")
+        jsonl = str(data_path).endswith((".jsonl", ".json"))
+        native_corpus = data_path != data.path
+        if jsonl and native_corpus and not Path(data_path).is_file():
+            raise ConfigError(f"corpus {data_path} does not exist", key="data_path",
+                              fix="point data_path at a local .jsonl file or an indexed-dataset prefix")
+        if jsonl and not tokenizer:
+            raise ConfigError("a JSONL corpus needs a tokenizer directory",
+                              key="tokenizer_model" if native_corpus else "data.tokenizer",
+                              fix="set data.tokenizer (or tokenizer_model) to a local directory with tokenizer.json")
+        if tokenizer and tokenizer != data.tokenizer and not Path(tokenizer).is_dir():
+            raise ConfigError(f"tokenizer directory {tokenizer} does not exist", key="tokenizer_model",
+                              fix="this backend reads a local tokenizer directory (tokenizer.json), not a hub id")
+
+    @staticmethod
+    def _check_recompute_layer_ids(n: dict[str, Any], pp: int, layers: int) -> None:
+        ids = recompute_layer_ids(n.get("recompute_layer_ids"))
         if not ids:
             return
         if n.get("recompute_granularity") != "full":
             raise ConfigError("recompute_layer_ids needs recompute_granularity: full",
-                              key=f"{where}.recompute_granularity", fix="set recompute_granularity: full")
+                              key="recompute_granularity", fix="set recompute_granularity: full")
         split = n.get("decoder_pipeline_manual_split_list")
         per_stage = max(split) if split else layers // pp
         per_stage //= virtual_pipeline_size(n) or 1
         if max(ids) >= per_stage:
             raise ConfigError(f"recompute_layer_ids {ids}: ids count the layers of one pipeline stage, 0 to "
-                              f"{per_stage - 1} here", key=f"{where}.recompute_layer_ids")
+                              f"{per_stage - 1} here", key="recompute_layer_ids")
 
     @staticmethod
-    def _check_trackers(n: dict[str, Any], where: str) -> None:
+    def _check_trackers(n: dict[str, Any]) -> None:
         import importlib.util
 
         from primus_megatron.trackers import PACKAGES
@@ -250,28 +276,27 @@ class MegatronTranslator(Translator):
         for flag, package in PACKAGES.items():
             if n.get(flag) is False and importlib.util.find_spec(package) is None:
                 raise ConfigError(f"{flag}: false needs the {package} package, which is not installed",
-                                  key=f"{where}.{flag}",
-                                  fix=f"pip install 'primus-megatron[trackers]' or set {flag}: true")
+                                  key=flag, fix=f"pip install 'primus-megatron[trackers]' or set {flag}: true")
 
     @staticmethod
-    def _check_pipeline_schedule(n: dict[str, Any], where: str, pp: int, layers: int) -> None:
+    def _check_pipeline_schedule(n: dict[str, Any], pp: int, layers: int) -> None:
         vpp = virtual_pipeline_size(n)
         if vpp is None:
             return
         if pp < 2:
             raise ConfigError("an interleaved (virtual) pipeline needs pipeline_model_parallel_size >= 2",
-                              key=f"{where}.virtual_pipeline_model_parallel_size")
+                              key="virtual_pipeline_model_parallel_size")
         if layers % (pp * vpp):
             raise ConfigError(f"num_layers {layers} is not divisible by pipeline ({pp}) x virtual stages ({vpp})",
-                              key=f"{where}.num_layers_per_virtual_pipeline_stage")
+                              key="virtual_pipeline_model_parallel_size")
         if effective_batch_p2p_comm(n):
             # Seen on megatron-core 0.16: same-shape messages to one peer get swapped, so the model
             # trains silently wrong (loss flat, grad norm exploding). Megatron-LM refuses it too.
             raise ConfigError("an interleaved pipeline with batch_p2p_comm: true trains silently wrong",
-                              key=f"{where}.batch_p2p_comm", fix="set batch_p2p_comm: false")
+                              key="batch_p2p_comm", fix="set batch_p2p_comm: false")
         if n.get("overlap_p2p_comm") and n.get("deallocate_pipeline_outputs"):
             raise ConfigError("overlap_p2p_comm with deallocate_pipeline_outputs: true gives NaN losses in an "
-                              "interleaved pipeline", key=f"{where}.deallocate_pipeline_outputs",
+                              "interleaved pipeline", key="deallocate_pipeline_outputs",
                               fix="set deallocate_pipeline_outputs: false or overlap_p2p_comm: false")
 
     def summary(self, resolved: ResolvedModule) -> dict[str, Any]:
@@ -284,6 +309,41 @@ class MegatronTranslator(Translator):
             "steps": n.get("train_iters"),
             "data": "mock" if n.get("mock_data") else n.get("data_path"),
         }
+
+
+_PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def _is_package_default(resolved: ResolvedModule, key: str) -> bool:
+    """Whether `key` still holds this package's module-preset value (no file of the user set it)."""
+    source = resolved.sources.get((key,))
+    return (source is not None and source.layer == "module preset" and source.file is not None
+            and Path(source.file).resolve().parent == _PRESET_DIR)
+
+
+def _chunks_from_layers_per_virtual_stage(n: dict[str, Any]) -> int | None:
+    """Megatron-LM's `virtual_pipeline_model_parallel_size` from its other spelling,
+    `num_layers_per_virtual_pipeline_stage` (None when that spelling is not used). The trainer reads
+    the chunk count only, so without this an upstream file's interleaving would be dropped silently."""
+    per_chunk = n.get("num_layers_per_virtual_pipeline_stage")
+    layers = n.get("num_layers")
+    if per_chunk is None or not isinstance(layers, int):
+        return None
+    if isinstance(per_chunk, bool) or not isinstance(per_chunk, int) or per_chunk <= 0:
+        raise ConfigError(f"must be a positive integer, got {per_chunk!r}", key="num_layers_per_virtual_pipeline_stage")
+    pp = n.get("pipeline_model_parallel_size") or 1
+    per_stage = layers // pp
+    if per_stage % per_chunk:
+        raise ConfigError(f"num_layers_per_virtual_pipeline_stage {per_chunk} does not divide the {per_stage} layers "
+                          f"of each of the {pp} pipeline stages", key="num_layers_per_virtual_pipeline_stage")
+    chunks = per_stage // per_chunk
+    written = n.get("virtual_pipeline_model_parallel_size")
+    if written is not None and written != chunks:
+        raise ConfigError(f"virtual_pipeline_model_parallel_size {written} contradicts "
+                          f"num_layers_per_virtual_pipeline_stage {per_chunk} ({per_stage} layers per stage make "
+                          f"{chunks} chunks)", key="virtual_pipeline_model_parallel_size",
+                          fix="set only one of the two")
+    return None if written is not None else chunks
 
 
 def virtual_pipeline_size(n: dict[str, Any]) -> int | None:
