@@ -74,3 +74,12 @@ def assert_config_error(result: subprocess.CompletedProcess[str], *needles: str)
     for needle in needles:
         assert needle in err, (needle, err)
     return err
+
+
+def attempts(path: Path) -> dict[int, list[int]]:
+    """The training steps each attempt of a run logged, in order: a resumed attempt must start
+    after its checkpoint, not at step 1 (a test keyed by step alone cannot tell)."""
+    out: dict[int, list[int]] = {}
+    for r in read_metrics(path):
+        out.setdefault(int(r.get("attempt") or 1), []).append(r["step"])
+    return out

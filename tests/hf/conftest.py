@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
-CORPUS = EXAMPLES / "data" / "corpus.jsonl"
-TOKENIZER = EXAMPLES / "data" / "tokenizer"
-RUN_TIMEOUT = 300
+from tests.support import (
+    CORPUS,
+    EXAMPLES,
+    ROOT,
+    TOKENIZER,
+    assert_ok,
+    corpus_data,
+    free_port,
+    read_jsonl,
+    run_primus,
+)
+
+# the hf tests import these from here
+__all__ = ["CORPUS", "EXAMPLES", "ROOT", "TOKENIZER", "assert_ok", "corpus_data", "free_port", "read_jsonl",
+           "run_primus"]
 
 # A tiny Llama (2 layers, hidden 64), a few steps, seq 64: each run takes seconds on one CPU thread.
 EXPERIMENT = """
@@ -38,13 +43,6 @@ modules:
 """
 
 
-def run_primus(*args: str, timeout: int = RUN_TIMEOUT, env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "primus", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
-
-
 def write_experiment(directory: Path, *, name: str = "exp", workspace: Path | None = None,
                      model: str = "llama3_tiny.yaml", steps: int = 12, micro: int = 4, global_batch: int = 4,
                      data: str = "{mock: true}", checkpoint: str = "{}", overrides: str = "{}") -> Path:
@@ -55,31 +53,12 @@ def write_experiment(directory: Path, *, name: str = "exp", workspace: Path | No
     return path
 
 
-def corpus_data(**extra: Any) -> str:
-    fields = {"path": str(CORPUS), "text_key": "text", "tokenizer": str(TOKENIZER), **extra}
-    return json.dumps(fields)
-
-
 def run_dir(workspace: Path, name: str = "exp") -> Path:
     return workspace / "team" / "me" / name
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def train_records(path: Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(path) if "loss" in r]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-6000:]}"
 
 
 @pytest.fixture

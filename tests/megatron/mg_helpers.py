@@ -6,11 +6,14 @@ package named `megatron` would shadow megatron-core."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests import support
+from tests.support import free_port
+
+__all__ = ["free_port"]
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "megatron" / "llama3_tiny-pretrain.yaml"
@@ -18,15 +21,8 @@ UPSTREAM_EXAMPLE = REPO / "examples" / "megatron" / "llama3.1_8B-pretrain.yaml"
 PRIMUS = [sys.executable, "-m", "primus"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_primus(*args: str, timeout: int = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([*PRIMUS, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return support.run_primus(*args, timeout=timeout, cwd=REPO)
 
 
 def train(workspace: Path, *overrides: str, nproc: int = 1, exp: Path = EXAMPLE) -> subprocess.CompletedProcess[str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from mg_helpers import EXAMPLE, REPO, assert_trained, run_dir, train, train_losses
 
+from tests.support import attempts
+
 pytestmark = pytest.mark.slow
 
 
@@ -49,6 +51,7 @@ def test_torch_fsdp2_matches_the_reference_and_resumes(tmp_path: Path) -> None:
     assert (run_dir(tmp_path) / "checkpoints" / "iter_0000003").is_dir()
     resumed = train(tmp_path, "parallel.fsdp=true", "parallel.data=2", "disable_last_saving=true", nproc=2)
     losses = assert_trained(resumed, tmp_path)
+    assert attempts(run_dir(tmp_path) / "metrics.jsonl")[2] == [4, 5, 6]
     assert losses == pytest.approx(REFERENCE, abs=1e-4)
     assert "use_torch_fsdp2 shards the optimizer state itself" in resumed.stdout + resumed.stderr
 
@@ -114,6 +117,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     resumed = train(parts, "disable_last_saving=true")  # checkpoint.resume: auto in the example
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(train_losses(parts)) == list(range(1, 7))
+    assert attempts(run_dir(parts) / "metrics.jsonl")[2] == [4, 5, 6]  # resumed, not retrained from 1
     assert train_losses(parts)[6] == train_losses(whole)[6]
 
 

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from primus.backends.discovery import Backend, Discovery, discover
 from primus.backends.translator import NativeValues, Translator
 from primus.config.layered import COMMAND_LINE, Layered, Source, find_file, load_with_extends
-from primus.config.rules import check_data, check_dimensions, get_path, non_finite, read_dimensions
+from primus.config.rules import AUTO, check_data, check_dimensions, get_path, non_finite, read_dimensions
 from primus.config.schema import NEUTRAL_SECTIONS, Experiment, ModuleConfig
 from primus.config.yamlfile import KeyPath, YamlDoc, flatten, load_yaml, parse_scalar, substitute_env
 from primus.errors import ConfigError
@@ -673,10 +673,11 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         derived = translator.derive(resolved)
         for key, origin in derived.origins.items():
             value = get_path(derived.values, key)
-            written = layered.source_of(key)
-            if written is not None and written.layer in ("cli", "overrides") and get_path(layered.data, key) != value:
+            written, current = layered.source_of(key), get_path(layered.data, key)
+            by_hand = written is not None and written.layer in ("cli", "overrides") and key not in neutral_origins
+            if by_hand and current not in (None, AUTO) and current != value:
                 # a user-written value the backend would overwrite: say so rather than drop it
-                raise ConfigError(f"{key} {get_path(layered.data, key)!r} contradicts {value!r}, which the "
+                raise ConfigError(f"{key} {current!r} contradicts {value!r}, which the "
                                   f"{backend.name} backend derives from {', '.join(origin.split(','))}",
                                   key=key, fix=f"set only one of {key} and {origin.split(',')[0]}")
             values = {}
