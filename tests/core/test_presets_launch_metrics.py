@@ -92,3 +92,32 @@ def test_readers_keep_the_newest_attempt_per_step(tmp_path: Path):
     rows = read_metrics(path)
     assert [(r["step"], r["attempt"]) for r in rows] == [(1, 1), (2, 1), (3, 3), (4, 3), (5, 3), (6, 3)]
     assert len(read_metrics(path, all_attempts=True)) == 11
+
+
+def test_console_keeps_primus_lines_and_one_copy_of_each_framework_warning(tmp_path: Path, capsys):
+    import logging
+    import warnings
+
+    from loguru import logger
+
+    from primus.runs.logs import setup_logging
+
+    log_file = setup_logging(run_dir=tmp_path, module="m", rank=0)
+    try:
+        framework = logging.getLogger("someframework.buckets")
+        for i in range(3):  # as three ranks' worth, or three modules raising the same warning
+            framework.info("Params for bucket 1 (16 elements): layer.weight")  # a dump: files only
+            framework.warning("Unable to save indexes because path_to_cache is None")
+            warnings.warn_explicit("Apex is not installed", UserWarning, f"site-packages/fw/mod{i}.py", 10 + i)
+        logger.info("step 1/2 | loss 2.0")
+    finally:
+        logging.captureWarnings(False)
+        logger.remove()
+    console = capsys.readouterr().err.splitlines()
+    assert sum("Unable to save indexes" in line for line in console) == 1
+    assert sum("Apex is not installed" in line for line in console) == 1
+    assert not any("Params for bucket" in line for line in console)
+    assert any("step 1/2" in line for line in console)
+    kept = log_file.read_text()
+    assert kept.count("Params for bucket") == 3 and kept.count("Unable to save indexes") == 3
+    assert kept.count("Apex is not installed") == 3 and "fw/mod2.py:12" in kept

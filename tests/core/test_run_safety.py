@@ -109,3 +109,66 @@ def test_run_files_are_readable_by_the_group_under_the_users_umask(toy_exp):
     for name in ("config.yaml", "env.json", "versions.json", "shape.json"):
         mode = stat.S_IMODE((_run_dir(ws) / name).stat().st_mode)
         assert mode & 0o044 == 0o044, (name, oct(mode))
+
+
+def test_an_unwritable_workspace_is_one_line_and_leaves_nothing(toy_exp, tmp_path):
+    """A workspace that cannot hold the run directory (read-only, no permission, or as here a path
+    through a file, which fails the same way for root too) is one line, exit 2, nothing left."""
+    exp, _ = toy_exp
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    assert_config_error(run_primus("run", str(exp), f"workspace={a_file}/ws"), "cannot write the run directory",
+                        "workspace=")
+    assert a_file.read_text() == "x"
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_the_run(toy_exp, tmp_path):
+    exp, ws = toy_exp
+    a_file = tmp_path / "ckpt"
+    a_file.write_text("not a folder")
+    assert_config_error(run_primus("run", str(exp), f"checkpoint.dir={a_file}"),
+                        "command line: checkpoint.dir=", "is a file, not a folder")
+    assert not ws.exists()
+
+
+def test_a_disk_error_in_training_is_one_line_and_a_failed_status(toy_exp, monkeypatch, capsys):
+    import errno
+
+    from primus_toy.adapter import ToyAdapter
+
+    from primus.runs.worker import run_worker
+
+    exp, ws = toy_exp
+    assert run_primus("run", str(exp), "train.steps=1").returncode == 0
+
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.ctx.checkpoint_dir / "step-2.json"))
+
+    monkeypatch.setattr(ToyAdapter, "run", full_disk)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert run_worker(_run_dir(ws), "pre_trainer") == 1
+    finally:
+        from loguru import logger
+
+        logger.remove()
+        for signum, handler in handlers.items():  # the worker installed its own in this process
+            signal.signal(signum, handler)
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("primus: error:"))
+    assert "No space left on device" in line and "step-2.json" in line and "free space" in line
+    assert "Traceback" not in err
+    status = json.loads((_run_dir(ws) / "logs/pre_trainer/rank-0/status.json").read_text())
+    assert status["state"] == "failed" and "No space left" in status["error"]
+
+
+def test_sigterm_during_the_last_step_reports_done(toy_exp):
+    """A stop that arrives when every step is done changes nothing: the run finished (exit 0)."""
+    exp, ws = toy_exp
+    proc = _start(exp, "train.steps=3", "step_sleep=1.0")
+    _wait_for_steps(_run_dir(ws), 2)
+    time.sleep(0.3)  # step 3 is sleeping
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    status = json.loads((_run_dir(ws) / "logs/pre_trainer/rank-0/status.json").read_text())
+    assert (proc.returncode, status["state"], status["step"]) == (0, "done", 3), err

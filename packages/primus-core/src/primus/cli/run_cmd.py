@@ -123,9 +123,11 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         if launcher == "local" and not preflight and opts.node_rank == 0:
             RunLock(run_dir).acquire()  # held until the job ends (kept across the exec into torchrun)
         checks = {name: check_resume(resolved.modules[name], run_dir) for name in names}
-    except ConfigError:
+    except (ConfigError, OSError) as exc:
         if not existed:
             shutil.rmtree(run_dir, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _unwritable(run_dir, exc) from None
         raise
     if checks and all(c.complete for c in checks.values()):
         for c in checks.values():
@@ -137,7 +139,12 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     # one writer per job: another node of a multi-node launch writes the run directory only where
     # node 0's is not visible (node-local workspaces); metrics come from global rank 0 alone
     if opts.node_rank == 0 or not (run_dir / "config.yaml").exists():
-        create_run_dir(resolved, env_changes, platform.describe(), attempt=next_attempt(run_dir))
+        try:
+            create_run_dir(resolved, env_changes, platform.describe(), attempt=next_attempt(run_dir))
+        except OSError as exc:
+            if not existed:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise _unwritable(run_dir, exc) from None
     if launcher == "slurm":
         from primus.launch.slurm import submit, wait
         from primus.runs.files import write_atomic
@@ -168,6 +175,11 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         if code != EXIT_OK:
             return code
     return EXIT_OK
+
+
+def _unwritable(run_dir: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}", key="workspace",
+                       fix="choose a writable workspace=... (or fix its permissions)")
 
 
 def _given(value, default):

@@ -161,7 +161,7 @@ def _regular_file(path: Path) -> bool:
 
 
 def check_data(module: ModuleConfig) -> None:
-    """The neutral `data:` section: a corpus that exists, a tokenizer directory that exists.
+    """The neutral `data:` section and the checkpoint folder: a corpus that exists, a tokenizer directory that exists.
 
     Whether a corpus needs a tokenizer at all is the backend's rule (some ship a default)."""
     data = module.data  # mock beside path is the schema's rule (DataSection)
@@ -176,6 +176,10 @@ def check_data(module: ModuleConfig) -> None:
             # the field is checked when named here; a backend's own native key for it (Megatron's
             # json_keys) is that backend's to check
             check_first_record(corpus, data.text_key)
+    checkpoint_dir = module.checkpoint.dir
+    if checkpoint_dir and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise ConfigError(f"checkpoint.dir {checkpoint_dir} is a file, not a folder", key="checkpoint.dir",
+                          fix="point checkpoint.dir at a folder (it is created when missing)")
     if data.tokenizer:
         tokenizer = Path(data.tokenizer)
         if not tokenizer.is_dir():

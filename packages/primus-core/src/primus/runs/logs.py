@@ -1,10 +1,18 @@
-"""Logging setup (ARCHITECTURE §7): loguru sinks, stdlib logging routed in."""
+"""Logging setup (ARCHITECTURE §7): loguru sinks, stdlib logging and Python warnings routed in.
+
+The console stays quiet: rank 0 prints Primus's own lines and one copy of each distinct framework
+warning per job (framework info lines and dumps, such as a bucket layout, go to the files only);
+other ranks print errors only. Every rank's log file keeps everything at `file_sink_level`.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -21,10 +29,29 @@ class InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        log = logger.opt(depth=6, exception=record.exc_info)
+        log = logger.opt(depth=6, exception=record.exc_info).bind(external=True)
         if self.framework:
             log = log.bind(framework=self.framework)
         log.log(level, "[{}] {}", record.name, record.getMessage())
+
+
+def console_filter() -> Callable[[Any], bool]:
+    """Primus's lines pass; a framework's record passes once per distinct message, from WARNING up."""
+    seen: set[str] = set()
+    warning = logger.level("WARNING").no
+
+    def keep(record: Any) -> bool:
+        if not record["extra"].get("external"):
+            return True
+        if record["level"].no < warning:
+            return False
+        text = record["message"].split(" @ ")[0]  # the same warning raised from several places is one
+        if text in seen:
+            return False
+        seen.add(text)
+        return True
+
+    return keep
 
 
 def setup_logging(*, run_dir: Path | None, module: str, rank: int, stderr_level: str = "INFO",
@@ -35,10 +62,10 @@ def setup_logging(*, run_dir: Path | None, module: str, rank: int, stderr_level:
     logger.remove()
     fmt = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> [" + f"{module} r{rank}" + "] {message}"
     if rank == 0:
-        logger.add(sys.stderr, level=stderr_level, format=fmt, colorize=None)
+        logger.add(sys.stderr, level=stderr_level, format=fmt, colorize=None, filter=console_filter())
     else:
-        # other ranks print only warnings and errors, so the console stays readable
-        logger.add(sys.stderr, level="WARNING", format=fmt)
+        # other ranks print errors only: their warnings repeat rank 0's (all of it is in their files)
+        logger.add(sys.stderr, level="ERROR", format=fmt)
     log_file = None
     if run_dir is not None:
         log_file = run_dir / "logs" / module / f"rank-{rank}" / "primus.log"
@@ -46,4 +73,14 @@ def setup_logging(*, run_dir: Path | None, module: str, rank: int, stderr_level:
         logger.add(log_file, level=file_level, format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}",
                    enqueue=False)
     logging.basicConfig(handlers=[InterceptHandler()], level=logging.INFO, force=True)
+    logging.captureWarnings(True)  # warnings.warn from the frameworks: deduplicated like the rest
+    warnings.formatwarning = _one_line_warning
     return log_file
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """`UserWarning: text @ package/module.py:12`: one line, the source path cut to the package."""
+    text = " ".join(str(message).split())
+    short = filename.split("site-packages/")[-1]
+    return f"{category.__name__}: {text} @ {short}:{lineno}"

@@ -26,6 +26,27 @@ def _int_env(name: str, default: int) -> int:
         return default
 
 
+def _os_cause(exc: OSError) -> str:
+    """One line naming what the machine refused, and where."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = {errno.ENOSPC: "free space on that filesystem, then resume",
+            errno.EDQUOT: "free quota on that filesystem, then resume",
+            errno.EROFS: "choose a writable workspace or checkpoint.dir",
+            errno.EACCES: "fix the permissions or choose another workspace",
+            errno.EPERM: "fix the permissions or choose another workspace"}.get(exc.errno or 0)
+    return f"{exc.strerror or exc}{where}" + (f"; {hint}" if hint else "")
+
+
+def _status_best_effort(metrics, state: str, **extra) -> None:
+    """The status file may be on the full or read-only disk that caused the failure."""
+    try:
+        metrics.set_status(state, **extra)
+    except OSError:
+        pass
+
+
 def run_worker(run_dir: Path, module_name: str) -> int:
     from primus.backends.adapter import RunContext
     from primus.backends.discovery import discover
@@ -76,13 +97,19 @@ def run_worker(run_dir: Path, module_name: str) -> int:
         metrics.set_status("interrupted")
         logger.error("interrupted at once: no checkpoint was written for the steps since the last one")
         return EXIT_INTERRUPTED
+    except OSError as exc:  # the machine, not the code: disk full, read-only, permission
+        cause = _os_cause(exc)
+        _status_best_effort(metrics, "failed", error=cause)
+        logger.opt(exception=exc).debug("the error in full")  # the traceback goes to the log file only
+        print(f"primus: error: training failed on rank {rank}: {cause}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as exc:  # a failure in training: log it whole, exit 1
-        metrics.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        _status_best_effort(metrics, "failed", error=f"{type(exc).__name__}: {exc}")
         logger.error(f"training failed on rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         return EXIT_FAILURE
     finally:
         patches.undo_all()
-    if ctx.stop_requested:
+    if ctx.stop_requested and (metrics.last_step is None or metrics.last_step < total):
         # the checkpoint is written and the process is leaving: a further SIGTERM (Slurm and
         # torchrun may both send one) must not turn exit 143 into death by signal during shutdown,
         # when Python puts its own handlers back to the default
