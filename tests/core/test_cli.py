@@ -50,7 +50,7 @@ def test_dry_run_prints_plan_and_touches_nothing(toy_exp):
     exp, ws = toy_exp
     r = run_primus("run", str(exp), "--dry-run", "--nproc-per-node", "2", "--master-port", "29999")
     assert r.returncode == 0, r.stderr
-    assert "torch.distributed.run --nproc-per-node 2" in r.stdout and "--master-port 29999" in r.stdout
+    assert "primus.launch.torchrun --nproc-per-node 2" in r.stdout and "--master-port 29999" in r.stdout
     assert "toy.mark_env" in r.stdout and "TOY_CPU_SETTING=on" in r.stdout
     assert not ws.exists()
 

@@ -52,7 +52,7 @@ def test_launch_options_from_env_and_args():
     assert o.world_size == 2
     plan = plan_launch("torchrun", Path("/runs/x"), "pre_trainer", o)
     assert plan.kind == "torchrun"
-    assert plan.argv[1:9] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
+    assert plan.argv[1:9] == ["-m", "primus.launch.torchrun", "--nproc-per-node", "2", "--nnodes", "1",
                               "--node-rank", "0"]
     assert plan.argv[-3:] == ["primus.runs.worker", "/runs/x", "pre_trainer"]
     single = LaunchOptions.from_args(nproc_per_node=1, nnodes=1, node_rank=0, master_addr=None, master_port=None,

@@ -91,3 +91,34 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path: Path, workspace: 
     resumed = run_primus("run", str(exp), f"workspace={workspace}")
     assert not marker.exists()
     assert resumed.returncode == 1  # refused to unpickle: a training failure, reported, never executed
+
+
+def test_sigterm_to_the_launcher_under_torchrun_is_a_graceful_143(tmp_path: Path, workspace: Path):
+    """torchrun alone turned SIGTERM into a traceback and exit 1; Primus's entry forwards it to the
+    ranks, which checkpoint after the same step, and the command exits 143."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exp = write_experiment(tmp_path, name="t", steps=400, micro=2, global_batch=4,
+                           checkpoint="{interval: 1000, resume: auto}")
+    proc = subprocess.Popen([sys.executable, "-m", "primus", "run", str(exp), f"workspace={workspace}",
+                             "--nproc-per-node", "2", "--master-port", str(free_port())],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run_dir(workspace, "t") / "metrics.jsonl"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err
+    statuses = [json.loads((run_dir(workspace, "t") / f"logs/pre_trainer/rank-{r}/status.json").read_text())
+                for r in (0, 1)]
+    assert {s["state"] for s in statuses} == {"preempted"} and statuses[0]["step"] == statuses[1]["step"]
+    assert (run_dir(workspace, "t") / "checkpoints" / f"checkpoint-{statuses[0]['step']}").is_dir()

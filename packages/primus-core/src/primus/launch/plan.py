@@ -104,7 +104,8 @@ def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOpti
     if opts.world_size == 1 and opts.nnodes == 1 and entry == WORKER:
         return LaunchPlan("in-process")
     if process_model == "torchrun":
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(opts.nproc_per_node),
+        # torchrun through Primus's entry: same arguments, but a graceful stop exits 143/130, not 1
+        argv = [sys.executable, "-m", "primus.launch.torchrun", "--nproc-per-node", str(opts.nproc_per_node),
                 "--nnodes", str(opts.nnodes)]
         if opts.nnodes > 1:
             # c10d rendezvous: nodes may start in any order; the store lives at the first node
@@ -114,7 +115,7 @@ def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOpti
             argv += ["--node-rank", "0", "--master-addr", opts.master_addr, "--master-port", str(opts.master_port)]
         if opts.max_restarts:
             argv += ["--max-restarts", str(opts.max_restarts)]
-        return LaunchPlan("torchrun", argv + worker_argv(run_dir, module, entry))
+        return LaunchPlan("torchrun", argv + worker_argv(run_dir, module, entry), {"PRIMUS_LAUNCHER": "torchrun"})
     # per-host (JAX): one process on this host; the coordinator comes from the environment
     env = {"PRIMUS_COORDINATOR": f"{opts.master_addr}:{opts.master_port}", "PRIMUS_NUM_PROCESSES": str(opts.nnodes),
            "PRIMUS_PROCESS_ID": str(opts.node_rank)}

@@ -1,0 +1,105 @@
+"""`python -m primus.launch.torchrun ARGS`: torchrun, with Primus's exit-code contract (issue 15).
+
+Plain torchrun turns a SIGTERM (preemption, `scancel`, `kill`) into an exception in its agent:
+it kills the workers, prints a long traceback and exits 1, so a job that stopped gracefully with a
+checkpoint looks like a crash. Here the agent forwards SIGTERM and SIGINT to its workers instead,
+the workers stop at the next step boundary with a checkpoint and exit 0 (they tell the truth in
+their status.json), and this entry then exits 143 after SIGTERM, 130 after Ctrl-C, as a single
+process does. Everything else is torchrun's own behaviour and arguments.
+
+Torch is imported by name at run time only: this module runs only where a torch backend launched
+it, and primus-core itself never depends on torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from primus.runs.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+LAUNCHER_ENV = "PRIMUS_LAUNCHER"  # set to "torchrun" for the workers: a graceful stop exits 0
+_received: list[int] = []
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (the agent's workers), from /proc."""
+    out = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat_file.parent.name))
+    return out
+
+
+def _forward_to_workers(signum: int, frame: object) -> None:
+    """The agent's handler: pass the signal on to its workers, once; they stop after a checkpoint."""
+    if signum in _received:
+        return
+    _received.append(signum)
+    for child in _children(os.getpid()):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _stopped_ranks(run_dir: Path | None, since: float) -> set[str]:
+    """The states the ranks of this launch wrote (older status files belong to earlier attempts)."""
+    if run_dir is None:
+        return set()
+    states = set()
+    for status in run_dir.glob("logs/*/rank-*/status.json"):
+        try:
+            if status.stat().st_mtime < since:
+                continue
+            states.add(json.loads(status.read_text(encoding="utf-8")).get("state"))
+        except (OSError, ValueError):
+            continue
+    return states
+
+
+def _run_dir_of(argv: list[str]) -> Path | None:
+    """The worker command is `-m primus.runs.worker RUN_DIR MODULE` at the end of torchrun's args."""
+    for i, arg in enumerate(argv[:-2]):
+        if arg == "-m" and argv[i + 1].startswith("primus."):
+            return Path(argv[i + 2])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import time
+
+    started = time.time()
+    args = list(sys.argv[1:] if argv is None else argv)
+    elastic_api = importlib.import_module("torch.distributed.elastic.multiprocessing.api")
+    elastic_api._terminate_process_handler = _forward_to_workers  # the agent installs it by name
+    run = importlib.import_module("torch.distributed.run")
+    code = 0
+    try:
+        run.main(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # ChildFailedError and friends: torchrun's own report is in the log
+        states = _stopped_ranks(_run_dir_of(args), started)
+        if not ({"preempted", "interrupted"} & states):
+            raise
+        print(f"primus: some ranks stopped on a signal and others failed: {type(exc).__name__}", file=sys.stderr)
+        code = 1
+    states = _stopped_ranks(_run_dir_of(args), started)
+    if code == 0 and (signal.SIGINT in _received or "interrupted" in states):
+        return EXIT_INTERRUPTED
+    if code == 0 and (signal.SIGTERM in _received or "preempted" in states):
+        return EXIT_PREEMPTED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
