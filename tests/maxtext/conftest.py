@@ -28,7 +28,7 @@ modules:
   pre_trainer:
     framework: maxtext
     model: llama3_tiny.yaml
-    train: {{steps: {steps}, lr: 3.0e-3, micro_batch_size: 4, seq_length: 64, seed: 1234, log_interval: 1}}
+    train: {train}
     parallel: {parallel}
     data: {data}
     checkpoint: {checkpoint}
@@ -36,6 +36,9 @@ modules:
 """
 
 DEFAULT_OVERRIDES = {"attention": "dot_product"}
+DEFAULT_TRAIN = {"lr": 3.0e-3, "micro_batch_size": 4, "seq_length": 64, "seed": 1234, "log_interval": 1}
+# the experiment's line numbers, for tests of located errors
+TRAIN_LINE, PARALLEL_LINE, DATA_LINE, OVERRIDES_LINE = 9, 10, 11, 13
 
 
 def run_primus(*args: str, timeout: int = RUN_TIMEOUT, env: dict[str, str] | None = None,
@@ -48,10 +51,11 @@ def run_primus(*args: str, timeout: int = RUN_TIMEOUT, env: dict[str, str] | Non
 
 def write_experiment(directory: Path, *, name: str = "exp", workspace: Path | None = None, steps: int = 4,
                      parallel: str = "{}", data: str = "{mock: true}", checkpoint: str = "{}",
-                     overrides: dict[str, Any] | None = None) -> Path:
+                     overrides: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(textwrap.dedent(EXPERIMENT).format(
-        exp_name=name, workspace=workspace or directory / "ws", steps=steps, parallel=parallel, data=data,
+        exp_name=name, workspace=workspace or directory / "ws", parallel=parallel, data=data,
+        train=json.dumps({"steps": steps, **DEFAULT_TRAIN, **(train or {})}),
         checkpoint=checkpoint, overrides=json.dumps({**DEFAULT_OVERRIDES, **(overrides or {})})).lstrip())
     return path
 

@@ -16,6 +16,9 @@ from .conftest import corpus_data, run_primus, write_experiment
      "= 4 does not match the job's 2 devices"),
     ({"data": corpus_data(tokenizer="/nonexistent/tokenizer")}, [], "tokenizer directory /nonexistent/tokenizer"),
     ({"data": corpus_data(tokenizer=None)}, [], "needs a tokenizer"),
+    # a bad neutral value typed on the command line is reported there, not at the experiment's line
+    ({"data": "{}"}, ["data.path=/nope.jsonl"], "command line: data.path=/nope.jsonl: corpus /nope.jsonl does not exist"),
+    ({}, ["parallel.tensor=3", "--nproc-per-node", "4"], "command line: parallel.tensor=3: tensor (3)"),
 ])
 def test_bad_input_exits_2_and_leaves_nothing(tmp_path, kwargs, args, expected):
     workspace = tmp_path / "ws"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,22 +11,35 @@ import pytest
 
 from primus.backends.discovery import discover
 from primus.config.resolve import resolve
+from primus.config.schema import NEUTRAL_SECTIONS
 from primus.errors import ConfigError
 from primus.models.spec import ModelSpec
 from primus.platform.env import core_entries, plan_env
 from primus_maxtext.adapter import (
     JobTopology,
     build_maxtext_config,
+    check_devices,
     prepare_process_environment,
     write_maxtext_config,
 )
 from primus_maxtext.base_config import KEY_FILE, installed_base_yml, read_base_yml, render_key_file
 from primus_maxtext.env import ENV
-from primus_maxtext.translate import check_mesh, translate_model_spec
+from primus_maxtext.translate import MaxTextTranslator, check_mesh, mesh_axes, translate_model_spec
 
-from .conftest import EXAMPLES, ROOT, run_primus, write_experiment
+from .conftest import (
+    DATA_LINE,
+    EXAMPLES,
+    OVERRIDES_LINE,
+    PARALLEL_LINE,
+    ROOT,
+    TOKENIZER,
+    TRAIN_LINE,
+    run_primus,
+    write_experiment,
+)
 
 PRESETS = Path(__file__).resolve().parents[2] / "packages" / "primus-core" / "src" / "primus" / "presets" / "models"
+NO_TEXT_CORPUS = Path(__file__).with_name("data") / "no_text.jsonl"  # records keyed "content", not "text"
 
 
 def model(name: str) -> ModelSpec:
@@ -64,10 +78,113 @@ def test_neutral_sections_and_key_file_are_maxtext_keys(tmp_path):
     n = m.native
     assert (n["steps"], n["learning_rate"], n["per_device_batch_size"], n["max_target_length"]) == (4, 3e-3, 4, 64)
     assert n["learning_rate_final_fraction"] == pytest.approx(0.1) and n["warmup_steps_fraction"] == 0.25
-    assert (n["ici_tensor_parallelism"], n["ici_fsdp_parallelism"], n["ici_data_parallelism"]) == (2, -1, 1)
+    # fsdp takes the 2 devices tensor leaves: MaxText's -1 is filled here, from the job's 4 devices
+    assert (n["ici_tensor_parallelism"], n["ici_fsdp_parallelism"], n["ici_data_parallelism"]) == (2, 2, 1)
     assert (n["enable_checkpointing"], n["checkpoint_period"], n["max_to_keep"]) == (True, 5, 2)
     assert n["adam_weight_decay"] == 0.01 and n["init_weights_seed"] == 1234
     assert m.explain("ici_tensor_parallelism").layer == "neutral parallel"
+    fsdp = m.explain("ici_fsdp_parallelism")
+    assert fsdp.layer == "derived" and fsdp.origins == ("parallel.fsdp", "parallel.tensor", "world_size")
+
+
+@pytest.mark.parametrize(("parallel", "world_size", "mesh"), [
+    ("{}", 2, {"ici_fsdp_parallelism": 2, "ici_data_parallelism": 1}),  # MaxText's own default: fsdp fills
+    ("{fsdp: false}", 2, {"ici_fsdp_parallelism": 1, "ici_data_parallelism": 2}),
+    ("{fsdp: true, data: 4}", 4, {"ici_fsdp_parallelism": 4, "ici_data_parallelism": 1}),
+    ("{tensor: 2, data: auto}", 4, {"ici_tensor_parallelism": 2, "ici_fsdp_parallelism": 1, "ici_data_parallelism": 2}),
+])
+def test_parallel_layout_gives_the_mesh_it_means(tmp_path, parallel, world_size, mesh):
+    """Each -1 axis is filled for the job's devices; fsdp shards over the whole data-parallel extent."""
+    native = resolve(write_experiment(tmp_path, parallel=parallel), world_size=world_size).modules["pre_trainer"].native
+    axes = mesh_axes(native, "ici_")  # with MaxText's base.yml defaults for the axes not set
+    assert {k: axes[k] for k in mesh} == mesh
+
+
+def test_a_fill_written_in_overrides_is_filled_and_explained(tmp_path):
+    """`-1` in overrides asks for the devices the other axes leave: derived, not a contradiction."""
+    exp = write_experiment(tmp_path, overrides={"ici_data_parallelism": -1, "ici_fsdp_parallelism": 1})
+    m = resolve(exp, world_size=2).modules["pre_trainer"]
+    assert m.native["ici_data_parallelism"] == 2
+    assert m.explain("ici_data_parallelism").origins == ("ici_data_parallelism", "world_size")
+    # a size written by hand stays the user's: a wrong one is refused where it was written
+    with pytest.raises(ConfigError, match=f"exp.yaml:{OVERRIDES_LINE}: .*overrides.ici_data_parallelism"):
+        resolve(write_experiment(tmp_path, overrides={"ici_data_parallelism": 3, "ici_fsdp_parallelism": 1}),
+                world_size=2)
+
+
+def test_accumulation_and_mesh_are_derived_with_their_origins(tmp_path):
+    exp = write_experiment(tmp_path, parallel="{fsdp: true}", train={"global_batch_size": 16})
+    m = resolve(exp, world_size=2).modules["pre_trainer"]
+    assert (m.native["gradient_accumulation_steps"], m.native["ici_fsdp_parallelism"]) == (2, 2)
+    accumulation = m.explain("gradient_accumulation_steps")
+    assert accumulation.layer == "derived"
+    assert accumulation.origins == ("train.global_batch_size", "train.micro_batch_size", "world_size")
+    assert m.explain("ici_fsdp_parallelism").origins == ("parallel.fsdp", "world_size")
+    config = build_maxtext_config(m.native, platform="cpu", checkpoint_dir=tmp_path / "checkpoints",
+                                  topology=JobTopology(1, 0, None, 2))
+    assert (config["gradient_accumulation_steps"], config["ici_fsdp_parallelism"]) == (2, 2)
+
+
+# An error names where the culprit was written: the command-line item as typed, or the file's line.
+@pytest.mark.parametrize(("kwargs", "args", "world_size", "where", "message"), [
+    ({"data": "{}"}, ["data.path=/nope.jsonl"], 1, "command line: data.path=/nope.jsonl",
+     "corpus /nope.jsonl does not exist"),
+    ({"data": "{path: /nope.jsonl}"}, [], 1, f"{{exp}}:{DATA_LINE}: modules.pre_trainer.data.path",
+     "corpus /nope.jsonl does not exist"),
+    ({}, ["parallel.tensor=3"], 4, "command line: parallel.tensor=3", "= 3 does not divide the world size 4"),
+    ({"parallel": "{tensor: 3}"}, [], 4, f"{{exp}}:{PARALLEL_LINE}: modules.pre_trainer.parallel.tensor",
+     "= 3 does not divide the world size 4"),
+    ({}, ["ici_data_parallelism=3"], 2, "command line: ici_data_parallelism=3",
+     "ici_data_parallelism=3 does not divide the job's 2 devices"),
+    ({}, ["train.precision=fp16"], 1, "command line: train.precision=fp16", "fp16 is not supported"),
+    ({"train": {"precision": "fp16"}}, [], 1, f"{{exp}}:{TRAIN_LINE}: modules.pre_trainer.train.precision",
+     "fp16 is not supported"),
+    # MaxText's global batch counts every device (tensor too): core's micro x data-parallel rule passes 8
+    ({"parallel": "{tensor: 2, fsdp: true}"}, ["train.global_batch_size=8"], 4,
+     "command line: train.global_batch_size=8", "not a multiple of per_device_batch_size 4 x 4 devices = 16"),
+    ({"parallel": "{tensor: 2, fsdp: true}", "train": {"global_batch_size": 8}}, [], 4,
+     f"{{exp}}:{TRAIN_LINE}: modules.pre_trainer.train.global_batch_size", "not a multiple of"),
+    ({"overrides": {"gradient_accumulation_steps": 3}}, ["train.global_batch_size=16"], 2,
+     f"{{exp}}:{OVERRIDES_LINE}: modules.pre_trainer.overrides.gradient_accumulation_steps",
+     "gradient_accumulation_steps 3 contradicts 2, which the maxtext backend derives from "
+     "train.global_batch_size, train.micro_batch_size, world_size"),
+    # MaxText's default text column is checked although data.text_key is not given
+    ({"data": json.dumps({"path": str(NO_TEXT_CORPUS), "tokenizer": str(TOKENIZER)})}, [], 1,
+     f"{{exp}}:{DATA_LINE}: modules.pre_trainer.data.text_key (train_data_columns)",
+     "has no text field 'text'"),
+    # a native dimension is judged like the neutral one: core's heads rule reads ici_tensor_parallelism
+    ({"overrides": {"ici_tensor_parallelism": 8}}, [], 8,
+     f"{{exp}}:{OVERRIDES_LINE}: modules.pre_trainer.overrides.ici_tensor_parallelism",
+     "tensor (8) does not divide the model's 4 attention heads"),
+])
+def test_error_names_the_command_line_item_or_the_file_line(tmp_path, kwargs, args, world_size, where, message):
+    exp = write_experiment(tmp_path, **kwargs)
+    with pytest.raises(ConfigError) as err:
+        resolve(exp, args, world_size=world_size)
+    text = str(err.value)
+    assert text.startswith(where.format(exp=exp)) and message in text, text
+
+
+def test_explain_names_derived_origins_and_the_step_key(tmp_path):
+    exp = write_experiment(tmp_path, parallel="{fsdp: true}")
+    r = run_primus("config", "show", str(exp), "--nproc-per-node", "2", "--explain", "ici_fsdp_parallelism")
+    assert r.returncode == 0, r.stderr
+    assert "pre_trainer.ici_fsdp_parallelism = 2  <- derived from parallel.fsdp, world_size" in r.stdout
+    r = run_primus("config", "show", str(exp), "--explain", "train.steps")
+    assert r.returncode == 0, r.stderr
+    assert "pre_trainer.train.steps = 4  -> steps" in r.stdout
+    assert f"pre_trainer.steps = 4  <- neutral train ({exp}:{TRAIN_LINE})" in r.stdout
+
+
+def test_neutral_fields_are_the_schema_fields_maxtext_honours(tmp_path):
+    """The adapter reads checkpoint.resume itself: setting it is not reported as ignored."""
+    every = {f"{section}.{name}" for section, model in NEUTRAL_SECTIONS.items() for name in model.model_fields}
+    assert MaxTextTranslator.neutral_fields <= every
+    exp = write_experiment(tmp_path, checkpoint="{resume: never, interval: 2, keep_last: 1}",
+                           train={"warmup_steps": 1, "min_lr": 1.0e-4, "lr_schedule": "cosine", "weight_decay": 0.1,
+                                  "grad_clip": 1.0, "precision": "fp32", "eval_interval": 2, "eval_steps": 1})
+    m = resolve(exp).modules["pre_trainer"]
+    assert not [n for n in m.notices if "not used" in n], m.notices
 
 
 def test_shipped_key_file_matches_installed_maxtext():
@@ -161,6 +278,12 @@ def test_topology_from_core_plan_or_master_variables():
     t = JobTopology.from_environ({"MASTER_ADDR": "h0", "MASTER_PORT": "7000", "NNODES": "4", "NODE_RANK": "3"},
                                  devices=32)
     assert (t.num_processes, t.process_id, t.coordinator) == (4, 3, "h0:7000")
+
+
+def test_jax_must_see_the_devices_the_mesh_was_sized_for():
+    check_devices(2, JobTopology(1, 0, None, devices=2))
+    with pytest.raises(ConfigError, match="JAX sees 8 devices .* for 1 .*--nproc-per-node 8"):
+        check_devices(8, JobTopology(1, 0, None, devices=1))
 
 
 def test_generated_config_points_maxtext_at_the_run_directory(tmp_path):

@@ -169,9 +169,7 @@ class MaxTextAdapter(Adapter):
         prepare_process_environment(os.environ, platform=ctx.platform, topology=topology)
         jax = start_jax(topology)
         ctx.metrics.rank = jax.process_index()  # core's per-host plan sets no RANK: process 0 writes metrics
-        if jax.device_count() != topology.devices:
-            logger.warning(f"JAX sees {jax.device_count()} devices but the job was planned for {topology.devices} "
-                           "(--nproc-per-node x --nnodes); MaxText fills its -1 mesh axes with what it sees")
+        check_devices(jax.device_count(), topology)
 
         from absl import flags
         from maxtext.trainers.pre_train import train
@@ -186,6 +184,15 @@ class MaxTextAdapter(Adapter):
         ctx.apply_patches("after_train")
         if METRICS_PATCH in ctx.patches.applied:
             check_finished(ctx.patch_context.state.get("last_step", 0), int(config["steps"]))
+
+
+def check_devices(seen: int, topology: JobTopology) -> None:
+    """The translator sized the mesh's -1 axes for the planned devices; JAX must see that many."""
+    if seen != topology.devices:
+        per_host = max(seen // topology.num_processes, 1)
+        raise ConfigError(f"JAX sees {seen} devices but the job was planned, and MaxText's mesh sized, for "
+                          f"{topology.devices} (--nproc-per-node x --nnodes)", key="--nproc-per-node",
+                          fix=f"run with --nproc-per-node {per_host} (the devices of one host)")
 
 
 def check_finished(last_step: int, steps: int) -> None:

@@ -1,8 +1,10 @@
 """The light half of the maxtext backend: neutral config in, MaxText `base.yml` keys out, checks first.
 
 Core calls this while resolving (`primus config show`, `primus run --dry-run`), so nothing here may
-import jax or maxtext: MaxText's key set and defaults come from package data (`base_config`), paths
-are checked on disk, and the device mesh is checked against the job's device count.
+import jax or maxtext: MaxText's key set and defaults come from package data (`base_config`). Core
+owns the neutral rules (parallel sizes, heads, batch arithmetic, corpus and tokenizer paths) on the
+dimensions named here; this module derives what MaxText would compute from the job's devices (the
+mesh's -1 axes, the gradient accumulation) and checks MaxText's own format.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from primus.backends.translator import NativeValues, Translator
+from primus.config.rules import check_first_record
 from primus.errors import ConfigError
 from primus_maxtext.base_config import base_defaults
 
@@ -146,19 +149,15 @@ def _translate_moe(spec: ModelSpec, out: NativeValues) -> None:
 
 
 def translate_train(module: ModuleConfig, out: NativeValues) -> None:
+    """Train fields to MaxText keys. A field MaxText cannot take is left out here and refused by
+    `check_neutral_support`, so the error is located like every other check's."""
     t = module.train
     out.set("steps", t.steps, "train.steps")
     out.set("learning_rate", t.lr, "train.lr")
-    if t.min_lr is not None:
-        if t.lr is None:
-            raise ConfigError("train.min_lr needs train.lr (MaxText takes the final rate as a fraction of the peak)",
-                              key="train.min_lr")
-        out.set("learning_rate_final_fraction", t.min_lr / t.lr, "train.min_lr")
-    if t.warmup_steps is not None:
-        if not t.steps:
-            raise ConfigError("train.warmup_steps needs train.steps (MaxText takes warmup as a fraction of the steps)",
-                              key="train.warmup_steps")
-        out.set("warmup_steps_fraction", min(t.warmup_steps / t.steps, 1.0), "train.warmup_steps")
+    if t.min_lr is not None and t.lr is not None:
+        out.set("learning_rate_final_fraction", t.min_lr / t.lr, "train.min_lr,train.lr")
+    warmup = (t.warmup_steps / t.steps) if t.warmup_steps is not None and t.steps else None
+    out.set("warmup_steps_fraction", None if warmup is None else min(warmup, 1.0), "train.warmup_steps,train.steps")
     if t.lr_schedule == "cosine":
         out.set("lr_schedule_type", "cosine", "train.lr_schedule")
     elif t.lr_schedule == "constant":
@@ -166,18 +165,16 @@ def translate_train(module: ModuleConfig, out: NativeValues) -> None:
         out.set("learning_rate_final_fraction", 1.0, "train.lr_schedule")  # a cosine from lr to lr is flat
     elif t.lr_schedule == "linear":
         # warmup-stable-decay with the whole post-warmup span decaying linearly
-        warmup = (t.warmup_steps / t.steps) if t.warmup_steps is not None and t.steps else None
         out.set("lr_schedule_type", "wsd", "train.lr_schedule")
         out.set("wsd_decay_style", "linear", "train.lr_schedule")
-        out.set("wsd_decay_steps_fraction", None if warmup is None else max(1.0 - warmup, 0.0), "train.lr_schedule")
+        out.set("wsd_decay_steps_fraction", None if warmup is None else max(1.0 - warmup, 0.0),
+                "train.lr_schedule,train.warmup_steps,train.steps")
     out.set("per_device_batch_size", t.micro_batch_size, "train.micro_batch_size")
     out.set("max_target_length", t.seq_length, "train.seq_length")
     out.set("init_weights_seed", t.seed, "train.seed")
     out.set("data_shuffle_seed", t.seed, "train.seed")
     out.set("adam_weight_decay", t.weight_decay, "train.weight_decay")
     out.set("gradient_clipping_threshold", t.grad_clip, "train.grad_clip")
-    if t.precision == "fp16":
-        raise ConfigError(f"fp16 is {UNSUPPORTED} (use bf16 or fp32)", key="train.precision")
     if t.precision in PRECISION:
         dtype, weight_dtype = PRECISION[t.precision]
         out.set("dtype", dtype, "train.precision")
@@ -191,21 +188,23 @@ def translate_parallel(module: ModuleConfig, out: NativeValues) -> None:
     p = module.parallel
     for neutral, axis in PARALLEL_AXES.items():
         out.set(axis, getattr(p, neutral), f"parallel.{neutral}")
+    # parallel.data is the whole data-parallel extent (core checks data x tensor x pipeline x context =
+    # world size); -1 lets derive() size the axis from the devices the other axes leave.
     data = -1 if p.data == "auto" else p.data
     if p.fsdp:
-        # FSDP takes every device the other axes leave; an explicit data degree replicates on top.
-        out.set("ici_fsdp_parallelism", -1, "parallel.fsdp")
-        out.set("ici_data_parallelism", data if data is not None else 1, "parallel.fsdp")
+        # FSDP shards over all of the data-parallel extent, so MaxText's fsdp axis takes it and its
+        # replicating data axis is 1.
+        out.set("ici_fsdp_parallelism", data if data is not None else -1,
+                "parallel.fsdp" if data is None else "parallel.fsdp,parallel.data")
+        out.set("ici_data_parallelism", 1, "parallel.fsdp")
     elif p.fsdp is False or data is not None:
         out.set("ici_fsdp_parallelism", 1, "parallel.fsdp" if p.fsdp is False else "parallel.data")
-        out.set("ici_data_parallelism", data if data is not None else -1, "parallel.data")
+        out.set("ici_data_parallelism", data if data is not None else -1,
+                "parallel.data" if data is not None else "parallel.fsdp")
 
 
 def translate_data(module: ModuleConfig, out: NativeValues) -> None:
     d = module.data
-    if d.valid_fraction:
-        raise ConfigError(f"data.valid_fraction is {UNSUPPORTED}; give MaxText a held-out file with "
-                          "overrides.hf_eval_files and train.eval_interval", key="data.valid_fraction")
     if d.mock:
         out.set("dataset_type", "synthetic", "data.mock")
     if d.path:
@@ -226,7 +225,22 @@ def translate_checkpoint(module: ModuleConfig, out: NativeValues) -> None:
     out.set("max_to_keep", c.keep_last, "checkpoint.keep_last")
 
 
-# --------------------------------------------------------------------------- checks
+# --------------------------------------------------------------------------- derived values
+
+
+def _origins(resolved: ResolvedModule, key: str) -> list[str]:
+    """What a native value came from, for a derived value's origin: the neutral path(s) it was
+    translated from, else the native key itself; nothing for MaxText's own base.yml default."""
+    source = resolved.sources.get(tuple(key.split(".")))
+    if source is None:
+        return []
+    if source.layer.startswith("neutral") and key in resolved.neutral_origins:
+        return resolved.neutral_origins[key].split(",")
+    return [key]
+
+
+def _joined(origins: list[str]) -> str:
+    return ",".join(dict.fromkeys(origins))  # in order, once each
 
 
 def mesh_axes(native: dict[str, Any], prefix: str) -> dict[str, int]:
@@ -235,61 +249,102 @@ def mesh_axes(native: dict[str, Any], prefix: str) -> dict[str, int]:
     return {k: int(native.get(k, defaults[k])) for k in names}
 
 
-def check_mesh(native: dict[str, Any], devices: int) -> None:
-    """The ICI and DCN axes must fill the job's devices the way MaxText's mesh builder fills them."""
+def _slices(native: dict[str, Any], devices: int) -> int:
     num_slices = int(native.get("num_slices", -1))
     slices = num_slices if num_slices > 0 else 1  # GPUs and CPU form one slice unless told otherwise
     if devices % slices:
         raise ConfigError(f"num_slices {slices} does not divide the job's {devices} devices", key="num_slices")
-    for prefix, size, what in (("ici_", devices // slices, "devices per slice"), ("dcn_", slices, "slices")):
+    return slices
+
+
+def _mesh_levels(native: dict[str, Any], devices: int) -> list[tuple[str, int, str]]:
+    """(axis prefix, devices that level's axes must multiply to, what those are)."""
+    slices = _slices(native, devices)
+    return [("ici_", devices // slices, "devices per slice"), ("dcn_", slices, "slices")]
+
+
+MESH_FIX = ("the job has --nproc-per-node x --nnodes devices (on CPU, --nproc-per-node N gives N host devices); "
+            "change the parallel sizes or set one axis to -1")
+
+
+def _shown(explicit: dict[str, int], prefix: str) -> str:
+    shown = " x ".join(f"{k}={v}" for k, v in explicit.items()) or f"all {prefix}* axes = 1"
+    return shown + (f" = {math.prod(explicit.values())}" if len(explicit) > 1 else "")
+
+
+def fill_mesh(native: dict[str, Any], devices: int) -> dict[str, tuple[int, list[str]]]:
+    """The size MaxText's mesh builder gives each -1 axis on the job's devices, with the explicit axes
+    it is computed from. Raises when the axes cannot be filled (a bad size, two -1s, no fit)."""
+    fills: dict[str, tuple[int, list[str]]] = {}
+    for prefix, size, what in _mesh_levels(native, devices):
         axes = mesh_axes(native, prefix)
         bad = {k: v for k, v in axes.items() if v == 0 or v < -1}
         if bad:
             raise ConfigError(f"mesh sizes must be positive or -1 (fill), got {bad}", key=next(iter(bad)))
         auto = [k for k, v in axes.items() if v == -1]
-        explicit = {k: v for k, v in axes.items() if v > 1}
-        product = math.prod(explicit.values())
-        shown = " x ".join(f"{k}={v}" for k, v in explicit.items()) or f"all {prefix}* axes = 1"
-        if len(explicit) > 1:
-            shown += f" = {product}"
         if len(auto) > 1:
             raise ConfigError(f"more than one {prefix}* axis is -1 ({', '.join(auto)}); MaxText fills only one",
                               key=auto[1], fix="set all but one to a size")
-        fix = ("the job has --nproc-per-node x --nnodes devices (on CPU, --nproc-per-node N gives N host devices); "
-               "change the parallel sizes or set one axis to -1")
-        if auto and size % product:
-            raise ConfigError(f"{shown} does not divide the job's {size} {what}",
-                              key=next(iter(explicit)), fix=fix)
-        if not auto and product != size:
-            raise ConfigError(f"{shown} does not match the job's {size} {what}",
-                              key=next(iter(explicit), f"{prefix}*"), fix=fix)
+        if not auto:
+            continue
+        explicit = {k: v for k, v in axes.items() if v > 1}
+        product = math.prod(explicit.values())
+        if size % product:
+            raise ConfigError(f"{_shown(explicit, prefix)} does not divide the job's {size} {what}",
+                              key=next(iter(explicit)), fix=MESH_FIX)
+        fills[auto[0]] = (size // product, list(explicit))
+    return fills
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~"))
+def check_mesh(native: dict[str, Any], devices: int) -> None:
+    """The ICI and DCN axes must fill the job's devices the way MaxText's mesh builder fills them."""
+    filled = {**native, **{axis: size for axis, (size, _) in fill_mesh(native, devices).items()}}
+    for prefix, size, what in _mesh_levels(filled, devices):
+        explicit = {k: v for k, v in mesh_axes(filled, prefix).items() if v > 1}
+        if math.prod(explicit.values()) != size:
+            # all axes 1 on several devices: blame the axis MaxText fills by default
+            default_fill = next((k for k, v in mesh_axes({}, prefix).items() if v == -1), f"{prefix}*")
+            raise ConfigError(f"{_shown(explicit, prefix)} does not match the job's {size} {what}",
+                              key=next(iter(explicit), default_fill), fix=MESH_FIX)
 
 
-def check_data(module: ModuleConfig, native: dict[str, Any]) -> None:
-    d = module.data
-    dataset_type = native.get("dataset_type")
-    if d.tokenizer and not Path(d.tokenizer).is_dir():
-        raise ConfigError(f"tokenizer directory {d.tokenizer} does not exist", key="data.tokenizer",
-                          fix="give a local Hugging Face tokenizer directory (tokenizer.json)")
-    if d.path and not Path(d.path).is_file():
-        raise ConfigError(f"corpus {d.path} does not exist", key="data.path")
-    if dataset_type == "synthetic":
+def derive_mesh(resolved: ResolvedModule, out: NativeValues) -> None:
+    """Each -1 mesh axis becomes the size MaxText would give it on this job's devices, so the
+    generated config, `config show` and `--explain` say what the run uses. (A -1 written in overrides
+    asks for exactly this; core lets a derived value replace a written -1, and no other.)"""
+    native = resolved.native
+    for axis, (size, explicit) in fill_mesh(native, resolved.world_size).items():
+        from_ = _origins(resolved, axis) + [o for k in explicit for o in _origins(resolved, k)]
+        if axis.startswith("ici_"):
+            from_ += ["world_size"] + (["num_slices"] if int(native.get("num_slices", -1)) > 1 else [])
+        else:
+            from_ += ["num_slices"]
+        out.set(axis, size, _joined(from_))
+
+
+def derive_accumulation(resolved: ResolvedModule, out: NativeValues) -> None:
+    """MaxText's global batch is per_device_batch_size x devices x gradient_accumulation_steps; with
+    train.global_batch_size given, the accumulation is what makes them agree. (Core refuses a
+    gradient_accumulation_steps the user wrote that differs from it.)"""
+    native, gbs = resolved.native, resolved.module.train.global_batch_size
+    if gbs is None:
         return
-    tokenizer = str(native.get("tokenizer_path") or "")
-    if not tokenizer:
-        raise ConfigError(f"dataset_type {dataset_type} needs a tokenizer", key="data.tokenizer",
-                          fix="set data.tokenizer to a local tokenizer directory")
-    if _looks_local(tokenizer) and not Path(tokenizer).expanduser().exists():
-        raise ConfigError(f"tokenizer {tokenizer} does not exist", key="tokenizer_path")
-    if dataset_type == "hf":
-        files = native.get("hf_train_files") or ""
-        for f in [files] if isinstance(files, str) else files:
-            if f and _looks_local(f) and not any(Path(f).expanduser().parent.glob(Path(f).name)):
-                raise ConfigError(f"training files {f} do not exist", key="hf_train_files")
+    per_device = float(native.get("per_device_batch_size", base_defaults()["per_device_batch_size"]))
+    devices = resolved.world_size
+    per_step = per_device * devices
+    accumulation = gbs / per_step
+    if not accumulation.is_integer() or accumulation < 1:
+        raise ConfigError(f"global_batch_size {gbs} is not a multiple of per_device_batch_size {per_device:g} x "
+                          f"{devices} devices = {per_step:g} (MaxText's global batch counts every device)",
+                          key="train.global_batch_size",
+                          fix=f"use a multiple of {per_step:g}" if per_step.is_integer()
+                          else "MaxText's global batch is per_device_batch_size x devices x gradient_accumulation_steps")
+    origins = ["train.global_batch_size", *(_origins(resolved, "per_device_batch_size") or ["per_device_batch_size"]),
+               "world_size"]
+    out.set("gradient_accumulation_steps", int(accumulation), _joined(origins))
+
+
+# --------------------------------------------------------------------------- checks (read-only)
 
 
 def check_types(native: dict[str, Any]) -> None:
@@ -307,19 +362,48 @@ def check_types(native: dict[str, Any]) -> None:
             raise ConfigError(f"expects a number, got {value!r}", key=key)
 
 
-def check_batch(module: ModuleConfig, native: dict[str, Any], devices: int) -> None:
-    gbs = module.train.global_batch_size
-    if gbs is None:
+def check_neutral_support(module: ModuleConfig) -> None:
+    """Neutral fields MaxText cannot express (translate_sections leaves them out)."""
+    t, d = module.train, module.data
+    if t.precision == "fp16":
+        raise ConfigError(f"fp16 is {UNSUPPORTED}", key="train.precision", fix="use bf16 or fp32")
+    if t.min_lr is not None and t.lr is None:
+        raise ConfigError("train.min_lr needs train.lr (MaxText takes the final rate as a fraction of the peak)",
+                          key="train.min_lr", fix="set train.lr too")
+    if t.warmup_steps is not None and not t.steps:
+        raise ConfigError("train.warmup_steps needs train.steps (MaxText takes warmup as a fraction of the steps)",
+                          key="train.warmup_steps", fix="set train.steps too")
+    if d.valid_fraction:
+        raise ConfigError(f"data.valid_fraction is {UNSUPPORTED}", key="data.valid_fraction",
+                          fix="give MaxText a held-out file with overrides.hf_eval_files and train.eval_interval")
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~"))
+
+
+def check_data(native: dict[str, Any]) -> None:
+    """MaxText's own data keys; the neutral corpus and tokenizer paths are core's (config.rules)."""
+    dataset_type = native.get("dataset_type")
+    if dataset_type == "synthetic":
         return
-    per_device = float(native.get("per_device_batch_size", base_defaults()["per_device_batch_size"]))
-    accumulation = int(native.get("gradient_accumulation_steps", 1))
-    total = per_device * devices * accumulation
-    if total != gbs:
-        wanted = gbs / (per_device * devices)
-        fix = (f"set overrides.gradient_accumulation_steps: {int(wanted)}" if wanted.is_integer() and wanted >= 1
-               else "MaxText's global batch is per_device_batch_size x devices x gradient_accumulation_steps")
-        raise ConfigError(f"global_batch_size {gbs} != per_device_batch_size {per_device:g} x {devices} devices x "
-                          f"gradient_accumulation_steps {accumulation}", key="train.global_batch_size", fix=fix)
+    tokenizer = str(native.get("tokenizer_path") or "")
+    if not tokenizer:
+        raise ConfigError(f"dataset_type {dataset_type} needs a tokenizer", key="data.tokenizer",
+                          fix="set data.tokenizer to a local tokenizer directory")
+    if _looks_local(tokenizer) and not Path(tokenizer).expanduser().exists():
+        raise ConfigError(f"tokenizer {tokenizer} does not exist", key="tokenizer_path")
+    if dataset_type == "hf":
+        files = native.get("hf_train_files") or ""
+        for f in [files] if isinstance(files, str) else files:
+            if f and _looks_local(f) and not any(Path(f).expanduser().parent.glob(Path(f).name)):
+                raise ConfigError(f"training files {f} do not exist", key="hf_train_files")
+        # core checks the text field only when data.text_key names it; MaxText reads its own default
+        # column ("text") otherwise, so a JSONL file without it must fail here, not after JAX started
+        columns = native.get("train_data_columns") or base_defaults()["train_data_columns"]
+        if (native.get("hf_path") == "json" and isinstance(files, str) and files.endswith(".jsonl")
+                and isinstance(columns, list) and columns and Path(files).is_file()):
+            check_first_record(Path(files), str(columns[0]), key="train_data_columns")
 
 
 # --------------------------------------------------------------------------- the translator
@@ -327,6 +411,32 @@ def check_batch(module: ModuleConfig, native: dict[str, Any], devices: int) -> N
 
 class MaxTextTranslator(Translator):
     default_module_preset = "pre_trainer.yaml"
+    steps_key = "steps"
+    # per_device_batch_size is not named for micro_batch_size: MaxText takes fractions (0.5) and
+    # floats (4.0) there, which core's positive-integer rule would refuse; core reads the neutral
+    # train.micro_batch_size instead, and derive/check judge the native value against the batch.
+    # parallel.data is not one MaxText axis (data-parallel is ici_data x ici_fsdp x dcn_data x ...),
+    # so core reads the neutral value.
+    dimension_keys = {
+        "tensor": "ici_tensor_parallelism", "pipeline": "ici_pipeline_parallelism",
+        "context": "ici_context_parallelism", "expert": "ici_expert_parallelism",
+        "seq_length": "max_target_length", "steps": "steps",
+        "num_layers": "base_num_decoder_layers", "num_heads": "base_num_query_heads",
+        "num_kv_heads": "base_num_kv_heads", "num_experts": "num_experts",
+        "max_positions": "max_position_embeddings",
+    }
+    neutral_fields = frozenset({
+        "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule",
+        "train.micro_batch_size", "train.global_batch_size", "train.seq_length", "train.seed",
+        "train.weight_decay", "train.grad_clip", "train.precision", "train.log_interval",
+        "train.eval_interval", "train.eval_steps",
+        "parallel.tensor", "parallel.pipeline", "parallel.context", "parallel.expert", "parallel.data",
+        "parallel.fsdp",
+        "data.mock", "data.path", "data.text_key", "data.tokenizer",
+        "data.valid_fraction",  # read to refuse it (check_neutral_support)
+        "checkpoint.dir", "checkpoint.interval", "checkpoint.keep_last",
+        "checkpoint.resume",  # the adapter reads it: never refuses a directory with checkpoints
+    })
 
     def native_keys(self, preset: dict[str, Any]) -> set[str]:
         return set(preset) | set(base_defaults())
@@ -342,32 +452,26 @@ class MaxTextTranslator(Translator):
         translate_checkpoint(module, out)
         return out
 
+    def derive(self, resolved: ResolvedModule) -> NativeValues:
+        """The mesh's -1 axes and the gradient accumulation, from the job's devices."""
+        check_types(resolved.native)  # the arithmetic below needs numbers where MaxText wants numbers
+        out = NativeValues()
+        derive_mesh(resolved, out)
+        derive_accumulation(resolved, out)
+        return out
+
     def check(self, resolved: ResolvedModule) -> None:
         native, module = resolved.native, resolved.module
-        where = f"modules.{resolved.name}"
-        try:
-            check_types(native)
-            check_mesh(native, resolved.world_size)
-            check_data(module, native)
-            check_batch(module, native, resolved.world_size)
-            if resolved.model is not None and native.get("model_name", "default") != "default":
-                raise ConfigError(f"model_name {native['model_name']!r} and a Primus model preset both define the "
-                                  "model", key="model_name", fix="drop one of them")
-            ckpt = module.checkpoint.dir
-            if ckpt and Path(ckpt).name != "checkpoints":
-                raise ConfigError("MaxText keeps checkpoints in <base_output_directory>/<run_name>/checkpoints",
-                                  key="checkpoint.dir", fix="give a directory named 'checkpoints'")
-        except ConfigError as exc:
-            # point at the layer that set the key: the overrides line, the neutral section, the command line
-            source = resolved.explain(exc.key) if exc.key in native else None
-            layer = source.layer if source else ""
-            key = exc.key or ""
-            if layer in ("overrides", "cli"):
-                key = f"{where}.overrides.{key}" if layer == "overrides" else f"command line {key}"
-            elif not key.startswith(where):
-                key = f"{where}.{key}" if key else where
-            raise ConfigError(exc.message, file=source.file if source and layer != "cli" else None,
-                              line=source.line if source else None, key=key, fix=exc.fix) from None
+        check_neutral_support(module)
+        check_mesh(native, resolved.world_size)
+        check_data(native)
+        if resolved.model is not None and native.get("model_name", "default") != "default":
+            raise ConfigError(f"model_name {native['model_name']!r} and a Primus model preset both define the "
+                              "model", key="model_name", fix="drop one of them")
+        ckpt = module.checkpoint.dir
+        if ckpt and Path(ckpt).name != "checkpoints":
+            raise ConfigError("MaxText keeps checkpoints in <base_output_directory>/<run_name>/checkpoints",
+                              key="checkpoint.dir", fix="give a directory named 'checkpoints'")
 
     def notices(self, resolved: ResolvedModule) -> list[str]:
         notes = super().notices(resolved)
@@ -381,7 +485,9 @@ class MaxTextTranslator(Translator):
         n = resolved.native
         return {
             "steps": n.get("steps"),
-            "batch": f"{n.get('per_device_batch_size')} per device x {n.get('max_target_length', '?')} tokens",
+            "batch": f"{n.get('per_device_batch_size')} per device x {n.get('max_target_length', '?')} tokens"
+                     + (f" x {n['gradient_accumulation_steps']} accumulated" if n.get("gradient_accumulation_steps")
+                        not in (None, 1) else ""),
             "mesh": ", ".join(f"{k.removesuffix('_parallelism')}={v}" for k, v in mesh_axes(n, "ici_").items()
                               if v != 1) or "single device",
             "data": n.get("dataset_type"),
