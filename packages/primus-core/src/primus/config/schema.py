@@ -76,6 +76,9 @@ class CheckpointSection(_Strict):
     resume: Literal["auto", "never"] | bool | None = Field(
         None, description="auto: continue from the newest complete checkpoint.")
     keep_last: PositiveInt | None = Field(None, description="Checkpoints kept on disk.")
+    on_damaged: Literal["fail", "previous"] | None = Field(
+        None, description="A newest checkpoint that cannot be read: fail (default, naming it) or resume from the "
+                          "previous complete one (said in one line).")
 
 
 NEUTRAL_SECTIONS: dict[str, type[_Strict]] = {
