@@ -89,14 +89,25 @@ def worker_argv(run_dir: Path, module: str, entry: str = WORKER) -> list[str]:
     return ["-m", entry, str(run_dir), module]
 
 
+RDZV_TIMEOUT_S = 300  # how long nodes wait for each other before the job fails with one line
+
+
+def rendezvous_timeout() -> int:
+    """PRIMUS_RDZV_TIMEOUT seconds (default 300): the nodes' join timeout at rendezvous."""
+    raw = os.environ.get("PRIMUS_RDZV_TIMEOUT", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else RDZV_TIMEOUT_S
+
+
 def rendezvous_id(run_dir: Path) -> str:
-    """One id per job: Slurm's job id when there is one, else derived from the run directory."""
+    """One id per job, the same on every node: Slurm's job id when there is one, else derived from
+    what every node of one job shares — the experiment's name (the run directory's last part), not
+    its full path, which differs between node-local workspaces."""
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         return f"slurm-{job}"
     import hashlib
 
-    return "primus-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+    return "primus-" + hashlib.sha1(Path(run_dir).name.encode()).hexdigest()[:12]
 
 
 def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOptions,
@@ -110,7 +121,8 @@ def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOpti
         if opts.nnodes > 1:
             # c10d rendezvous: nodes may start in any order; the store lives at the first node
             argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{opts.master_addr}:{opts.master_port}",
-                     "--rdzv-id", rendezvous_id(run_dir), "--node-rank", str(opts.node_rank)]
+                     "--rdzv-id", rendezvous_id(run_dir), "--node-rank", str(opts.node_rank),
+                     "--rdzv-conf", f"join_timeout={rendezvous_timeout()}"]
         else:
             argv += ["--node-rank", "0", "--master-addr", opts.master_addr, "--master-port", str(opts.master_port)]
         if opts.max_restarts:

@@ -74,6 +74,10 @@ def _run_dir_of(argv: list[str]) -> Path | None:
     return None
 
 
+def _arg(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     import time
 
@@ -88,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except Exception as exc:  # ChildFailedError and friends: torchrun's own report is in the log
-        states = _stopped_ranks(_run_dir_of(args), started)
-        if not ({"preempted", "interrupted"} & states):
-            raise
-        print(f"primus: some ranks stopped on a signal and others failed: {type(exc).__name__}", file=sys.stderr)
+        if type(exc).__name__ == "RendezvousTimeoutError":
+            print(f"primus: error: the nodes did not all join the rendezvous ({_arg(args, '--rdzv-id')} at "
+                  f"{_arg(args, '--rdzv-endpoint')}) within {_arg(args, '--rdzv-conf')}: start every node with "
+                  "the same experiment, exp_name, --nnodes and --master-addr/--master-port "
+                  "(PRIMUS_RDZV_TIMEOUT sets the wait)", file=sys.stderr)
+            return 1
+        if not _received:
+            raise  # a rank failed: torchrun's own report names it and its error file
+        print(f"primus: error: stopping on {signal.Signals(_received[0]).name}, a rank failed on the way out "
+              f"({type(exc).__name__}); the ranks' log files say which", file=sys.stderr)
         code = 1
     states = _stopped_ranks(_run_dir_of(args), started)
     if code == 0 and (signal.SIGINT in _received or "interrupted" in states):
