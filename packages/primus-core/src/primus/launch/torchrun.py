@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                   "the same experiment, exp_name, --nnodes and --master-addr/--master-port "
                   "(PRIMUS_RDZV_TIMEOUT sets the wait)", file=sys.stderr)
             return 1
+        if not _received and "config-error" in _stopped_ranks(_run_dir_of(args), started):
+            return 2  # the ranks said which configuration error in one line; no launcher traceback
         if not _received:
             raise  # a rank failed: torchrun's own report names it and its error file
         print(f"primus: error: stopping on {signal.Signals(_received[0]).name}, a rank failed on the way out "

@@ -15,10 +15,13 @@ from pathlib import Path
 from primus.errors import ConfigError
 
 
-def read_documents(path: Path | str, text_key: str = "text") -> Iterator[str]:
-    """The documents of a local corpus, in file order."""
+def read_documents(path: Path | str, text_key: str = "text", *, as_json: bool | None = None,
+                   key: str = "data.path") -> Iterator[str]:
+    """The documents of a local corpus, in file order. `as_json`: whether lines are JSON objects
+    (default: a `.jsonl` or `.json` suffix); `key`: the config key that named the file, for errors."""
     path = Path(path)
-    as_json = path.suffix == ".jsonl"
+    if as_json is None:
+        as_json = path.suffix in (".jsonl", ".json")
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
@@ -26,14 +29,14 @@ def read_documents(path: Path | str, text_key: str = "text") -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise ConfigError("is not UTF-8 text", file=str(path), line=number, key="data.path") from None
+                raise ConfigError("is not UTF-8 text", file=str(path), line=number, key=key) from None
             if not as_json:
                 yield line.rstrip("\n")
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"is not a JSON line ({exc.msg})", file=str(path), line=number, key="data.path",
+                raise ConfigError(f"is not a JSON line ({exc.msg})", file=str(path), line=number, key=key,
                                   fix="one JSON object per line, e.g. {\"text\": \"...\"}") from None
             text = record.get(text_key) if isinstance(record, dict) else None
             if not isinstance(text, str):

@@ -41,6 +41,8 @@ def console_filter() -> Callable[[Any], bool]:
     warning = logger.level("WARNING").no
 
     def keep(record: Any) -> bool:
+        if record["extra"].get("file_only"):
+            return False  # said on the console another way (a one-line `primus: error:`)
         if not record["extra"].get("external"):
             return True
         if record["level"].no < warning:

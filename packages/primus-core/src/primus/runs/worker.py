@@ -90,8 +90,9 @@ def run_worker(run_dir: Path, module_name: str) -> int:
         adapter_cls(ctx).run()
     except ConfigError as exc:
         metrics.set_status("config-error")
-        logger.error(f"configuration error: {exc}")
-        print(f"primus: error: {exc}", file=sys.stderr)
+        logger.bind(file_only=True).error(f"configuration error: {exc}")
+        if rank == 0 or world_size == 1:  # every rank finds the same error: one line is enough
+            print(f"primus: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # a second Ctrl-C, or a backend that cannot stop between steps
         metrics.set_status("interrupted")
@@ -100,10 +101,12 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     except OSError as exc:  # the machine, not the code: disk full, read-only, permission
         cause = _os_cause(exc)
         _status_best_effort(metrics, "failed", error=cause)
-        logger.opt(exception=exc).debug("the error in full")  # the traceback goes to the log file only
+        logger.bind(file_only=True).opt(exception=exc).error(f"training failed on rank {rank}: {cause}")
         print(f"primus: error: training failed on rank {rank}: {cause}", file=sys.stderr)
         return EXIT_FAILURE
-    except Exception as exc:  # a failure in training: log it whole, exit 1
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # a failure in training (some framework errors are BaseExceptions): exit 1
         _status_best_effort(metrics, "failed", error=f"{type(exc).__name__}: {exc}")
         logger.error(f"training failed on rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         return EXIT_FAILURE
