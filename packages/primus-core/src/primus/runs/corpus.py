@@ -31,7 +31,7 @@ def read_documents(path: Path | str, text_key: str = "text", *, as_json: bool | 
             except UnicodeDecodeError:
                 raise ConfigError("is not UTF-8 text", file=str(path), line=number, key=key) from None
             if not as_json:
-                yield line.rstrip("\n")
+                yield line.rstrip("\r\n")
                 continue
             try:
                 record = json.loads(line)
