@@ -8,11 +8,14 @@ shadow megatron-core, and imports this module the same way).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,46 @@ TOKENIZER = EXAMPLES / "data" / "tokenizer"
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# where a run directory goes (`workspace/work_group/user_name/exp_name`): the shell of whoever runs the
+# tests may set these, and the examples read them, so a test's subprocess sees them only when the
+# test sets them itself
+IDENTITY_VARS = ("PRIMUS_TEAM", "PRIMUS_USER", "PRIMUS_WORKSPACE")
+# the names tests give their runs, so that no expected path depends on a default
+TEAM, USER = "team", "me"
+
+_cache_root: Path | None = None
+
+
+def session_cache() -> Path:
+    """This test session's private cache root (made on first use, removed when the session ends):
+    converted corpora, datasets and tokenizer caches never land in the user's ~/.cache."""
+    global _cache_root
+    if _cache_root is None:
+        _cache_root = Path(tempfile.mkdtemp(prefix="primus-tests-cache-"))
+        atexit.register(shutil.rmtree, _cache_root, True)
+    return _cache_root
+
+
+def primus_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `primus` subprocess: the caller's, without PRIMUS_TEAM/PRIMUS_USER/
+    PRIMUS_WORKSPACE, with one CPU thread and caches under `session_cache()`; `env` wins over all."""
+    cache = session_cache()
+    base = {k: v for k, v in os.environ.items() if k not in IDENTITY_VARS}
+    caches = {"PRIMUS_CACHE_DIR": str(cache / "primus"), "HF_HOME": str(cache / "huggingface"),
+              "HF_DATASETS_CACHE": str(cache / "huggingface" / "datasets"), "XDG_CACHE_HOME": str(cache / "xdg")}
+    return {**base, **QUIET_ENV, **caches, **(env or {})}
+
+
 def run_primus(*args: str, timeout: int = 300, env: dict[str, str] | None = None,
                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m primus ARGS` in a subprocess, as a user runs it."""
-    full_env = {**os.environ, **QUIET_ENV, **(env or {})}
+    """`python -m primus ARGS` in a subprocess, as a user runs it (environment: `primus_env(env)`)."""
     return subprocess.run([sys.executable, "-m", "primus", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+                          timeout=timeout, env=primus_env(env), cwd=cwd)
+
+
+def run_dir_for(workspace: Path, exp_name: str, team: str = TEAM, user: str = USER) -> Path:
+    """Where a run of `exp_name` named with work_group=`team`, user_name=`user` writes."""
+    return Path(workspace) / team / user / exp_name
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 from primus.runs.metrics import TRAIN_KEYS, read_metrics
+from tests.support import primus_env
 
 from .conftest import run_primus
 
@@ -161,7 +162,7 @@ def test_sigterm_stops_at_a_step_boundary_with_checkpoint(toy_exp):
     exp, ws = toy_exp
     run_dir = ws / "team" / "me" / "toy"
     proc = subprocess.Popen([sys.executable, "-m", "primus", "run", str(exp), "train.steps=400", "step_sleep=0.02"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=primus_env())
     deadline = time.time() + 60
     while time.time() < deadline and len(read_metrics(run_dir / "metrics.jsonl")) < 5:
         time.sleep(0.05)
@@ -190,3 +191,33 @@ def test_core_source_never_imports_a_framework():
     pattern = re.compile(r"^\s*(import|from)\s+(torch|jax|megatron|transformers|torchtitan|maxtext)\b", re.M)
     offenders = [str(p) for p in Path(primus.__file__).parent.rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_user_name_defaults_to_the_login_name(monkeypatch, write, tmp_path):
+    """An experiment without `user_name` runs under <workspace>/<work_group>/<login name>/, not
+    .../root/ whoever the user is (issue 15); "user" when there is no login name."""
+    import getpass
+
+    from primus.config.schema import Experiment
+
+    modules = {"pre_trainer": {"framework": "toy"}}
+    monkeypatch.setenv("LOGNAME", "primus-login-test")  # getpass reads LOGNAME first
+    assert getpass.getuser() == "primus-login-test"
+    assert Experiment(exp_name="x", modules=modules).user_name == "primus-login-test"
+    assert Experiment(exp_name="x", user_name="me", modules=modules).user_name == "me"
+
+    for error in (KeyError("uid 4242"), OSError("no login name")):  # no passwd entry: 3.11 / 3.13
+        def no_login(error=error):
+            raise error
+        monkeypatch.setattr(getpass, "getuser", no_login)
+        assert Experiment(exp_name="x", modules=modules).user_name == "user"
+
+    exp = write("nouser.yaml", f"""
+        exp_name: toy-login
+        workspace: {tmp_path / "ws"}
+        modules:
+          pre_trainer: {{framework: toy, config: pre_trainer.yaml, model: llama3_tiny.yaml, train: {{steps: 2}}}}
+        """)
+    r = run_primus("run", str(exp), "--dry-run", env={"LOGNAME": "primus-login-test"})
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'ws' / 'amd' / 'primus-login-test' / 'toy-login'}" in r.stdout

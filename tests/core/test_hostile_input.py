@@ -21,6 +21,7 @@ from primus.config import yamlfile
 from primus.config.layered import find_file, load_with_extends
 from primus.config.yamlfile import load_yaml, parse_scalar, substitute_env
 from primus.errors import ConfigError
+from tests.support import primus_env
 
 HOSTILE = Path(__file__).parent / "hostile"
 ADDRESS_SPACE_LIMIT = 1 << 30  # far above what validating a config needs, far below a runaway loader
@@ -35,7 +36,7 @@ def _cap_address_space() -> None:
 
 def primus(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The `primus` CLI in a child capped in memory and time."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = primus_env()
     return subprocess.run([sys.executable, "-m", "primus", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=TIME_LIMIT_S, preexec_fn=_cap_address_space)
 

@@ -10,7 +10,7 @@ import pytest
 from primus.config.schema import ContainerSection, SlurmSection
 from primus.launch.container import container_argv
 from primus.launch.slurm import render_sbatch
-from tests.support import assert_config_error
+from tests.support import assert_config_error, primus_env
 
 from .conftest import run_primus
 
@@ -87,13 +87,30 @@ def test_hostile_strings_in_container_argv_are_single_arguments(tmp_path: Path):
 
 
 def test_hostile_exp_name_end_to_end_dry_run(tmp_path: Path):
+    """The script `--dry-run` shows is run by bash with a stub srun: the hostile name arrives whole."""
+    import json
+
+    name = HOSTILE.replace(chr(34), "")
     exp = tmp_path / "exp.yaml"
     ws = tmp_path / "ws"
-    exp.write_text(f'exp_name: "{HOSTILE.replace(chr(34), "")}"\nworkspace: {ws}\n'
-                   "modules: {m: {framework: toy}}\n")
+    exp.write_text(f'exp_name: "{name}"\nworkspace: {ws}\nmodules: {{m: {{framework: toy}}}}\n')
     r = run_primus("run", str(exp), "--launcher", "slurm", "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert not any(tmp_path.glob("PWNED*")) and not ws.exists()
+    assert not ws.exists()
+    script = "\n".join(line[4:] for line in r.stdout.splitlines() if line.startswith("    "))
+    assert script.startswith("#!/bin/bash") and "\nexec srun " in script, r.stdout
+    (tmp_path / "job.sbatch").write_text(script + "\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    _fake_tool(bin_dir, "srun", log)
+    ran = subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=30, env=primus_env({"PATH": f"{bin_dir}:{os.environ['PATH']}"}))
+    assert ran.returncode == 0, ran.stderr
+    assert not any(tmp_path.rglob("PWNED*")), ran.stderr
+    (argv,) = [json.loads(line) for line in log.read_text().splitlines()]  # srun ran once
+    run_dir = Path(argv[argv.index("--run-dir") + 1])
+    assert run_dir.name == name and run_dir.parents[2] == ws.resolve(), argv  # one argument, intact
 
 
 # values a user (or a shared environment) can put in front of the batch script: each must either

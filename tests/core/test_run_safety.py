@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from primus.runs.metrics import read_metrics
-from tests.support import assert_config_error, run_primus
+from tests.support import assert_config_error, primus_env, run_primus
 
 
 def _run_dir(ws: Path) -> Path:
@@ -25,7 +25,7 @@ def _run_dir(ws: Path) -> Path:
 
 def _start(exp: Path, *items: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "primus", "run", str(exp), *items],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=primus_env())
 
 
 def _wait_for_steps(run_dir: Path, n: int, timeout: float = 60) -> None:

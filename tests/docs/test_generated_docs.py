@@ -35,3 +35,27 @@ def test_every_repo_backend_has_a_page():
         name = pkg.name.removeprefix("primus-")
         if pkg.name != "primus-core" and name != "maxtext" and (pkg / "pyproject.toml").exists():
             assert f"{name}.md" in pages, f"{pkg.name} is not installed in the docs session"
+
+
+def test_docs_check_passes_on_the_committed_pages_and_fails_on_an_edited_one(tmp_path: Path):
+    """`primus docs --check` as CI runs it, on a copy: exit 0 as committed; 1, naming the page and
+    leaving it as it is, once a generated page was edited by hand; `primus docs` writes it back."""
+    import shutil
+
+    from tests.support import run_primus
+
+    out = tmp_path / "backends"
+    shutil.copytree(DOCS, out)
+    r = run_primus("docs", "--check", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("checked ") and str(out / "overview.md") in r.stdout, r.stdout
+    page = out / "overview.md"
+    edited = page.read_text() + "\nA line added by hand.\n"
+    page.write_text(edited)
+    r = run_primus("docs", "--check", "--out", str(out))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "generated docs are out of date" in r.stderr and str(page) in r.stderr, r.stderr
+    assert page.read_text() == edited  # --check only reads
+    assert run_primus("docs", "--out", str(out)).returncode == 0
+    assert page.read_text() == (DOCS / "overview.md").read_text()
+    assert run_primus("docs", "--check", "--out", str(out)).returncode == 0

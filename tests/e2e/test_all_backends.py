@@ -35,3 +35,35 @@ def test_example_validates_and_dry_runs_without_side_effects(example: Path, tmp_
         r = subprocess.run([sys.executable, "-m", "primus", *cmd], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
     assert not ws.exists()
+
+
+# what `config validate` and `run --dry-run` must never import: they run on login nodes and laptops
+FRAMEWORKS = ("torch", "jax", "transformers", "megatron", "torchtitan", "maxtext")
+CHECK_IMPORTS = """
+import json, sys
+from primus.cli.main import main
+example, ws = sys.argv[1], sys.argv[2]
+codes = [main(["config", "validate", example, f"workspace={ws}"]), main(["run", example, "--dry-run", f"workspace={ws}"])]
+print("RESULT " + json.dumps({"codes": codes, "imported": sorted({m.split(".")[0] for m in sys.modules} & set(FRAMEWORKS))}))
+"""
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_validate_and_dry_run_import_no_framework(example: Path, tmp_path: Path):
+    """In one fresh interpreter, both commands in-process, then sys.modules: no framework in it."""
+    import json
+    from importlib.util import find_spec
+
+    from tests.support import primus_env
+
+    if find_spec(f"primus_{example.parent.name}") is None:
+        pytest.skip(f"primus-{example.parent.name} not installed in this session")
+    code = f"FRAMEWORKS = {FRAMEWORKS!r}\n" + CHECK_IMPORTS
+    r = subprocess.run([sys.executable, "-c", code, str(example), str(tmp_path / "ws")], capture_output=True,
+                       text=True, timeout=300, env=primus_env(), cwd=ROOT)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["codes"] == [0, 0], r.stderr[-3000:]
+    assert result["imported"] == [], f"{example.name}: config validate / run --dry-run imported {result['imported']}"

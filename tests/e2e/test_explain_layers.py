@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import primus_env
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_EXAMPLES = {
     "hf": "examples/hf/llama3_tiny.yaml",
@@ -24,10 +26,8 @@ TINY_EXAMPLES = {
 
 
 def _primus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
     return subprocess.run([sys.executable, "-m", "primus", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+                          env=primus_env(env))
 
 
 def _sources(example: str, *items: str, env: dict[str, str] | None = None) -> dict[str, str]:

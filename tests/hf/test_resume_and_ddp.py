@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import primus_env
+
 from .conftest import assert_ok, free_port, run_dir, run_primus, train_records, write_experiment
 
 pytestmark = pytest.mark.slow
@@ -97,7 +99,6 @@ def test_sigterm_to_the_launcher_under_torchrun_is_a_graceful_143(tmp_path: Path
     """torchrun alone turned SIGTERM into a traceback and exit 1; Primus's entry forwards it to the
     ranks, which checkpoint after the same step, and the command exits 143."""
     import json
-    import os
     import signal
     import subprocess
     import sys
@@ -107,7 +108,7 @@ def test_sigterm_to_the_launcher_under_torchrun_is_a_graceful_143(tmp_path: Path
                            checkpoint="{interval: 1000, resume: auto}")
     proc = subprocess.Popen([sys.executable, "-m", "primus", "run", str(exp), f"workspace={workspace}",
                              "--nproc-per-node", "2", "--master-port", str(free_port())],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            env=primus_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir(workspace, "t") / "metrics.jsonl"
     deadline = time.time() + 240

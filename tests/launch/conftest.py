@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, run_primus
+from tests.support import TEAM, USER, free_port, run_primus
 
 __all__ = ["free_port"]  # tests in this folder import it from here
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 HF_EXAMPLE = ROOT / "examples" / "hf" / "llama3_tiny.yaml"
-TOY_EXP = """
+# named, so that its run directory is WORKSPACE/team/me/toy-slurm whatever the defaults
+TOY_EXP = f"work_group: {TEAM}\nuser_name: {USER}\n" + """
 exp_name: toy-slurm
 workspace: {ws}
 modules:

@@ -1,12 +1,12 @@
 """Rendezvous across nodes (issue 15): nodes with node-local workspaces meet; a node that never
 comes ends the job within PRIMUS_RDZV_TIMEOUT with one line, not a silent wait and a traceback."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from primus.runs.metrics import read_metrics
+from tests.support import primus_env
 
 from .conftest import HF_EXAMPLE, free_port
 
@@ -18,7 +18,7 @@ def _node(rank: int, port: int, workspace: Path, *extra: str, env: dict[str, str
     return subprocess.Popen([sys.executable, "-m", "primus", "run", str(HF_EXAMPLE), "--nnodes", "2",
                              "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
                              "--node-rank", str(rank), f"workspace={workspace}", *SMALL, *extra],
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            env=primus_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+
+from tests.support import primus_env
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -43,10 +44,8 @@ TRAIN_LINE, PARALLEL_LINE, DATA_LINE, OVERRIDES_LINE = 9, 10, 11, 13
 
 def run_primus(*args: str, timeout: int = RUN_TIMEOUT, env: dict[str, str] | None = None,
                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false",
-                **(env or {})}
     return subprocess.run([sys.executable, "-m", "primus", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd)
+                          timeout=timeout, env=primus_env({"JAX_PLATFORMS": "cpu", **(env or {})}), cwd=cwd)
 
 
 def write_experiment(directory: Path, *, name: str = "exp", workspace: Path | None = None, steps: int = 4,

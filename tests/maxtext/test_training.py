@@ -5,12 +5,13 @@ Each run costs seconds of imports and XLA compilation, so every run here checks 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
+
+from tests.support import primus_env
 
 from .conftest import (
     assert_trained,
@@ -95,7 +96,7 @@ def test_two_real_jax_processes_train_together(tmp_path):
     """
     exp = write_experiment(tmp_path, name="multi", parallel="{data: 2}")
     port = str(free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
+    env = primus_env({"JAX_PLATFORMS": "cpu"})
     # Output goes to files, not pipes: waiting on one process while the other's pipe fills would
     # block that one before the first collective, and gloo gives up after 30 s.
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]

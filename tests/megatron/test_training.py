@@ -6,13 +6,12 @@ Each test starts `primus` as a user would (1 process in-process, 2 under torchru
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from mg_helpers import EXAMPLE, REPO, assert_trained, run_dir, train, train_losses
 
-from tests.support import attempts
+from tests.support import attempts, primus_env
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +164,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path
     import psutil
     from mg_helpers import PRIMUS, free_port
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = primus_env()
     args = [*PRIMUS, "run", str(EXAMPLE), f"workspace={tmp_path}", "parallel.data=2", "--nproc-per-node", "2"]
     log = (tmp_path / "primus.log").open("w")
     proc = subprocess.Popen([*args, "train.steps=400", "--master-port", str(free_port())], stdout=log,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import primus_env
+
 from .conftest import assert_ok, corpus_data, free_port, read_metrics, run_dir, run_primus, write_experiment
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"}
@@ -73,14 +75,13 @@ def test_two_processes_under_torchrun(tmp_path: Path, name: str) -> None:
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
     import json
-    import os
     import signal
     import subprocess
     import sys
     import time
 
     experiment = write_experiment(tmp_path, steps=5000, checkpoint="{interval: 1000, resume: auto}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = primus_env()
     proc = subprocess.Popen([sys.executable, "-m", "primus", "run", str(experiment)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir(experiment) / "metrics.jsonl"

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from loguru import logger
 
 from primus.backends.adapter import Adapter, RunContext
-from primus.errors import ConfigError
+from primus.errors import ConfigError, TrainingError
 from primus_hf.data import SampleOrder, load_blocks, micro_batch
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -53,6 +53,7 @@ class LoopSettings:
     keep_last: int | None
     exit_at_step: int
     max_grad_norm: float
+    on_damaged: str  # "fail" or "previous": a newest checkpoint that cannot be loaded
 
     @classmethod
     def from_native(cls, n: dict[str, Any]) -> LoopSettings:
@@ -71,6 +72,7 @@ class LoopSettings:
             keep_last=n.get("save_total_limit"),
             exit_at_step=int(n.get("exit_at_step") or 0),
             max_grad_norm=float(n.get("max_grad_norm") or 0.0),
+            on_damaged=str(n.get("on_damaged_checkpoint") or "fail"),
         )
 
 
@@ -108,7 +110,7 @@ class HFAdapter(Adapter):
         start = 0
         checkpoint = self.resume_point()
         if checkpoint is not None:
-            start = self.load_checkpoint(checkpoint)
+            start = self.resume(checkpoint)
         self.ctx.apply_patches("before_train", model=model, optimizer=self.optimizer, adapter=self,
                                metrics=self.ctx.metrics, run_dir=self.ctx.run_dir)
         logger.info(f"training {type(model).__name__} ({_count(model) / 1e6:.2f}M parameters) on {self.device}: "
@@ -397,30 +399,105 @@ class HFAdapter(Adapter):
         for old in complete_checkpoints(self.checkpoint_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def resume(self, newest: Path) -> int:
+        """Load `newest`; when a file of it cannot be read, `checkpoint.on_damaged` decides: fail naming
+        it, or load the newest older complete checkpoint (which sets every piece of state again, so
+        what the damaged one had set already does not matter). A damaged checkpoint is never deleted:
+        it is renamed `<name>.damaged`, so neither rotation nor a later save at its step touches it."""
+        damaged: list[DamagedCheckpoint] = []
+        path: Path | None = newest
+        while path is not None:
+            try:
+                step = self.load_checkpoint(path)
+            except DamagedCheckpoint as exc:
+                if self.settings.on_damaged != "previous":
+                    raise ConfigError(f"checkpoint {exc.path} cannot be loaded: {exc.reason}",
+                                      fix=f"set checkpoint.on_damaged=previous to resume from the complete checkpoint "
+                                          f"before it, or delete {exc.path}") from None
+                damaged.append(exc)
+                path = previous_checkpoint(path)
+                continue
+            for exc in damaged:
+                aside = self._set_aside(exc.path)
+                logger.warning(f"checkpoint {exc.path} cannot be loaded ({exc.reason}); resumed from {path.name} "
+                               f"instead (checkpoint.on_damaged: previous); the damaged one is kept as {aside.name}")
+            return step
+        first = damaged[0]
+        raise ConfigError(f"checkpoint {first.path} cannot be loaded: {first.reason}; no older complete checkpoint "
+                          "could be loaded either", fix=f"delete the damaged checkpoints in {first.path.parent} to "
+                                                        "start from step 0")
+
     def load_checkpoint(self, path: Path) -> int:
+        """Weights, optimizer, schedule and RNG from `path`; tensors and plain values only
+        (`weights_only=True`: a file that would unpickle code is refused). A file missing or cut
+        short raises DamagedCheckpoint on every rank (see `_read`)."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state = json.loads((path / STATE_FILE).read_text())
+        def tensors(file: Path) -> Any:
+            return torch.load(file, map_location="cpu", weights_only=True)
+
+        state = self._read(path, STATE_FILE, lambda f: json.loads(f.read_text(encoding="utf-8")))
         if state["global_batch_size"] != self.global_batch or state["seq_length"] != self.settings.seq_length:
             raise ConfigError(f"checkpoint {path} was written with global batch {state['global_batch_size']} x "
                               f"seq {state['seq_length']}; this run has {self.global_batch} x "
                               f"{self.settings.seq_length}", key="checkpoint.resume",
                               fix="resume with the same batch and sequence length, or checkpoint.resume: never")
         options = self._state_dict_options()
-        set_model_state_dict(self.model, torch.load(path / "model.pt", map_location="cpu", weights_only=True),
-                             options=options)
-        set_optimizer_state_dict(self.model, self.optimizer,
-                                 torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        set_model_state_dict(self.model, self._read(path, "model.pt", tensors), options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", tensors),
                                  options=options)
-        schedule = torch.load(path / "scheduler.pt", weights_only=True)
+        schedule = self._read(path, "scheduler.pt", tensors)
         self.scheduler.load_state_dict(schedule["scheduler"])
         if self.scaler and schedule.get("scaler"):
             self.scaler.load_state_dict(schedule["scaler"])
-        rng_file = path / f"rng_state_{self.rank}.pt"
-        if rng_file.is_file():  # absent when the world size changed: the data order does not depend on it
-            _set_rng_state(torch.load(rng_file, weights_only=True))  # plain tensors and ints: nothing executes
+        # absent when the world size changed: the data order does not depend on it
+        rng = self._read(path, f"rng_state_{self.rank}.pt", tensors, optional=True)
+        if rng is not None:
+            _set_rng_state(rng)
         logger.info(f"resumed from {path} at step {state['step']}")
         return int(state["step"])
+
+    def _read(self, path: Path, name: str, read: Any, optional: bool = False) -> Any:
+        """`read(path / name)`. Every rank calls it for every file and the ranks agree on the outcome,
+        so that none goes on alone: a file missing or cut short on any rank raises DamagedCheckpoint
+        everywhere, any other failure (a refused pickle) fails every rank."""
+        value, why, error = None, None, None
+        if not (optional and not (path / name).is_file()):
+            try:
+                value = read(path / name)
+            except Exception as exc:
+                why = _damage(exc)
+                if why is None:
+                    error = exc
+        worst = self._worst_over_ranks(2 if error else 1 if why else 0)
+        if error is not None:
+            raise error
+        if worst == 2:
+            raise TrainingError(f"checkpoint {path}: another rank failed to read it (see that rank's log)")
+        if worst == 1:
+            raise DamagedCheckpoint(path, f"{name} {why}" if why else "a file another rank reads is damaged "
+                                                                       "(see that rank's log)")
+        return value
+
+    def _worst_over_ranks(self, code: int) -> int:
+        if not dist.is_initialized():
+            return code
+        flag = torch.tensor([float(code)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _set_aside(self, path: Path) -> Path:
+        """`checkpoint-6` -> `checkpoint-6.damaged` (by rank 0), a name no rotation or resume picks up."""
+        self._barrier()
+        aside = path.with_name(f"{path.name}.damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged-{n}")
+        if self.rank == 0 and path.exists():
+            os.replace(path, aside)
+        self._barrier()
+        return aside
 
     def save_final_model(self) -> None:
         """The trained model in Hugging Face format under <run dir>/model (from_pretrained loads it)."""
@@ -456,6 +533,37 @@ class _RestoreGradientSync:
 
     def __exit__(self, *exc: object) -> None:
         self.module.set_requires_gradient_sync(True)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint with a file missing, cut short or unreadable."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _damage(exc: Exception) -> str | None:
+    """What `exc`, raised while reading a checkpoint file, says is wrong with the file; None when it
+    is not damage (a refused pickle, a permission error: those keep their own report)."""
+    if isinstance(exc, FileNotFoundError):
+        return "is missing"
+    if isinstance(exc, EOFError) or (isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)):
+        return "is truncated or corrupt"
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        return "is truncated or corrupt"
+    if isinstance(exc, OSError) and not isinstance(exc, PermissionError):
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def previous_checkpoint(path: Path) -> Path | None:
+    """The newest complete checkpoint older than `path` in its directory."""
+    step = path.name[len(CHECKPOINT_PREFIX):]
+    if not (path.name.startswith(CHECKPOINT_PREFIX) and step.isdigit()):
+        return None
+    older = [p for p in complete_checkpoints(path.parent) if int(p.name[len(CHECKPOINT_PREFIX):]) < int(step)]
+    return older[-1] if older else None
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:

@@ -13,7 +13,6 @@ the stopped one was; no sampler state has to be saved.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from primus.errors import ConfigError
+from primus.runs import corpus
 
 MOCK_SUCCESSORS = 4  # likely next tokens per token: the loss can fall to about ln(4) = 1.39
 MOCK_TRAIN_BLOCKS = 2048
@@ -57,21 +57,8 @@ def mock_blocks(*, vocab_size: int, seq_length: int, seed: int) -> TokenBlocks:
 
 
 def read_documents(path: Path, text_key: str) -> list[str]:
-    docs: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                text = record.get(text_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ConfigError(f"corpus {path} line {number} has no text field '{text_key}'",
-                                      key="data.text_key")
-                docs.append(text)
-        else:
-            docs = [line.rstrip("\n") for line in f if line.strip()]
-    return docs
+    """The corpus's documents in file order; a bad line is a ConfigError naming `file:line` (core's reader)."""
+    return list(corpus.read_documents(path, text_key))
 
 
 def split_documents(docs: list[str], valid_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -34,6 +34,7 @@ HONOURED_TRAINING_ARGS = frozenset({
     "output_dir", "local_rank", "report_to",
 })
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+ON_DAMAGED = ("fail", "previous")  # checkpoint.on_damaged
 NEUTRAL_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 UNSUPPORTED = "not supported by the hf backend"
 
@@ -202,6 +203,7 @@ class HFTranslator(Translator):
         out.set("save_total_limit", c.keep_last, "checkpoint.keep_last")
         if c.resume is not None:
             out.set("auto_continue_train", c.resume in ("auto", True), "checkpoint.resume")
+        out.set("on_damaged_checkpoint", c.on_damaged, "checkpoint.on_damaged")
         return out
 
     # ----------------------------------------------------------------------- derived values and checks
@@ -279,6 +281,9 @@ class HFTranslator(Translator):
                               key="eval_strategy", fix='use "steps" or "no"')
         if n.get("eval_strategy") == "steps" and not n.get("eval_steps"):
             raise ConfigError('eval_strategy "steps" needs eval_steps', key="eval_strategy")
+        if n.get("on_damaged_checkpoint") not in (None, *ON_DAMAGED):
+            raise ConfigError(f"on_damaged_checkpoint {n.get('on_damaged_checkpoint')!r} is not one of "
+                              f"{', '.join(ON_DAMAGED)}", key="on_damaged_checkpoint")
         if n.get("save_strategy") not in ("no", "steps"):
             raise ConfigError(f"save_strategy {n.get('save_strategy')!r} is {UNSUPPORTED}",
                               key="save_strategy", fix='use "steps" or "no"')

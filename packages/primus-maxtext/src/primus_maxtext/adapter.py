@@ -22,6 +22,8 @@ from loguru import logger
 from primus.backends.adapter import Adapter, RunContext
 from primus.errors import ConfigError, TrainingError
 from primus_maxtext.base_config import base_defaults
+from primus_maxtext.checkpoint import resolve_damaged
+from primus_maxtext.data import validate_corpora
 
 TRAIN_ENTRY = "maxtext.trainers.pre_train.train"
 CONFIG_DIR = "maxtext"
@@ -162,6 +164,10 @@ class MaxTextAdapter(Adapter):
         config = build_maxtext_config(ctx.native, platform=ctx.platform, checkpoint_dir=ctx.checkpoint_dir,
                                       topology=topology)
         check_resume(ctx.module.module.checkpoint, config, ctx.checkpoint_dir)
+        if config.get("enable_checkpointing"):
+            # MaxText restores the newest step with no fallback: check it whole before JAX starts
+            resolve_damaged(ctx.checkpoint_dir, ctx.module.module.checkpoint.on_damaged, process_id=topology.process_id)
+        validate_corpora(config)  # a bad line: one error naming file:line, not a pyarrow traceback mid-run
         ctx.apply_patches("build_args", maxtext_config=config)
         config_file = write_maxtext_config(ctx.run_dir, ctx.module.name, config, ctx.run_dir / "env.json")
         logger.info(f"MaxText config: {config_file}")

@@ -436,6 +436,7 @@ class MaxTextTranslator(Translator):
         "data.valid_fraction",  # read to refuse it (check_neutral_support)
         "checkpoint.dir", "checkpoint.interval", "checkpoint.keep_last",
         "checkpoint.resume",  # the adapter reads it: never refuses a directory with checkpoints
+        "checkpoint.on_damaged",  # the adapter reads it: a damaged newest step fails or falls back (checkpoint.py)
     })
 
     def native_keys(self, preset: dict[str, Any]) -> set[str]:

@@ -40,6 +40,7 @@ class MegatronAdapter(Adapter):
                                                      tokens=r.tokens, step_time_s=r.step_time_s),
             on_eval=lambda step, loss: ctx.metrics.eval_step(step, loss=loss),
             stop_requested=lambda: ctx.stop_requested,
+            on_damaged=ctx.module.module.checkpoint.on_damaged or "fail",
         )
         ctx.state["loop"] = loop
         try:

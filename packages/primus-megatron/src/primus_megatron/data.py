@@ -25,6 +25,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from primus.errors import ConfigError
+from primus.runs.corpus import read_documents
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "[EOS]")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
@@ -133,47 +134,79 @@ def prepare_indexed_dataset(corpus: str | Path, tokenizer_dir: str | Path, *, js
     tokenizer = LocalTokenizer(tokenizer_dir)
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     tmp = Path(f"{prefix}.tmp-{os.getpid()}")
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-    lines = corpus.read_text(encoding="utf-8").splitlines()
-    bar = _progress(len(lines)) if progress else None
+    # with a progress bar, a first pass counts the documents, and so finds a bad line before any output
+    bar = _Progress(sum(1 for _ in corpus_documents(corpus, json_key))) if progress else None
     documents = 0
-    for number, line in enumerate(lines, 1):
+    try:
+        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+        for text in corpus_documents(corpus, json_key):
+            ids = tokenizer.tokenize(text) + [tokenizer.eod]
+            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            documents += 1
+            if bar:
+                bar(documents)
+        if not documents:
+            raise ConfigError("the corpus has no documents", file=str(corpus), key="data.path")
+        builder.finalize(f"{tmp}.idx")
+    except BaseException:  # a bad line (ConfigError naming file:line) leaves no partial cache entry
         if bar:
-            bar(number)
-        if not line.strip():
-            continue
-        if corpus.suffix in (".jsonl", ".json"):
-            try:
-                text = json.loads(line)[json_key]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"line {number} is not a JSON object with key '{json_key}'",
-                                  file=str(corpus), line=number, key="data.text_key") from None
-        else:
-            text = line
-        ids = tokenizer.tokenize(text) + [tokenizer.eod]
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-        documents += 1
-    if not documents:
-        raise ConfigError("the corpus has no documents", file=str(corpus), key="data.path")
-    builder.finalize(f"{tmp}.idx")
+            bar.end()  # the error goes on a line of its own
+        for suffix in (".bin", ".idx"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        raise
     os.replace(f"{tmp}.bin", f"{prefix}.bin")  # the .idx last: its presence marks a complete cache entry
     os.replace(f"{tmp}.idx", f"{prefix}.idx")
     logger.info(f"indexed {documents} documents of {corpus} into {prefix}.bin/.idx")
     return str(prefix)
 
 
-def _progress(total: int) -> Any:
-    import sys
+def corpus_documents(corpus: Path, text_key: str) -> Iterator[str]:
+    """The corpus's documents in file order, through core's reader (a bad line is a ConfigError
+    naming file:line). Megatron-LM also reads `.json` files as JSON lines (its preprocess_data's
+    convention), which core's reader takes for plain text; those are read here the same way."""
+    if corpus.suffix != ".json":
+        yield from read_documents(corpus, text_key)
+        return
+    with corpus.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+                raise ConfigError(f"is not a JSON line ({reason})", file=str(corpus), line=number, key="data.path",
+                                  fix='one JSON object per line, e.g. {"text": "..."}') from None
+            text = record.get(text_key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ConfigError(f"has no text field '{text_key}'", file=str(corpus), line=number,
+                                  key="data.text_key", fix="set data.text_key to the field holding the text")
+            yield text
 
-    def show(done: int) -> None:
-        if done == total or done % max(total // 50, 1) == 0:
+
+class _Progress:
+    """A one-line progress bar on stderr, ended by a newline even when the conversion fails."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.open = total, False
+
+    def __call__(self, done: int) -> None:
+        import sys
+
+        if done == self.total or done % max(self.total // 50, 1) == 0:
             width = 30
-            filled = width * done // max(total, 1)
-            sys.stderr.write(f"\rtokenizing [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-            if done == total:
+            filled = width * done // max(self.total, 1)
+            sys.stderr.write(f"\rtokenizing [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}")
+            self.open = done != self.total
+            if not self.open:
                 sys.stderr.write("\n")
 
-    return show
+    def end(self) -> None:
+        import sys
+
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
 
 
 # ------------------------------------------------------------------------------------ datasets

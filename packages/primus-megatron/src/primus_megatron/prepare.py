@@ -6,7 +6,14 @@ from typing import Any
 
 
 def prepare(resolved: Any) -> str:
-    from primus_megatron.data import prepare_indexed_dataset
+    import warnings
+
+    with warnings.catch_warnings():
+        # megatron-core says at import that TransformerEngine and Apex are missing: nothing a
+        # conversion uses, and the command's output should be its progress and its result
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed",
+                                category=UserWarning)
+        from primus_megatron.data import prepare_indexed_dataset
 
     native = resolved.native
     data = resolved.module.data

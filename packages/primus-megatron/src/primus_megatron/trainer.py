@@ -290,8 +290,9 @@ class PretrainLoop:
 
     def __init__(self, args: SimpleNamespace, *, checkpoint_dir: Path, device: torch.device,
                  on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None],
-                 stop_requested: Callable[[], bool] = lambda: False) -> None:
+                 stop_requested: Callable[[], bool] = lambda: False, on_damaged: str = "fail") -> None:
         self.args = args
+        self.on_damaged = on_damaged  # checkpoint.on_damaged: fail | previous
         self.device = device
         self.save_dir = Path(args.save) if args.save else checkpoint_dir
         self.on_step = on_step
@@ -320,7 +321,8 @@ class PretrainLoop:
         self.microbatches_per_step = a.global_batch_size // (a.micro_batch_size * self.dp_size)
         self.train_data, self.valid_data = build_datasets(a, padded_vocab_size(a))
         if a.load:
-            self.step = ckpt.load(Path(a.load), self, finetune=bool(a.finetune) and not a.auto_continue_train)
+            self.step = ckpt.load(Path(a.load), self, finetune=bool(a.finetune) and not a.auto_continue_train,
+                                  on_damaged=self.on_damaged)
         logger.info(f"model: {sum(p.numel() for c in self.model for p in c.parameters()):,} parameters on this "
                     f"rank; tp {a.tensor_model_parallel_size} pp {a.pipeline_model_parallel_size} dp {self.dp_size}; "
                     f"{self.microbatches_per_step} microbatches per step; starting after step {self.step}")

@@ -49,12 +49,17 @@ _PARALLEL = {
     "tensor": "tensor_model_parallel_size", "pipeline": "pipeline_model_parallel_size",
     "expert": "expert_model_parallel_size", "context": "context_parallel_size", "fsdp": "use_torch_fsdp2",
 }
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek")  # deepseek: refused below (MLA)
 
 
 class MegatronTranslator(Translator):
     default_module_preset = "pre_trainer.yaml"
     unavailable_keys = UNAVAILABLE
+    # upstream's Megatron argument handling takes 0/1 for its flags (`sequence_parallel: 1`)
+    int_bools = True
+    unbuilt_families = {"deepseek": "megatron-core 0.16 builds multi-latent attention only with TransformerEngine, "
+                                    "which this backend's TE-free trainer does not use"}
+    trainer_classes = frozenset({"MegatronPretrainTrainer"})
     steps_key = "train_iters"
     # Core's neutral rules (primus.config.rules) read these resolved native values, so the neutral
     # sections, `overrides:` and a native (upstream-form) model file are judged by the same rules.
@@ -76,7 +81,7 @@ class MegatronTranslator(Translator):
         [f"train.{name}" for name in _TRAIN] + ["train.precision"]
         + [f"parallel.{name}" for name in _PARALLEL]
         + ["data.mock", "data.path", "data.tokenizer", "data.text_key", "data.valid_fraction"]
-        + ["checkpoint.interval", "checkpoint.keep_last", "checkpoint.resume"])
+        + ["checkpoint.interval", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.on_damaged"])
 
     # ------------------------------------------------------------------ model
 

@@ -18,7 +18,14 @@ from loguru import logger
 from primus.backends.adapter import Adapter
 from primus.errors import ConfigError
 from primus_torchtitan.config_keys import config_keys
-from primus_torchtitan.translate import PRIMUS_KEYS, UNAVAILABLE, UPSTREAM_ALIASES, key_matches, native_get
+from primus_torchtitan.translate import (
+    PRIMUS_KEYS,
+    UNAVAILABLE,
+    UPSTREAM_ALIASES,
+    key_matches,
+    native_get,
+    tokenizer_location,
+)
 
 # ----------------------------------------------------------------------------- process group env
 
@@ -110,7 +117,12 @@ def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir
     from torchtitan.models.common.config_utils import decoder_vocab_size
     from torchtitan.trainer import Trainer
 
-    from primus_torchtitan.data import MockDataLoader, MockTokenizer, register_jsonl_dataset
+    from primus_torchtitan.data import (
+        MockDataLoader,
+        MockTokenizer,
+        register_jsonl_dataset,
+        tokenizer_directory,
+    )
     from primus_torchtitan.model import build_model_spec
 
     model_spec = build_model_spec(native["model"])
@@ -149,7 +161,7 @@ def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir
         _validation_data(config, native, mock=mock, vocab=vocab)
     config.dump_folder = run_dir
     config.checkpoint.folder = checkpoint_dir  # absolute: os.path.join keeps it as is
-    config.hf_assets_path = native.get("hf_assets_path") or run_dir
+    config.hf_assets_path = tokenizer_directory(tokenizer_location(native), mock=mock, fallback=run_dir)
     config.training.disable_cuda_graphs = True  # cuda graphs are captured per device; Primus leaves them off
     return config
 
@@ -167,6 +179,28 @@ def _validation_data(config: Any, native: dict[str, Any], *, mock: bool, vocab: 
     elif native_get(native, "dataloader.dataset") == JSONL_DATASET and native_get(native, "validator.dataloader.dataset") is None:
         config.validator.dataloader.dataset = JSONL_DATASET
         config.validator.dataloader.dataset_path = native_get(native, "dataloader.dataset_path")
+
+
+# ----------------------------------------------------------------------------- local corpora
+
+
+def validate_corpora(native: dict[str, Any]) -> None:
+    """Read every line of the local JSONL corpora TorchTitan will load, once, before it does: its
+    JSON loader reports a bad line as a traceback without file or line; core's reader names
+    `file:line` (ConfigError, exit 2). It streams, so a large corpus costs one pass, not memory."""
+    from primus.runs.corpus import read_documents
+    from primus_torchtitan.data import JSONL_DATASET
+
+    if native_get(native, "training.mock_data"):
+        return
+    text_key = native_get(native, "dataloader.text_key") or "text"
+    paths = []
+    for section in ("dataloader", "validator.dataloader"):
+        if native_get(native, f"{section}.dataset") == JSONL_DATASET and native_get(native, f"{section}.dataset_path"):
+            paths.append(str(native_get(native, f"{section}.dataset_path")))
+    for path in dict.fromkeys(paths):
+        for _ in read_documents(path, text_key):
+            pass
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -264,7 +298,10 @@ class TorchTitanAdapter(Adapter):
             import torch
             from torchtitan.trainer import Trainer  # noqa: F401 - the framework import, after before_import
 
+            from primus_torchtitan.checkpoint import handle_damaged, load_safely
+
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            validate_corpora(ctx.native)
             config = build_trainer_config(ctx.native, run_dir=str(ctx.run_dir), checkpoint_dir=str(ctx.checkpoint_dir))
             # core's phase order: build_args (the config), then setup (torchtitan's modules), both
             # before config.build() creates the model
@@ -276,6 +313,10 @@ class TorchTitanAdapter(Adapter):
                 hook_metrics(trainer, ctx)
                 if self._resume_never():  # start fresh; checkpoints already there stay untouched
                     trainer.checkpointer.load = lambda step=-1: False
+                elif trainer.checkpointer.enable:
+                    load_safely(trainer.checkpointer, trainer.dataloader)
+                    handle_damaged(trainer.checkpointer, rank=ctx.rank,
+                                   on_damaged=native_get(ctx.native, "checkpoint.on_damaged") or "fail")
                 ctx.apply_patches("before_train", trainer=trainer)
                 exit_at = int(native_get(ctx.native, "training.exit_at_step") or 0)
                 if exit_at:

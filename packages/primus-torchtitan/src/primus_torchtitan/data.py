@@ -100,3 +100,24 @@ def register_jsonl_dataset(text_key: str) -> None:
 
 def _text_of(sample: dict[str, Any], *, text_key: str) -> str:
     return sample[text_key]
+
+
+#: the files a tokenizer directory holds (TorchTitan's HuggingFaceTokenizer reads these), not weights
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "generation_config.json", "config.json"]
+
+
+def tokenizer_directory(location: str | None, *, mock: bool, fallback: str) -> str:
+    """TorchTitan's `hf_assets_path` for this run: a local directory as written; a Hugging Face
+    repository id (upstream's presets name tokenizers so) is downloaded into the Hugging Face cache
+    first, tokenizer files only, as upstream's prepare step does. Mock data reads no tokenizer."""
+    from primus_torchtitan.translate import hub_repository
+
+    if not location:
+        return fallback
+    repo = hub_repository(location)
+    if repo is None or mock:
+        return location if repo is None else fallback
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=repo, allow_patterns=TOKENIZER_FILES)

@@ -6,6 +6,7 @@ torchtitan: the key set and the model flavors come from `torchtitan_config_keys.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,23 +27,37 @@ PRIMUS_KEYS = frozenset({
     "model.max_seq_len", "model.norm_eps", "model.tie_embeddings", "model.qk_norm", "model.rope_scaling.",
     "optimizer.name", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
     "optimizer.weight_decay", "training.mock_data", "training.exit_at_step", "dataloader.text_key", "activation_checkpoint.mode",
+    "checkpoint.on_damaged",
     "primus_turbo.enable_embedding_autocast",
 })
 
-#: upstream Primus names from TorchTitan before 0.3, and where they live now
+#: upstream Primus names from TorchTitan before 0.3 (upstream pins 0.2.2), and where they live now
 UPSTREAM_ALIASES = {
     "training.dataset": "dataloader.dataset",
     "training.dataset_path": "dataloader.dataset_path",
     "training.seed": "debug.seed",
     "training.deterministic": "debug.deterministic",
     "activation_checkpoint.selective_ac_option": "activation_checkpoint.mode",
+    "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns":
+        "activation_checkpoint.force_recompute_mm_shapes_by_fqns",
+    "model.hf_assets_path": "hf_assets_path",
+    "parallelism.enable_async_tensor_parallel": "compile.enable_async_tensor_parallel",
+    **{f"profiling.{k}": f"profiler.{k}" for k in (
+        "enable_profiling", "profile_freq", "profiler_active", "profiler_warmup", "save_traces_folder",
+        "enable_memory_snapshot", "save_memory_snapshot_folder")},
+    **{f"training.dataloader.{k}": f"dataloader.{k}" for k in (
+        "num_workers", "persistent_workers", "pin_memory", "prefetch_factor")},
+    **{f"validation.{k}": f"validator.{k}" for k in ("enable", "freq", "steps")},
+    "validation.dataset": "validator.dataloader.dataset",
+    "validation.dataset_path": "validator.dataloader.dataset_path",
+    **{f"validation.dataloader.{k}": f"validator.dataloader.{k}" for k in (
+        "num_workers", "persistent_workers", "pin_memory", "prefetch_factor")},
 }
 
 #: upstream keys accepted so upstream experiment files load, but with no effect here, and why
 UNAVAILABLE = {
     "primus_turbo.": "Primus-Turbo kernels are not part of this backend (ROCm-only library)",
     "job.": "TorchTitan 0.3 has no job section; Primus sets the dump folder to the run directory",
-    "model.hf_assets_path": "Primus reads the tokenizer from hf_assets_path / data.tokenizer",
     "model.converters": "quantization converters are not wired through Primus yet",
     "optimizer.early_step_in_backward": "not an option of TorchTitan 0.3's optimizer",
     "experimental.": "TorchTitan 0.3 extends configs by subclassing, not custom_args_module",
@@ -53,6 +68,21 @@ UNAVAILABLE = {
 }
 
 FAMILY_TO_MODULE = {"llama": "llama3", "qwen3": "qwen3"}
+#: `org/name`: a Hugging Face repository (upstream's presets name the tokenizer's this way), as
+#: opposed to a local directory (`./tok`, `/data/tok`, `~/tok`, or one that exists)
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_repository(value: Any) -> str | None:
+    """The repository id when a tokenizer location is a Hugging Face repository, else None."""
+    if not isinstance(value, str) or not HUB_REPO.fullmatch(value) or Path(value).expanduser().exists():
+        return None
+    return value
+
+
+def tokenizer_location(native: dict[str, Any]) -> Any:
+    """TorchTitan 0.3's `hf_assets_path`, or upstream's `model.hf_assets_path` spelling of it."""
+    return native_get(native, "hf_assets_path") or native_get(native, "model.hf_assets_path")
 PARALLEL_KEYS = ("data_parallel_replicate_degree", "data_parallel_shard_degree", "context_parallel_degree",
                  "tensor_parallel_degree", "pipeline_parallel_degree")
 REPLICATE = "parallelism.data_parallel_replicate_degree"
@@ -101,6 +131,9 @@ def _latest_written(resolved: ResolvedModule, keys: tuple[str, ...]) -> str:
 
 class TorchTitanTranslator(Translator):
     steps_key = "training.steps"
+    renamed_keys = UPSTREAM_ALIASES
+    unbuilt_families = {"deepseek": "not from a neutral preset; TorchTitan's own DeepSeek V3 flavors build it "
+                                    "(model: {name: deepseek_v3, flavor: 16B})"}
     #: what core's neutral rules (primus.config.rules) judge, read from the resolved native keys so
     #: `parallelism.tensor_parallel_degree=3` is judged like `parallel.tensor=3`. Not named, so read
     #: from the neutral sections: `data` (TorchTitan splits it in two degrees, replicate x shard,
@@ -125,6 +158,7 @@ class TorchTitanTranslator(Translator):
         "parallel.fsdp",
         "data.mock", "data.path", "data.text_key", "data.tokenizer",
         "checkpoint.dir", "checkpoint.interval", "checkpoint.resume", "checkpoint.keep_last",
+        "checkpoint.on_damaged",
     })
 
     def native_keys(self, preset: dict[str, Any]) -> set[str]:
@@ -254,6 +288,7 @@ class TorchTitanTranslator(Translator):
             out.set("checkpoint.enable", True, "checkpoint.interval" if c.interval else "checkpoint.resume")
         out.set("checkpoint.interval", c.interval, "checkpoint.interval")
         out.set("checkpoint.keep_latest_k", c.keep_last, "checkpoint.keep_last")
+        out.set("checkpoint.on_damaged", c.on_damaged, "checkpoint.on_damaged")
         return out
 
     # ------------------------------------------------------------------ derived values
@@ -262,9 +297,29 @@ class TorchTitanTranslator(Translator):
         """The data-parallel degree left as -1 (auto) and the minimum-LR factor, each with the keys
         it came from. Core's rules have passed: tensor x pipeline x context divides the world size."""
         out = NativeValues()
+        self._derive_renamed(resolved, out)
         self._derive_data_degree(resolved, out)
         self._derive_min_lr_factor(resolved, out)
         return out
+
+    @staticmethod
+    def _derive_renamed(resolved: ResolvedModule, out: NativeValues) -> None:
+        """Upstream's TorchTitan 0.2.2 spelling of a key, as the experiment wrote it, under 0.3's name:
+        it replaces the module preset's default there (`training.deterministic: true` reaches
+        `debug.deterministic`), and `config show --explain` names the spelling it came from. When the
+        new name is written too, the new name wins. `selective_ac_option` is not a rename of `mode`
+        (it picks the selective policy): the adapter reads it."""
+        for old, new in UPSTREAM_ALIASES.items():
+            if old == "activation_checkpoint.selective_ac_option":
+                continue
+            written = resolved.sources.get(tuple(old.split(".")))
+            value = native_get(resolved.native, old)
+            if written is None or value is None or written.layer.startswith("module"):
+                continue
+            current = resolved.sources.get(tuple(new.split(".")))
+            if current is not None and not current.layer.startswith("module"):
+                continue
+            out.set(new, value, old)
 
     @staticmethod
     def _derive_data_degree(resolved: ResolvedModule, out: NativeValues) -> None:
@@ -318,6 +373,10 @@ class TorchTitanTranslator(Translator):
         self._check_model(native)
         self._check_data_degrees(resolved)
         self._check_data(resolved)
+        on_damaged = native_get(native, "checkpoint.on_damaged")
+        if on_damaged not in (None, "fail", "previous"):
+            raise ConfigError(f"checkpoint.on_damaged {on_damaged!r} is not one of fail, previous",
+                              key="checkpoint.on_damaged")
         factor = native_get(native, MIN_LR_FACTOR)
         if isinstance(factor, (int, float)) and not isinstance(factor, bool) and not 0 <= factor <= 1:
             raise ConfigError(f"lr_scheduler.min_lr_factor {factor:g} is outside [0, 1]: the schedule would end "
@@ -367,10 +426,12 @@ class TorchTitanTranslator(Translator):
         if native_get(native, "dataloader.dataset") == "primus_jsonl" and path != data.path \
                 and not (path and Path(path).is_file()):
             raise ConfigError(f"data file '{path}' does not exist", key="dataloader.dataset_path")
-        assets = native_get(native, "hf_assets_path")
+        assets = tokenizer_location(native)
         if not assets:
             raise ConfigError("a corpus needs a tokenizer", key="data.tokenizer",
                               fix="set data.tokenizer to a local tokenizer directory, or use data: {mock: true}")
+        if hub_repository(assets):
+            return  # fetched from the Hugging Face hub at run time, as upstream's prepare step does
         if assets != data.tokenizer and not Path(assets).is_dir():
             raise ConfigError(f"tokenizer directory '{assets}' does not exist", key="hf_assets_path",
                               fix="set data.tokenizer to a local tokenizer directory, or use data: {mock: true}")
@@ -378,6 +439,11 @@ class TorchTitanTranslator(Translator):
     def notices(self, resolved: ResolvedModule) -> list[str]:
         notes = []
         from primus.config.yamlfile import flatten
+
+        repo = hub_repository(tokenizer_location(resolved.native))
+        if repo and not native_get(resolved.native, "training.mock_data"):
+            notes.append(f"hf_assets_path: the tokenizer is read from the Hugging Face repository {repo}, downloaded "
+                         "at run time (needs the network; a gated repository needs HF_TOKEN)")
 
         for path, value in flatten(resolved.native).items():
             dotted = ".".join(path)

@@ -70,7 +70,8 @@ class Translator:
     #: native keys accepted in overrides although no preset lists them
     extra_native_keys: frozenset[str] = frozenset()
     #: native keys accepted for compatibility with upstream Primus but unavailable here, with why.
-    #: A truthy value is reported as a notice, not rejected.
+    #: A truthy value is reported as a notice, not rejected. (Keys the installed framework version
+    #: lacks are data: the backend's `upstream_keys.yaml`, see primus.config.upstream.)
     unavailable_keys: dict[str, str] = {}
     #: dimension (see DIMENSIONS) -> the native key (dots walk sections) holding its resolved value.
     #: Core's rules read these, so an override of `tensor_model_parallel_size` is judged like
@@ -84,6 +85,21 @@ class Translator:
     neutral_fields: frozenset[str] | None = None
     #: processes in the job (--nproc-per-node x --nnodes); core sets it before translating
     world_size: int = 1
+
+    # ---- upstream Primus's files (primus.config.upstream has the two data tables a backend ships)
+    #: accept 0 and 1 for a native key whose preset value is a bool (`sequence_parallel: 1`), as
+    #: upstream's argument handling does for this framework; core stores them as false and true.
+    #: Off: a bool key takes only true or false.
+    int_bools: bool = False
+    #: neutral model families this backend cannot build, with why; core's refusal says it and names
+    #: the installed backends that build the family
+    unbuilt_families: dict[str, str] = {}
+    #: the upstream `trainer_class` names this backend runs (its module's default trainer); another
+    #: name is refused. Empty: the backend has no trainer classes to choose from.
+    trainer_classes: frozenset[str] = frozenset()
+    #: upstream spellings of native keys that this framework version renamed -> the name here; the
+    #: translator accepts them and the adapter reads the value under the new name (docs list them)
+    renamed_keys: dict[str, str] = {}
 
     #: the first contract's name for the parallel and batch part of `dimension_keys`; still read
     native_parallel_keys: dict[str, str] = {}

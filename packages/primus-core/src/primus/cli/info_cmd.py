@@ -96,16 +96,22 @@ def cmd_presets(args: argparse.Namespace) -> int:
     from primus.config.resolve import core_preset_dir
 
     dirs = [("core", core_preset_dir() / "models")]
+    aliases = {}
     if args.backend:
         from primus.backends.discovery import discover
+        from primus.config.upstream import upstream_tables
 
-        spec = discover().get(args.backend).spec
-        dirs.insert(0, (args.backend, spec.preset_dir() / "models"))
+        backend = discover().get(args.backend)
+        dirs.insert(0, (args.backend, backend.spec.preset_dir() / "models"))
+        aliases = upstream_tables(backend).models
     for owner, directory in dirs:
         for path in sorted(directory.glob("*.yaml")):
             data = yaml.safe_load(path.read_text()) or {}
             family = data.get("family", "native")
             print(f"{path.name:<26} {owner:<10} {family}")
+    for name, alias in sorted(aliases.items()):  # upstream Primus's names for this backend's models
+        what = (f"-> {alias.preset}" if alias.preset else "native") if alias.built else "not built"
+        print(f"{name + '.yaml':<26} {'upstream':<10} {alias.family or '-'} {what}")
     return EXIT_OK
 
 

@@ -165,6 +165,8 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
             code = run_worker(run_dir, name)
         else:
             env = {**os.environ, **plan.env}
+            if not existed:  # a late configuration error (exit 2) removes what this command made
+                env["PRIMUS_NEW_RUN_DIR"] = str(run_dir)
             sys.stdout.flush()
             sys.stderr.flush()
             if i == len(names) - 1:
@@ -213,8 +215,9 @@ def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes) ->
         print(f"\nmodule {name}: backend {backend.name} ({backend.spec.framework} "
               f"{backend.framework_version or 'not installed'})")
         if m.model is not None:
+            alias = f", upstream name {m.model_alias}" if m.model_alias else ""
             print(f"  model     {m.model.family}, {m.model.parameter_count() / 1e6:,.1f}M parameters "
-                  f"({m.model_file})")
+                  f"({m.model_file}{alias})")
         for key, value in translator.summary(m).items():
             print(f"  {key:<9} {value}")
         ctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,

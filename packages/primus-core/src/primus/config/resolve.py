@@ -29,6 +29,7 @@ from primus.backends.translator import NativeValues, Translator
 from primus.config.layered import COMMAND_LINE, Layered, Source, find_file, load_with_extends
 from primus.config.rules import AUTO, check_data, check_dimensions, get_path, non_finite, read_dimensions
 from primus.config.schema import NEUTRAL_SECTIONS, Experiment, ModuleConfig
+from primus.config.upstream import ModelAlias, UpstreamTables, compat_notices, family_refusal, upstream_tables
 from primus.config.yamlfile import KeyPath, YamlDoc, flatten, load_yaml, parse_scalar, substitute_env
 from primus.errors import ConfigError
 from primus.models.spec import ModelSpec
@@ -59,6 +60,8 @@ class ResolvedModule:
     neutral_origins: dict[str, str] = field(default_factory=dict)
     #: the native key holding the number of optimizer steps (Translator.steps_key)
     steps_key: str | None = None
+    #: the upstream Primus model name `model:` was found under (the backend's upstream table)
+    model_alias: str | None = None
 
     def explain(self, key: str) -> Source | None:
         """The layer, file and line that set the native `key` (dotted), or None."""
@@ -93,6 +96,7 @@ class ResolvedModule:
             "module": self.module.model_dump(exclude_none=True),
             "native": self.native,
             "steps_key": self.steps_key,
+            "model_alias": self.model_alias,
         }
 
     @classmethod
@@ -108,6 +112,7 @@ class ResolvedModule:
             experiment_file=data["experiment_file"],
             world_size=data.get("world_size", 1),
             steps_key=data.get("steps_key"),
+            model_alias=data.get("model_alias"),
         )
 
 
@@ -321,9 +326,39 @@ def load_experiment(path: str | Path, cli: CommandLine | list[str] | None = None
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
+        post = _post_training_module(modules)
+        if post is not None:
+            # upstream's post-training files carry keys of their own (`lora:`, ...): what to say
+            # first is that post-training does not exist here, not which key is unknown
+            name, config = post
+            raise post_training_error(name, modules[name].get("framework"), config).located(
+                file=str(path), line=doc.line_of(("modules", name)) or doc.line_of(("extends",)),
+                key=f"modules.{name}") from None
         raise _validation_error(exc, doc=doc, prefix=(), known_by_prefix=_known_fields(Experiment),
                                 items=command_line.experiment_items) from None
     return LoadedExperiment(doc=doc, experiment=experiment, cli=command_line)
+
+
+#: module presets of upstream's post-training modules (ARCHITECTURE §3.5), not installed yet
+POST_TRAINING_PRESETS = {"sft_trainer"}
+
+
+def _post_training_module(modules: Any) -> tuple[str, str] | None:
+    """(name, config) of the first post-training module of a raw `modules:` mapping, if any."""
+    if not isinstance(modules, dict):
+        return None
+    for name, module in modules.items():
+        config = module.get("config") if isinstance(module, dict) else None
+        if name == "post_trainer" or (isinstance(config, str) and Path(config).stem in POST_TRAINING_PRESETS):
+            return str(name), str(config or "sft_trainer.yaml")
+    return None
+
+
+def post_training_error(module: str, framework: Any, config: str) -> ConfigError:
+    """Upstream's post-training modules (SFT, LoRA): a module kind of its own, not a typo."""
+    backend = f"the {framework} backend" if isinstance(framework, str) else "no backend"
+    return ConfigError(f"post-training is not installed yet (issue 14): {backend} has no '{config}' module preset "
+                       f"for module '{module}'", fix="run a pre_trainer module (config: pre_trainer.yaml)")
 
 
 # --------------------------------------------------------------------------- the model
@@ -344,13 +379,35 @@ def _is_experiment_file(path: Path) -> bool:
         return False
 
 
+@dataclass
+class _Model:
+    """The module's model: a neutral spec (translated by the backend), native keys, or both (an
+    upstream name that means a neutral preset plus the precision keys its variant implies)."""
+
+    spec: ModelSpec | None = None
+    native: dict[str, Any] = field(default_factory=dict)
+    sources: dict[KeyPath, Source] = field(default_factory=dict)  # of the spec's fields
+    native_sources: dict[KeyPath, Source] = field(default_factory=dict)
+    file: str | None = None
+    alias: ModelAlias | None = None
+
+
 def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend, environ: dict[str, str] | None,
-               cli_model: CliItem | None) -> tuple[ModelSpec | None, dict[str, Any], dict[KeyPath, Source], str | None]:
-    """The module's model: (neutral spec or None, native values, their sources, file)."""
+               cli_model: CliItem | None, translator: Translator, discovery: Discovery | None) -> _Model:
+    """The module's model. A name is looked up next to the experiment, in the backend's `models/`,
+    in the backend's table of upstream Primus names (primus.config.upstream), then in core's presets."""
     key = f"modules.{name}.model"
+
+    def located(exc: ConfigError) -> ConfigError:
+        if cli_model is not None:
+            return cli_model.error(exc.message, exc.fix)
+        return exc.located(file=str(doc.path), line=doc.line_of(("modules", name, "model")), key=key)
+
     if module.model is None:
-        return None, {}, {}, None
-    search = [backend.spec.preset_dir() / "models", core_preset_dir() / "models"]
+        return _Model()
+    backend_models, core_models = backend.spec.preset_dir() / "models", core_preset_dir() / "models"
+    search = [backend_models, core_models]
+    alias: ModelAlias | None = None
     if isinstance(module.model, dict):
         data, file = dict(module.model), str(doc.path)
         line_base = ("modules", name, "model")
@@ -360,20 +417,35 @@ def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend, 
         found = find_file(module.model, relative_to=relative_to, search_dirs=[])
         if found is not None and (found == doc.path.resolve() or _is_experiment_file(found)):
             found = None  # an experiment named like its model preset (examples/hf/llama3_tiny.yaml)
-        found = found or find_file(module.model, relative_to=None, search_dirs=search)
+        found = found or find_file(module.model, relative_to=None, search_dirs=[backend_models])
+        if found is None:
+            alias = upstream_tables(backend).alias(module.model)
+            if alias is not None and not alias.built:
+                raise located(family_refusal(alias.family or "?", backend, translator, discovery,
+                                             upstream_name=alias.name, why=alias.why))
+            if alias is not None and alias.preset is None:  # native keys only
+                return _Model(native=copy.deepcopy(alias.native), file=alias.file, alias=alias,
+                              native_sources=_alias_sources(alias))
+        model_name = alias.preset if alias is not None else module.model
+        found = found or find_file(model_name, relative_to=None, search_dirs=search)
         if found is None:
             available = sorted({p.name for d in search if d.is_dir() for p in d.glob("*.yaml")})
+            available += sorted(f"{n}.yaml" for n in upstream_tables(backend).models)
             hint = did_you_mean(module.model, available)
             fix = hint or "looked next to the experiment and in the model presets; `primus presets` lists them"
-            if cli_model is not None:
-                raise cli_model.error(f"model preset '{module.model}' not found", fix)
-            raise ConfigError(f"model preset '{module.model}' not found", file=str(doc.path),
-                              line=doc.line_of(("modules", name, "model")), key=key, fix=fix)
+            if alias is not None:  # the table names a preset that is not installed: a packaging error
+                fix = f"upstream name {alias.name} maps to '{alias.preset}' ({alias.file}:{alias.line})"
+            raise located(ConfigError(f"model preset '{module.model}' not found", fix=fix))
         data, sources = load_with_extends(found, search_dirs=search, environ=environ, what="model preset")
         sources = _via_extends(sources, "model")
         file = str(found)
+        if alias is not None and alias.spec:
+            data = {**data, **copy.deepcopy(alias.spec)}
+            sources.update({p: Source("model", alias.file, alias.line) for p in flatten(alias.spec)})
+    native = copy.deepcopy(alias.native) if alias is not None else {}
+    native_sources = _alias_sources(alias) if alias is not None else {}
     if "family" not in data:
-        return None, data, sources, file
+        return _Model(native={**data, **native}, native_sources={**sources, **native_sources}, file=file, alias=alias)
     try:
         spec = ModelSpec.model_validate(data)
     except ValidationError as exc:
@@ -383,7 +455,12 @@ def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend, 
         msg = "unknown model key" if err["type"] == "extra_forbidden" else err["msg"].replace("Value error, ", "")
         hint = did_you_mean(loc[-1], ModelSpec.model_fields) if err["type"] == "extra_forbidden" and loc else None
         raise ConfigError(msg, file=src.file, line=src.line, key=".".join(loc) or key, fix=hint) from None
-    return spec, {}, sources, file
+    return _Model(spec=spec, native=native, sources=sources, native_sources=native_sources, file=file, alias=alias)
+
+
+def _alias_sources(alias: ModelAlias) -> dict[KeyPath, Source]:
+    """Native values of an upstream name come from its line in the backend's table."""
+    return {p: Source("model", alias.file, line) for p, line in alias.native_lines.items()}
 
 
 # --------------------------------------------------------------------------- native values
@@ -407,10 +484,22 @@ def _type_mismatch(default: Any, value: Any) -> bool:
 
 
 def _check_native(values: dict[str, Any], *, known: set[str], preset: dict[str, Any], translator: Translator,
-                  where: Any) -> None:
-    """Native keys against the backend's key set and the preset's types; `where(path)` locates."""
+                  where: Any, tables: UpstreamTables | None = None, upstream_keys: set[KeyPath] | None = None) -> None:
+    """Native keys against the backend's key set and the preset's types; `where(path)` locates.
+
+    A key of the backend's upstream key table (one upstream's framework knows and this one lacks) is
+    accepted as it is and added to `upstream_keys`; core reports it with its reason after resolving,
+    and suggests it for a typo. With `translator.int_bools`, 0 and 1 for a bool key become false and
+    true in `values` (upstream's argument handling).
+    """
     for path, value in flatten(values).items():
         why = translator.check_native_key(path, known)
+        if why and tables is not None:  # the table is read only when a key is not the backend's own
+            if tables.compat(".".join(path)) is not None:
+                if upstream_keys is not None:
+                    upstream_keys.add(path)
+                continue
+            why = translator.check_native_key(path, known | tables.flat_keys())
         if why:
             raise where(path, why, None)
         if non_finite(value):
@@ -418,6 +507,9 @@ def _check_native(values: dict[str, Any], *, known: set[str], preset: dict[str, 
         default: Any = preset
         for part in path:
             default = default.get(part) if isinstance(default, dict) else None
+        if translator.int_bools and isinstance(default, bool) and type(value) is int and value in (0, 1):
+            _set_path(values, path, bool(value))
+            continue
         if _type_mismatch(default, value):
             raise where(path, f"expects {_type_name(default)}, got {_type_name(value)} {value!r}",
                         f"the preset's value is {default!r}")
@@ -551,6 +643,7 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         raise exc.located(line=doc.line_of(("modules", name, "framework"))) from None
     translator: Translator = backend.spec.load_translator()
     translator.world_size = world_size
+    tables = upstream_tables(backend)
     layered = Layered()
 
     # 1 module_base
@@ -565,9 +658,13 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
     preset_path = find_file(preset_name, relative_to=Path.cwd() if config_item else doc.path.parent,
                             search_dirs=search)
     if preset_path is None:
-        available = sorted(p.name for p in backend.spec.preset_dir().glob("*.yaml"))
+        available = sorted(p.name for p in backend.spec.preset_dir().glob("*.yaml")
+                           if not p.name.startswith("upstream_"))
         message = f"module preset '{preset_name}' not found for backend '{backend.name}'"
         fix = did_you_mean(preset_name, available) or "available: " + (", ".join(available) or "none")
+        if _post_training_module({name: {"config": preset_name}}) is not None:
+            refusal = post_training_error(name, backend.name, preset_name)
+            message, fix = refusal.message, refusal.fix
         if config_item:
             raise config_item.error(message, fix)
         raise ConfigError(message, file=file, line=doc.line_of(("modules", name, "config")),
@@ -578,6 +675,7 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
                   keep_layer_names=True)
     known = translator.native_keys(layered.data)
     preset_values = dict(layered.data)
+    upstream_keys: set[KeyPath] = set()  # keys of the upstream key table the experiment set
 
     # the command line: module fields and neutral paths vs native keys, now that the keys are known
     native_items = [i for i in items if i not in field_items and _route_to_native(i, known)]
@@ -588,27 +686,46 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
 
     # 3 model
     model_item = next((i for i in field_items if i.path == ("model",)), None)
-    spec, model_native, model_sources, model_file = _model_for(module, name, doc, backend, environ, model_item)
+    model = _model_for(module, name, doc, backend, environ, model_item, translator, discovery)
+    spec, model_file = model.spec, model.file
     neutral_origins: dict[str, str] = {}
+
+    def model_error(exc: ConfigError) -> ConfigError:
+        if model_item is not None:
+            return model_item.error(exc.message, exc.fix)
+        shown = f"modules.{name}.model" + (f" ({Path(model_file).name})" if model_file else "")
+        return exc.located(file=file, line=doc.line_of(("modules", name, "model")), key=shown)
+
     if spec is not None:
+        if backend.spec.model_families and spec.family not in backend.spec.model_families:
+            raise model_error(family_refusal(spec.family, backend, translator, discovery,
+                                             upstream_name=model.alias.name if model.alias else None))
         try:
             translated = translator.translate_model(spec)
         except ConfigError as exc:
-            if model_item is not None:
-                raise model_item.error(exc.message, exc.fix) from None
-            shown = f"modules.{name}.model" + (f" ({Path(model_file).name})" if model_file else "")
-            raise exc.located(file=file, line=doc.line_of(("modules", name, "model")), key=shown) from None
+            raise model_error(exc) from None
         neutral_origins.update({k: f"model.{o}" for k, o in translated.origins.items()})
         layered.apply(translated.values, "model", sources={
-            tuple(k.split(".")): model_sources.get((origin,), Source("model", model_file))
+            tuple(k.split(".")): model.sources.get((origin,), Source("model", model_file))
             for k, origin in translated.origins.items()})
-    elif model_native:
+    if model.native:
         def where_model(path: KeyPath, message: str, fix: str | None) -> ConfigError:
-            src = model_sources.get(path) or Source("model", model_file)
+            src = model.native_sources.get(path) or Source("model", model_file)
             return ConfigError(message, file=src.file, line=src.line, key=".".join(path), fix=fix)
 
-        _check_native(model_native, known=known, preset=preset_values, translator=translator, where=where_model)
-        layered.apply(model_native, "model", sources=model_sources)
+        _check_native(model.native, known=known, preset=preset_values, translator=translator, where=where_model,
+                      tables=tables, upstream_keys=upstream_keys)
+        layered.apply(model.native, "model", sources=model.native_sources)
+    if module.trainer_class is not None and module.trainer_class not in translator.trainer_classes:
+        runs = sorted(translator.trainer_classes)
+        item = cli_paths.get(("trainer_class",))
+        message = f"trainer_class '{module.trainer_class}' is not a trainer of the {backend.name} backend"
+        fix = (did_you_mean(module.trainer_class, runs) or "it runs: " + ", ".join(runs)) if runs else \
+            "it has one trainer: remove trainer_class"
+        if item is not None:
+            raise item.error(message, fix)
+        raise ConfigError(message, file=file, line=doc.line_of(("modules", name, "trainer_class")),
+                          key=f"modules.{name}.trainer_class", fix=fix)
 
     # 4 neutral sections
     locator = _Locator(name, doc, layered, neutral_origins, cli_paths)
@@ -644,7 +761,8 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         full = (*ov_base, *path)
         return ConfigError(message, file=file, line=doc.line_of(full), key=".".join(full), fix=fix)
 
-    _check_native(module.overrides, known=known, preset=preset_values, translator=translator, where=where_override)
+    _check_native(module.overrides, known=known, preset=preset_values, translator=translator, where=where_override,
+                  tables=tables, upstream_keys=upstream_keys)
     layered.apply(module.overrides, "overrides", file=file,
                   lines={p: doc.line_of((*ov_base, *p)) or 0 for p in flatten(module.overrides)},
                   env_refs={p: doc.env_refs[(*ov_base, *p)] for p in flatten(module.overrides)
@@ -656,13 +774,15 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         values: dict[str, Any] = {}
         _set_path(values, path, item.value)
         _check_native(values, known=known, preset=preset_values, translator=translator,
-                      where=lambda _p, message, fix, item=item: item.error(message, fix))
+                      where=lambda _p, message, fix, item=item: item.error(message, fix), tables=tables,
+                      upstream_keys=upstream_keys)
         layered.apply(values, "cli", sources={p: item.source for p in flatten(values)}, keep_layer_names=True)
 
     resolved = ResolvedModule(
         name=name, framework=backend.name, native=layered.data, sources=layered.sources, module=module,
         model=spec, model_file=model_file, experiment_file=file, world_size=world_size,
-        neutral_origins=neutral_origins, steps_key=translator.steps_key)
+        neutral_origins=neutral_origins, steps_key=translator.steps_key,
+        model_alias=model.alias.name if model.alias else None)
     try:
         # the neutral rules, once, on the resolved dimensions
         dims = read_dimensions(layered.data, module, spec, translator, {
@@ -693,7 +813,8 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         changed = sorted(k for k in set(before) | set(resolved.native) if before.get(k) != resolved.native.get(k))
         raise RuntimeError(f"{type(translator).__name__}.check() changed {', '.join(changed)}: check() is "
                            "read-only; return computed values from derive()")
-    resolved.notices = translator.notices(resolved) + [
+    resolved.notices = translator.notices(resolved) + compat_notices(tables, resolved.native, upstream_keys,
+                                                                     backend.name) + [
         f"{path} is not used by the {backend.name} backend; ignored"
         for path in _ignored_neutral_fields(module, translator, neutral.origins)]
     return resolved

@@ -7,6 +7,7 @@ unset (None) means "keep the backend preset's value", so only what the user wrot
 
 from __future__ import annotations
 
+import getpass
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -21,6 +22,19 @@ NonNegativeFiniteFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
+
+
+def login_name() -> str:
+    """The default `user_name`: the login name (`getpass.getuser()`: LOGNAME, USER, LNAME, USERNAME,
+    then the password database), or "user" when there is none (a container's uid without a passwd
+    entry) or it could not be a folder name."""
+    try:
+        name = getpass.getuser()
+    except Exception:  # KeyError (no passwd entry), OSError (Python >= 3.13)
+        return "user"
+    if not name or name in (".", "..") or "/" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "user"
+    return name
 
 
 class _Strict(BaseModel):
@@ -101,6 +115,9 @@ class ModuleConfig(_Strict):
     data: DataSection = Field(default_factory=DataSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     overrides: dict[str, Any] = Field(default_factory=dict, description="Backend-native keys.")
+    trainer_class: str | None = Field(
+        None, description="Upstream Primus: the backend trainer to run (e.g. MegatronPretrainTrainer); "
+                          "checked against the trainers the backend has.")
     # module_base fields (upstream names); None keeps module_base.yaml's value.
     trainable: bool | None = None
     sink_level: LogLevel | None = None
@@ -143,7 +160,8 @@ class Experiment(_Strict):
     """The experiment file."""
 
     work_group: str = "amd"
-    user_name: str = "root"
+    user_name: str = Field(default_factory=login_name,
+                           description="Run directory level under work_group; default: the login name.")
     exp_name: str
     workspace: str = "./output"
     env: dict[str, str | int | float | bool] = Field(

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import yaml
 
-from primus.backends.discovery import discover
+from primus.backends.discovery import Backend, discover
 from primus.backends.spec import BackendSpec
 from primus.config.resolve import core_preset_dir
+from primus.config.upstream import upstream_tables
+from primus.config.yamlfile import flatten
 from primus.patches.registry import PHASES, flags_markdown, patches_markdown
 from primus.platform.env import EnvEntry, core_entries
 
@@ -53,6 +55,70 @@ def _module_preset_defaults(spec: BackendSpec) -> dict:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
+def _yaml_value(value: object) -> str:
+    """A value as an experiment file writes it (`false`, `[a, b]`), not as Python prints it."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _upstream_section(backend: Backend) -> str:
+    """What of upstream Primus's experiment files this backend reads: its two tables
+    (primus.config.upstream) and its translator's upstream conventions."""
+    tables = upstream_tables(backend)
+    translator = backend.spec.load_translator()
+    if not (tables.models or tables.groups or translator.renamed_keys or translator.int_bools
+            or translator.trainer_classes):
+        return ""
+    text = ["## Upstream Primus files\n\n",
+            "Upstream Primus's experiment files load unchanged (docs/configuration.md, \"Upstream Primus "
+            "files\"). What this backend reads of them:\n\n"]
+    if translator.int_bools:
+        text.append("- `0` and `1` are accepted for boolean keys (`sequence_parallel: 1`), as upstream's argument "
+                    "handling does; they become `false` and `true`.\n")
+    if translator.trainer_classes:
+        text.append("- `trainer_class`: " + ", ".join(f"`{c}`" for c in sorted(translator.trainer_classes))
+                    + " (this backend's trainer); another name is refused.\n")
+    else:
+        text.append("- `trainer_class`: this backend has one trainer; a module that names one is refused.\n")
+    text.append("\n")
+    if tables.models:
+        text.append(f"### Model names\n\nFrom {tables.models_source}. A name that equals one of core's neutral "
+                    "presets and is not listed is that preset.\n\n| upstream name | here |\n|---|---|\n")
+        for name, alias in sorted(tables.models.items()):
+            if not alias.built:
+                here = f"not built: family `{alias.family}`" + (f" ({alias.why})" if alias.why else "")
+            else:
+                parts = []
+                if alias.preset:
+                    parts.append(f"`{alias.preset}`" + (" with " + ", ".join(
+                        f"`{k}: {_yaml_value(v)}`" for k, v in alias.spec.items()) if alias.spec else ""))
+                if alias.native:
+                    parts.append(", ".join(f"`{'.'.join(p)}: {_yaml_value(v)}`"
+                                           for p, v in flatten(alias.native).items()))
+                here = " + ".join(parts)
+            text.append(f"| `{name}` | {here} |\n")
+        text.append("\n")
+    if translator.renamed_keys:
+        text.append("### Renamed keys\n\nUpstream's spelling keeps working; the value goes to the new name.\n\n"
+                    "| upstream key | here |\n|---|---|\n")
+        for old, new in sorted(translator.renamed_keys.items()):
+            text.append(f"| `{old}` | `{new}` |\n")
+        text.append("\n")
+    if tables.groups:
+        versions = ", ".join(filter(None, (tables.keys_source, tables.keys_installed and
+                                           f"installed here: {tables.keys_installed}")))
+        text.append("### Keys with no effect here\n\n"
+                    f"Keys upstream's framework version knows and this backend does not use ({versions}). "
+                    "They are accepted, and one warning per reason names those set to something upstream "
+                    "would act on (a value other than upstream's default, shown after `=`; without one, any "
+                    "value but null, false, 0 or empty). A key that is in no list and not the backend's own "
+                    "is an error with a did-you-mean.\n\n")
+        for group in tables.groups:
+            keys = ", ".join(f"`{k}`" + (f" = `{_yaml_value(group.defaults[k])}`"
+                                         if group.defaults.get(k) is not None else "") for k in group.keys)
+            text.append(f"**Why: {group.why}** ({len(group.keys)} keys): {keys}\n\n")
+    return "".join(text)
+
+
 def generate_docs() -> dict[str, str]:
     d = discover()
     base = yaml.safe_load((core_preset_dir() / "module_base.yaml").read_text())
@@ -88,6 +154,7 @@ def generate_docs() -> dict[str, str]:
                         "Primus's patch notes; defaults are the module preset's.\n\n"
                         + flags_markdown(patches, _module_preset_defaults(b.spec)) + "\n")
         text.append("## Patches\n\n" + PATCHES_INTRO + patches_markdown(name, patches) + "\n")
+        text.append(_upstream_section(b))
         text.append("## Environment (backend entries; core's entries for this backend follow)\n\n")
         text.append(_env_table(env) if env else "The backend adds no entries of its own.\n")
         text.append("\n### Core entries\n\n" + _env_table(core_entries(b.spec.runtime)))

@@ -74,6 +74,17 @@ def _run_dir_of(argv: list[str]) -> Path | None:
     return None
 
 
+NEW_RUN_DIR_ENV = "PRIMUS_NEW_RUN_DIR"  # set by `primus run` when this command created the run dir
+
+
+def _remove_new_run_dir(run_dir: Path | None) -> None:
+    """Exit 2 promises nothing on disk: a run directory this command created goes again."""
+    import shutil
+
+    if run_dir is not None and os.environ.get(NEW_RUN_DIR_ENV) == str(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _arg(args: list[str], name: str) -> str:
     return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else "?"
 
@@ -99,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(PRIMUS_RDZV_TIMEOUT sets the wait)", file=sys.stderr)
             return 1
         if not _received and "config-error" in _stopped_ranks(_run_dir_of(args), started):
+            _remove_new_run_dir(_run_dir_of(args))
             return 2  # the ranks said which configuration error in one line; no launcher traceback
         if not _received:
             raise  # a rank failed: torchrun's own report names it and its error file

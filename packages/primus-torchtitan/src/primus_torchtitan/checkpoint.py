@@ -1,0 +1,257 @@
+"""Resuming from TorchTitan's checkpoints safely (issue 15); imports torch, used by the adapter only.
+
+- **Nothing in a checkpoint runs code.** TorchTitan saves with torch's distributed checkpoint (DCP),
+  whose reader unpickles three things without restriction: the `.metadata` file (`pickle.load`),
+  every non-tensor value (`torch.load(weights_only=False)`), and TorchTitan's dataloader state
+  (`pickle.loads` of bytes stored in the checkpoint). Here the metadata is read by an unpickler that
+  knows only DCP's metadata classes, values with `weights_only=True`, and the dataloader state by an
+  unpickler that knows no class at all; a file that names anything else is refused.
+- **A damaged newest checkpoint** (a file missing or cut short) is named in one line, or, with
+  `checkpoint.on_damaged: previous`, set aside and the newest older complete checkpoint loaded.
+
+Both are installed on the trainer's own checkpointer and dataloader objects, not on their classes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+from primus.errors import ConfigError, TrainingError
+
+STEP_DIR = re.compile(r"step-(\d+)")
+METADATA = ".metadata"  # written last by DCP: a step folder without it is an unfinished save
+
+
+# ----------------------------------------------------------------------------- restricted unpickling
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint file names a Python object that loading would construct or call."""
+
+
+def _metadata_globals() -> frozenset[tuple[str, str]]:
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+
+    allowed = {("torch.distributed.checkpoint.metadata", name) for name, value in vars(dcp_metadata).items()
+               if isinstance(value, type) and value.__module__ == dcp_metadata.__name__}
+    allowed |= {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+    allowed |= {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # str -> torch.layout, nothing else
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+    return frozenset(allowed)
+
+
+class _Restricted(pickle.Unpickler):
+    def __init__(self, file: Any, allowed: frozenset[tuple[str, str]], what: str) -> None:
+        super().__init__(file)
+        self.allowed, self.what = allowed, what
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.allowed:
+            raise UnsafeCheckpoint(f"{self.what} names {module}.{name}, which is not checkpoint data; "
+                                   "refused to load it")
+        return super().find_class(module, name)
+
+
+def restricted_loads(data: bytes, allowed: frozenset[tuple[str, str]] = frozenset(), what: str = "pickle") -> Any:
+    """pickle.loads that constructs plain values and the `allowed` globals only."""
+    return _Restricted(io.BytesIO(data), allowed, what).load()
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with the `.metadata` file read by a restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _Restricted(stream, _metadata_globals(), f"{path}").load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's default load planner, with non-tensor values read by `torch.load(weights_only=True)`."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def load_safely(checkpointer: Any, dataloader: Any) -> None:
+    """Route the checkpointer's DCP loads through SafeReader/SafePlanner, and check the dataloader
+    state's pickled bytes before TorchTitan's `pickle.loads` sees them."""
+    import torch.distributed.checkpoint as dcp
+
+    framework_dcp_load = checkpointer.dcp_load
+
+    def dcp_load(state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
+        if from_hf:  # safetensors and a JSON index: nothing is unpickled
+            return framework_dcp_load(state_dict, checkpoint_id=checkpoint_id, from_hf=from_hf,
+                                      from_quantized=from_quantized)
+        from torchtitan.components.checkpoint import MODEL
+
+        # TorchTitan's dcp_load with a safe reader and planner
+        dcp.load(state_dict, storage_reader=SafeReader(checkpoint_id), planner=SafePlanner())
+        if MODEL in checkpointer.states:
+            checkpointer.states[MODEL].load_state_dict(state_dict)
+        return None
+
+    checkpointer.dcp_load = dcp_load
+    if dataloader is None or not hasattr(dataloader, "load_state_dict"):
+        return
+    framework_load_state_dict = dataloader.load_state_dict
+
+    def load_state_dict(state: dict[str, Any]) -> None:
+        for key, value in (state or {}).items():
+            if isinstance(value, (bytes, bytearray)):  # TorchTitan pickles each rank's loader state
+                restricted_loads(bytes(value), what=f"the dataloader state {key}")
+        framework_load_state_dict(state)
+
+    dataloader.load_state_dict = load_state_dict
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _cause_is_damage(exc: BaseException) -> bool:
+    """A read error that means a file missing or cut short (not a refused pickle, not a permission
+    error, not a model that does not match the checkpoint)."""
+    if isinstance(exc, CheckpointException):
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in exc.failures.values()]
+        return bool(causes) and all(_cause_is_damage(cause) for cause in causes)
+    if isinstance(exc, UnsafeCheckpoint) or (isinstance(exc, pickle.UnpicklingError)
+                                             and str(exc).startswith("Weights only load failed")):
+        return False
+    if isinstance(exc, (EOFError, pickle.UnpicklingError)):
+        return True
+    if isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, PermissionError)
+
+
+def damage(path: Path, exc: BaseException) -> str | None:
+    """What is wrong with the files of checkpoint `path` that failed to load with `exc`; None when
+    the failure is not damage. The metadata is read again (safely) and every data file measured
+    against it, so the file is named; DCP itself folds a metadata read error into an AssertionError."""
+    try:
+        metadata = SafeReader(str(path)).read_metadata()
+    except UnsafeCheckpoint:
+        return None
+    except PermissionError:
+        return None
+    except (EOFError, pickle.UnpicklingError, OSError, AttributeError, TypeError):
+        return f"{METADATA} is truncated or corrupt"
+    ends: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = str(getattr(info, "relative_path", ""))
+        if name:
+            ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
+    for name, end in sorted(ends.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < end:
+            return f"{name} is truncated ({file.stat().st_size} of {end} bytes)"
+    return "a file is truncated or corrupt" if _cause_is_damage(exc) else None
+
+
+def _first_failure(exc: CheckpointException) -> str:
+    for failure in exc.failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    return "CheckpointException"
+
+
+def complete_steps(folder: Path) -> list[int]:
+    """Steps of the `step-N` folders that hold DCP's metadata (TorchTitan's own rule), oldest first."""
+    if not folder.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in folder.iterdir() if (m := STEP_DIR.fullmatch(p.name))
+             and (p / METADATA).is_file()]
+    return sorted(steps)
+
+
+def _set_aside(path: Path) -> Path:
+    """`step-8` -> `step_8.damaged`: TorchTitan's resume and its rotation look for `step-<n>` names."""
+    aside = path.with_name(f"{path.name.replace('-', '_')}.damaged")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name.replace('-', '_')}.damaged-{n}")
+    return aside
+
+
+def handle_damaged(checkpointer: Any, *, on_damaged: str, rank: int) -> None:
+    """Resume (`load`, step -1: the newest) from the newest checkpoint that loads, as
+    `checkpoint.on_damaged` allows; an explicit `checkpoint.load_step` is treated the same way."""
+    framework_load = checkpointer.load
+    folder = Path(checkpointer.folder)
+
+    def load(step: int = -1) -> bool:
+        steps = complete_steps(folder)
+        target = step if step != -1 else (steps[-1] if steps else -1)
+        if target not in steps:  # a fresh start, TorchTitan's initial_load_path, or a load_step it reports
+            return framework_load(step)
+        damaged: list[tuple[Path, str]] = []
+        while True:
+            try:
+                loaded = framework_load(target)
+                break
+            except (CheckpointException, Exception) as exc:
+                path = folder / f"step-{target}"
+                why = damage(path, exc)
+                if why is None and isinstance(exc, CheckpointException):
+                    # a BaseException: it would pass the worker's handler by, status left "running"
+                    raise TrainingError(f"checkpoint {path} cannot be loaded: {_first_failure(exc)}") from exc
+                if why is None:
+                    raise
+                if on_damaged != "previous":
+                    raise ConfigError(f"checkpoint {path} cannot be loaded: {why}",
+                                      fix=f"set checkpoint.on_damaged=previous to resume from the complete "
+                                          f"checkpoint before it, or delete {path}") from None
+                damaged.append((path, why))
+                older = [s for s in steps if s < target]
+                if not older:
+                    first = damaged[0]
+                    raise ConfigError(f"checkpoint {first[0]} cannot be loaded: {first[1]}; no older complete "
+                                      "checkpoint could be loaded either",
+                                      fix=f"delete the damaged checkpoints in {folder} to start from step 0") from None
+                target = older[-1]
+        if not damaged:
+            return loaded
+        asides = [_set_aside(path) for path, _ in damaged]
+        if dist.is_initialized():  # every rank has read what it needed, and named the asides alike
+            dist.barrier()
+        for (path, why), aside in zip(damaged, asides, strict=True):
+            if rank == 0:
+                os.replace(path, aside)
+            logger.warning(f"checkpoint {path} cannot be loaded ({why}); resumed from step-{target} instead "
+                           f"(checkpoint.on_damaged: previous); the damaged one is kept as {aside.name}")
+        if dist.is_initialized():
+            dist.barrier()
+        return loaded
+
+    checkpointer.load = load
