@@ -77,9 +77,11 @@ def test_an_fp8_variant_with_upstream_data_and_a_hub_tokenizer():
 
 def test_a_renamed_key_replaces_the_presets_default_and_the_new_name_wins_when_both_are_written(tmp_path):
     text = (HERE / "qwen3_8B-pretrain.yaml").read_text().replace(
-        "        steps: 10\n", "        steps: 10\n        deterministic: true\n        dataset: c4_test\n")
+        "        steps: 10\n", "        steps: 10\n        deterministic: true\n        dataset: c4_test\n"
+                           "        debug_moe_force_load_balance: true\n")
     n = _module("x.yaml", text=text, tmp_path=tmp_path).native
     assert n["debug"]["deterministic"] is True and n["dataloader"]["dataset"] == "c4_test"
+    assert n["debug"]["moe_force_load_balance"] is True  # upstream v26.5.1's spelling
     both = text.replace("      metrics:\n", "      debug: {deterministic: false}\n      metrics:\n")
     assert _module("y.yaml", text=both, tmp_path=tmp_path).native["debug"]["deterministic"] is False
 

@@ -37,6 +37,7 @@ UPSTREAM_ALIASES = {
     "training.dataset_path": "dataloader.dataset_path",
     "training.seed": "debug.seed",
     "training.deterministic": "debug.deterministic",
+    "training.debug_moe_force_load_balance": "debug.moe_force_load_balance",  # upstream v26.5.1's spelling
     "activation_checkpoint.selective_ac_option": "activation_checkpoint.mode",
     "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns":
         "activation_checkpoint.force_recompute_mm_shapes_by_fqns",
