@@ -120,3 +120,33 @@ def attempts(path: Path) -> dict[int, list[int]]:
     for r in read_metrics(path):
         out.setdefault(int(r.get("attempt") or 1), []).append(r["step"])
     return out
+
+
+def resolve_upstream_form(folder: Path, name: str, *items: str, text: str | None = None,
+                          tmp_path: Path | None = None, environ: dict[str, str] | None = None):
+    """Resolve an upstream-form experiment of a test folder (or `text` written to tmp_path) for an
+    8-process job, in process; returns the pre_trainer module."""
+    from primus.config.resolve import resolve
+
+    path = folder / name
+    if text is not None:
+        assert tmp_path is not None
+        path = tmp_path / name
+        path.write_text(text)
+    return resolve(path, list(items), world_size=8, environ=environ or {}).modules["pre_trainer"]
+
+
+def config_error(call, *args: Any, **kwargs: Any) -> str:
+    """The one-line text of the ConfigError `call(*args, **kwargs)` must raise."""
+    import pytest
+
+    from primus.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        call(*args, **kwargs)
+    return str(err.value)
+
+
+def upstream_notes(m) -> list[str]:
+    """A resolved module's warnings about upstream Primus keys this install accepts without effect."""
+    return [n for n in m.notices if "upstream Primus key" in n]

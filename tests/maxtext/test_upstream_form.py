@@ -7,33 +7,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from primus.backends.discovery import discover
 from primus.config.resolve import resolve
 from primus.config.upstream import upstream_tables
 from primus.errors import ConfigError
+from tests.support import config_error, resolve_upstream_form, upstream_notes
 
 HERE = Path(__file__).parent / "upstream_form"
 
 
-def _module(name: str, *items: str, text: str | None = None, tmp_path: Path | None = None):
-    path = HERE / name
-    if text is not None:
-        assert tmp_path is not None
-        path = tmp_path / name
-        path.write_text(text)
-    return resolve(path, list(items), world_size=8, environ={}).modules["pre_trainer"]
+def _module(name: str, *items: str, **kw):
+    return resolve_upstream_form(HERE, name, *items, **kw)
 
 
 def _error(name: str, *items: str, **kw) -> str:
-    with pytest.raises(ConfigError) as err:
-        _module(name, *items, **kw)
-    return str(err.value)
+    return config_error(_module, name, *items, **kw)
 
 
-def _upstream_notes(m) -> list[str]:
-    return [n for n in m.notices if "upstream Primus key" in n]
+_upstream_notes = upstream_notes
 
 
 def test_a_v26_6_key_the_installed_maxtext_lacks_is_accepted():

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 from loguru import logger
 
-from primus.errors import ConfigError
+from primus.runs.resume import refuse_damaged
 
 JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
 
@@ -156,13 +156,7 @@ def resolve_damaged(checkpoint_dir: Path, on_damaged: str | None, *, process_id:
                 raise
             continue
         older = candidates[i + 1] if i + 1 < len(candidates) else None
-        if on_damaged != "previous":
-            raise ConfigError(f"checkpoint {path} cannot be loaded: {reason}",
-                              fix="set checkpoint.on_damaged=previous to resume from the checkpoint before it, "
-                                  "or delete it")
-        if older is None:
-            raise ConfigError(f"checkpoint {path} cannot be loaded: {reason}; there is no older checkpoint to "
-                              "resume from", fix="delete it to train from the start")
+        refuse_damaged(path, reason, older=older, on_damaged=on_damaged)
         aside = _move_aside(path)  # None: a peer process moved it
         (logger.warning if process_id == 0 else logger.info)(
             f"checkpoint {path} is damaged ({reason}): moved aside to "

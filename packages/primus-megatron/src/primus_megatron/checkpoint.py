@@ -172,6 +172,7 @@ def _choose(root: Path, candidates: list[Path], loop: PretrainLoop, on_damaged: 
             explicit: bool) -> tuple[Path, dict[str, Any]]:
     """The newest of `candidates` (newest first) that every rank can load, with its common state."""
     from primus.errors import ConfigError
+    from primus.runs.resume import refuse_damaged
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for i, path in enumerate(candidates):
@@ -188,13 +189,7 @@ def _choose(root: Path, candidates: list[Path], loop: PretrainLoop, on_damaged: 
         if explicit:
             raise ConfigError(f"checkpoint {path} cannot be loaded: {reason}", key="load",
                               fix="point load at another checkpoint, or delete this one")
-        if on_damaged != "previous":
-            raise ConfigError(f"checkpoint {path} cannot be loaded: {reason}",
-                              fix="set checkpoint.on_damaged=previous to resume from the checkpoint before it, "
-                                  "or delete it")
-        if older is None:
-            raise ConfigError(f"checkpoint {path} cannot be loaded: {reason}; there is no older checkpoint to "
-                              "resume from", fix="delete it to train from the start")
+        refuse_damaged(path, reason, older=older, on_damaged=on_damaged)
         if rank == 0:
             aside = _move_aside(path)
             (root / LATEST).write_text(f"{int(STEP_DIR.match(older.name).group(1))}\n")  # type: ignore[union-attr]
@@ -208,9 +203,11 @@ def _choose(root: Path, candidates: list[Path], loop: PretrainLoop, on_damaged: 
 @contextmanager
 def _weights_only_reads() -> Iterator[None]:
     """For one `dist_checkpointing.load`: the objects inside `.distcp` files are read with
-    `torch.load(weights_only=True)` (torch's planner reads them with weights_only=False) and the
-    `.metadata` pickle with `_MetadataUnpickler` (torch reads it with pickle.load). megatron-core's
-    torch_dist strategy builds its reader and planner from these two module names on each load."""
+    `torch.load(..., weights_only=True)` (torch's stock planner loads them with the weights-only guard
+    off, so a planted object would run) and the `.metadata` pickle with `_MetadataUnpickler` (torch's
+    stock reader unpickles it unrestricted). megatron-core's torch_dist strategy builds its reader and
+    planner from these two module names on each load; both are swapped only for this call and put
+    back after. Nothing here loads with the guard off."""
     import io
 
     from megatron.core.dist_checkpointing.strategies import torch as strategy

@@ -1,11 +1,13 @@
 """Resuming from TorchTitan's checkpoints safely (issue 15); imports torch, used by the adapter only.
 
 - **Nothing in a checkpoint runs code.** TorchTitan saves with torch's distributed checkpoint (DCP),
-  whose reader unpickles three things without restriction: the `.metadata` file (`pickle.load`),
-  every non-tensor value (`torch.load(weights_only=False)`), and TorchTitan's dataloader state
-  (`pickle.loads` of bytes stored in the checkpoint). Here the metadata is read by an unpickler that
-  knows only DCP's metadata classes, values with `weights_only=True`, and the dataloader state by an
-  unpickler that knows no class at all; a file that names anything else is refused.
+  whose stock reader unpickles three things without restriction: the `.metadata` file, every
+  non-tensor value (torch's default planner loads them with the weights-only guard off), and
+  TorchTitan's dataloader state (bytes stored in the checkpoint). This module replaces all three
+  readers: the metadata goes through an unpickler that knows only DCP's metadata classes, values
+  through `torch.load(..., weights_only=True)`, and the dataloader state through an unpickler that
+  knows no class at all; a file that names anything else is refused. Nothing here ever loads with
+  the guard off.
 - **A damaged newest checkpoint** (a file missing or cut short) is named in one line, or, with
   `checkpoint.on_damaged: previous`, set aside and the newest older complete checkpoint loaded.
 

@@ -137,6 +137,18 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
+def refuse_damaged(path: Path, reason: str, *, older: Path | None, on_damaged: str | None) -> None:
+    """The decision every backend makes about a damaged newest checkpoint (`checkpoint.on_damaged`):
+    raise unless the run asked for `previous` and an older checkpoint exists; the caller then moves
+    the damaged one aside and resumes from `older`."""
+    if on_damaged != "previous":
+        raise ConfigError(f"checkpoint {path} cannot be loaded: {reason}",
+                          fix="set checkpoint.on_damaged=previous to resume from the checkpoint before it, or delete it")
+    if older is None:
+        raise ConfigError(f"checkpoint {path} cannot be loaded: {reason}; there is no older checkpoint to resume "
+                          "from", fix="delete it to train from the start")
+
+
 def next_attempt(run_dir: Path) -> int:
     """The number of the attempt about to start (1 for a new run directory)."""
     old = _read_yaml(run_dir / "config.yaml")
