@@ -153,8 +153,9 @@ class HFAdapter(Adapter):
 
         n = self.ctx.native
         kwargs = {"attn_implementation": n["attn_implementation"]} if n.get("attn_implementation") else {}
-        if n.get("hf_path"):
-            path = Path(n["hf_path"])
+        hf_path = n.get("hf_path") or self.ctx.module.hf_path  # native (a hub id) or core's `model: {hf_path}`
+        if hf_path:
+            path = Path(hf_path)
             has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
             if has_weights or not path.is_dir():
                 return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)

@@ -40,95 +40,8 @@ UNSUPPORTED = "not supported by the hf backend"
 
 
 # --------------------------------------------------------------------------- model families
-
-
-def _rope_parameters(spec: ModelSpec) -> dict[str, Any]:
-    """transformers 5 keeps rope theta and scaling together in `rope_parameters`."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rope_theta}
-    scaling = spec.rope_scaling
-    if scaling is None:
-        return rope
-    rope.update(rope_type=scaling.type, factor=scaling.factor)
-    optional = {
-        "original_max_position_embeddings": scaling.original_max_positions,
-        "low_freq_factor": scaling.low_freq_factor,
-        "high_freq_factor": scaling.high_freq_factor,
-        "beta_fast": scaling.beta_fast,
-        "beta_slow": scaling.beta_slow,
-        "mscale": scaling.mscale,
-        "mscale_all_dim": scaling.mscale_all_dim,
-    }
-    rope.update({k: v for k, v in optional.items() if v is not None})
-    return rope
-
-
-def _common(spec: ModelSpec, model_type: str) -> dict[str, Any]:
-    return {
-        "model_type": model_type,
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.kv_heads,
-        "head_dim": spec.head_size,
-        "intermediate_size": spec.ffn_hidden_size,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": spec.norm_eps,
-        "tie_word_embeddings": spec.tie_embeddings,
-        "rope_parameters": _rope_parameters(spec),
-    }
-
-
-def _refuse(spec: ModelSpec, what: str) -> ConfigError:
-    return ConfigError(f"{spec.family} model with {what} is {UNSUPPORTED}",
-                       fix="supported: llama, qwen2, qwen3 (dense or MoE), mixtral with their standard layouts")
-
-
-def _llama(spec: ModelSpec) -> dict[str, Any]:
-    if spec.qkv_bias or spec.qk_norm:
-        raise _refuse(spec, "qkv_bias or qk_norm")  # LlamaConfig's attention_bias also adds an output bias
-    return _common(spec, "llama")
-
-
-def _qwen2(spec: ModelSpec) -> dict[str, Any]:
-    if not spec.qkv_bias or spec.qk_norm:
-        raise _refuse(spec, "no qkv bias or with qk_norm")  # Qwen2 attention always has q/k/v biases
-    return _common(spec, "qwen2")
-
-
-def _qwen3(spec: ModelSpec) -> dict[str, Any]:
-    if spec.qkv_bias:
-        raise _refuse(spec, "qkv_bias")
-    if spec.moe is None:
-        return _common(spec, "qwen3")
-    moe = spec.moe
-    if moe.shared_experts or moe.first_dense_layers:
-        raise _refuse(spec, "shared experts or leading dense layers")
-    return {
-        **_common(spec, "qwen3_moe"),
-        "num_experts": moe.experts,
-        "num_experts_per_tok": moe.top_k,
-        "moe_intermediate_size": moe.expert_ffn,
-        "norm_topk_prob": moe.norm_topk_prob,
-        "router_aux_loss_coef": moe.router_aux_loss_coef,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-    }
-
-
-def _mixtral(spec: ModelSpec) -> dict[str, Any]:
-    moe = spec.moe
-    if moe is None:
-        raise _refuse(spec, "no moe block")
-    if moe.shared_experts or moe.first_dense_layers or not moe.norm_topk_prob or spec.qkv_bias or spec.qk_norm:
-        raise _refuse(spec, "shared experts, dense layers, unnormalised top-k, qkv bias or qk_norm")
-    config = _common(spec, "mixtral")
-    config.update(intermediate_size=moe.expert_ffn, num_local_experts=moe.experts, num_experts_per_tok=moe.top_k,
-                  router_aux_loss_coef=moe.router_aux_loss_coef)
-    return config
-
-
-MODEL_BUILDERS = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mixtral": _mixtral}
+# The transformers config of a ModelSpec is core's (primus.models.hf.hf_config): `primus export`
+# writes the same config.json that this backend builds its model from.
 
 
 # --------------------------------------------------------------------------- the translator
@@ -152,12 +65,19 @@ class HFTranslator(Translator):
         return super().native_keys(preset) | set(training_arguments())
 
     def translate_model(self, spec: ModelSpec) -> NativeValues:
-        build = MODEL_BUILDERS.get(spec.family)
-        if build is None:
+        from primus.models.hf import CONFIG_BUILDERS, Unbuilt, hf_config
+
+        if spec.family not in CONFIG_BUILDERS:
             raise ConfigError(f"model family '{spec.family}' is {UNSUPPORTED}",
-                              fix=f"the hf backend builds: {', '.join(MODEL_BUILDERS)}")
+                              fix=f"the hf backend builds: {', '.join(CONFIG_BUILDERS)}")
+        try:
+            config = hf_config(spec)
+        except Unbuilt as exc:
+            raise ConfigError(exc.message.replace("has no standard transformers layout", f"is {UNSUPPORTED}"),
+                              fix=exc.fix) from None
+        config.pop("architectures", None)
         out = NativeValues()
-        for key, value in build(spec).items():
+        for key, value in config.items():
             out.set(f"model_config.{key}", value, _MODEL_ORIGINS.get(key, key))
         return out
 

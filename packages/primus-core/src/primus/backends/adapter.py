@@ -14,6 +14,7 @@ from typing import Any
 
 from primus.config.resolve import ResolvedModule
 from primus.patches.registry import PatchContext, PatchSet, Phase
+from primus.runs.evaluate import EvalRequest, EvalResult
 from primus.runs.metrics import MetricsWriter
 from primus.runs.signals import StopFlag
 
@@ -71,4 +72,9 @@ class Adapter:
         self.ctx = ctx
 
     def run(self) -> None:
+        raise NotImplementedError
+
+    def evaluate(self, request: EvalRequest) -> EvalResult | None:
+        """`primus eval`: the summed token loss of the model (its init, or `request.checkpoint`) on
+        `primus.runs.evaluate.blocks_for(request, ...)`; rank 0 returns it, other ranks None."""
         raise NotImplementedError

@@ -105,6 +105,10 @@ class BackendSpec:
     # "primus_hf.preflight:process_group": () -> (torch, torch.distributed, device) with the job's
     # process group open, for `primus preflight`'s collective test (core never imports a framework)
     preflight: str | None = None
+    # "primus_megatron.export:export_hf": f(module, run_dir, step | None, out_dir) -> step; writes
+    # the checkpoint's weights (step, else the newest) under Hugging Face names into out_dir with
+    # primus.models.hf.write_weights (`primus export`; core adds config.json and the tokenizer)
+    exporter: str | None = None
     model_families: tuple[str, ...] = ()
     # the adapter polls RunContext.stop_requested between steps and checkpoints before returning;
     # False: the worker leaves SIGTERM's default action (the process ends at once) rather than

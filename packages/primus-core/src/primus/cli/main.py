@@ -134,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "(needs primus-core[plot])")
     compare.add_argument("--json", action="store_true")
 
+    evaluate = sub.add_parser("eval", help="mean token loss and perplexity of a module's model on a corpus")
+    evaluate.add_argument("exp", help="experiment YAML")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate.add_argument("--checkpoint", help="latest (the run's newest checkpoint) or a checkpoint directory; "
+                          "default: the model's init (its hf_path weights)")
+    evaluate.add_argument("--data", help="corpus (.jsonl or text); default: the module's data.path")
+    evaluate.add_argument("--module")
+    evaluate.add_argument("--max-blocks", type=_POSITIVE, default=None, help="score only the first N blocks")
+    evaluate.add_argument("--nproc-per-node", type=_POSITIVE, default=None)
+    evaluate.add_argument("--master-port", type=_PORT, default=None)
+
+    export = sub.add_parser("export", help="a run's checkpoint as a Hugging Face model directory")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty directory")
+    export.add_argument("--step", type=_NON_NEGATIVE, default=None, help="default: the newest checkpoint")
+    export.add_argument("--module")
+
     docs = sub.add_parser("docs", help="generate docs/backends from the installed packages")
     docs.add_argument("--out", default="docs/backends")
     docs.add_argument("--check", action="store_true", help="exit 1 if the committed files differ")
@@ -151,6 +168,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return {"show": config_cmd.cmd_show, "validate": config_cmd.cmd_validate,
                 "schema": config_cmd.cmd_schema}[args.config_command](args)
+    if command in ("eval", "export"):
+        from primus.cli import eval_cmd
+
+        return eval_cmd.cmd_eval(args) if command == "eval" else eval_cmd.cmd_export(args)
     if command in ("runs", "compare"):
         from primus.cli import runs_cmd
 

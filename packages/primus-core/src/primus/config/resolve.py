@@ -62,6 +62,9 @@ class ResolvedModule:
     steps_key: str | None = None
     #: the upstream Primus model name `model:` was found under (the backend's upstream table)
     model_alias: str | None = None
+    #: `model: {hf_path: DIR}`: the local Hugging Face directory (absolute) the spec was read from;
+    #: the adapter loads its weights, when it has some, instead of a random init
+    hf_path: str | None = None
 
     def explain(self, key: str) -> Source | None:
         """The layer, file and line that set the native `key` (dotted), or None."""
@@ -97,6 +100,7 @@ class ResolvedModule:
             "native": self.native,
             "steps_key": self.steps_key,
             "model_alias": self.model_alias,
+            "hf_path": self.hf_path,
         }
 
     @classmethod
@@ -113,6 +117,7 @@ class ResolvedModule:
             world_size=data.get("world_size", 1),
             steps_key=data.get("steps_key"),
             model_alias=data.get("model_alias"),
+            hf_path=data.get("hf_path"),
         )
 
 
@@ -390,6 +395,27 @@ class _Model:
     native_sources: dict[KeyPath, Source] = field(default_factory=dict)
     file: str | None = None
     alias: ModelAlias | None = None
+    hf_path: str | None = None
+
+
+def _hf_model(value: Any, relative_to: Path, key: str, backend: Backend) -> _Model | None:
+    """`model: {hf_path: DIR}`: the spec from DIR/config.json, its weights checked against it (a
+    missing or misshapen tensor is an error now, not in the middle of a launch). None: a hub id
+    (`org/name`, no such local directory), which only the hf backend resolves, natively."""
+    from primus.models.hf import CONFIG_FILE, check_weights, read_hf_config, read_weight_index, spec_from_hf
+
+    path = Path(str(value)).expanduser()
+    path = path if path.is_absolute() else relative_to / path
+    text = str(value)
+    if not path.exists() and backend.name == "hf" and not text.startswith((".", "/", "~")) and text.count("/") == 1:
+        return None
+    config = read_hf_config(path, key=key)
+    config_file = str(path.resolve() / CONFIG_FILE)
+    spec = spec_from_hf(config, file=config_file)
+    if read_weight_index(path):
+        check_weights(path, spec)
+    sources = {p: Source("model", config_file) for p in flatten(spec.model_dump(exclude_none=True))}
+    return _Model(spec=spec, sources=sources, file=config_file, hf_path=str(path.resolve()))
 
 
 def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend, environ: dict[str, str] | None,
@@ -408,6 +434,16 @@ def _model_for(module: ModuleConfig, name: str, doc: YamlDoc, backend: Backend, 
     backend_models, core_models = backend.spec.preset_dir() / "models", core_preset_dir() / "models"
     search = [backend_models, core_models]
     alias: ModelAlias | None = None
+    if isinstance(module.model, dict) and set(module.model) == {"hf_path"}:
+        relative_to = Path.cwd() if cli_model is not None else doc.path.parent
+        try:
+            hf = _hf_model(module.model["hf_path"], relative_to, f"{key}.hf_path", backend)
+        except ConfigError as exc:
+            if exc.file:  # config.json's own key
+                raise
+            raise located(exc) from None
+        if hf is not None:
+            return hf
     if isinstance(module.model, dict):
         data, file = dict(module.model), str(doc.path)
         line_base = ("modules", name, "model")
@@ -782,7 +818,7 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         name=name, framework=backend.name, native=layered.data, sources=layered.sources, module=module,
         model=spec, model_file=model_file, experiment_file=file, world_size=world_size,
         neutral_origins=neutral_origins, steps_key=translator.steps_key,
-        model_alias=model.alias.name if model.alias else None)
+        model_alias=model.alias.name if model.alias else None, hf_path=model.hf_path)
     try:
         # the neutral rules, once, on the resolved dimensions
         dims = read_dimensions(layered.data, module, spec, translator, {

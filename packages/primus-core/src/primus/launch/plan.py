@@ -83,6 +83,7 @@ class LaunchPlan:
 
 WORKER = "primus.runs.worker"
 PREFLIGHT = "primus.preflight.worker"
+EVALUATE = "primus.runs.evaluate"  # `primus eval`: the adapter's evaluate instead of run
 
 
 def worker_argv(run_dir: Path, module: str, entry: str = WORKER) -> list[str]:
@@ -112,7 +113,7 @@ def rendezvous_id(run_dir: Path) -> str:
 
 def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOptions,
                 entry: str = WORKER) -> LaunchPlan:
-    if opts.world_size == 1 and opts.nnodes == 1 and entry == WORKER:
+    if opts.world_size == 1 and opts.nnodes == 1 and entry in (WORKER, EVALUATE):
         return LaunchPlan("in-process")
     if process_model == "torchrun":
         # torchrun through Primus's entry: same arguments, but a graceful stop exits 143/130, not 1
