@@ -87,10 +87,16 @@ def wheels(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "tests/wheels", *session.posargs, env=TEST_ENV)
 
 
+# the parity tests' reference (issue 12): transformers' own forward on the same weights, and the
+# tiny Hugging Face models it makes; test tools, not dependencies of any backend package
+WEIGHTS_REFERENCE = ("transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.20")
+
+
 def _backend_session(session: nox.Session, name: str, *, torch: bool, extras: str = "") -> None:
     if torch:
         session.install(TORCH)
-    session.install("-e", str(PACKAGES / "primus-core"), "-e", f"{PACKAGES / f'primus-{name}'}{extras}", "pytest")
+    session.install("-e", str(PACKAGES / "primus-core"), "-e", f"{PACKAGES / f'primus-{name}'}{extras}", "pytest",
+                    *WEIGHTS_REFERENCE)
     _pytest(session, f"tests/{name}")
 
 

@@ -825,6 +825,10 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
             k: o[len("model."):] for k, o in neutral_origins.items() if o.startswith("model.")})
         check_dimensions(dims, spec, world_size)
         check_data(module)
+        if spec is not None and module.data.tokenizer and not module.data.mock:
+            from primus.models.hf import check_tokenizer_fits
+
+            check_tokenizer_fits(Path(module.data.tokenizer), spec.vocab_size)
         # values computed from others: a layer of their own, with the keys they came from
         derived = translator.derive(resolved)
         for key, origin in derived.origins.items():

@@ -254,6 +254,41 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
     return build(spec)
 
 
+# --------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_size(directory: Path, key: str = "data.tokenizer") -> int | None:
+    """Token ids a tokenizer directory can produce (tokenizer.json: its vocabulary and added
+    tokens); None for a slow-tokenizer layout, whose size only the tokenizer library knows."""
+    if not directory.is_dir():
+        raise ConfigError(f"tokenizer directory {directory} does not exist", key=key,
+                          fix="point data.tokenizer at a directory with tokenizer.json "
+                              "(examples/data/make_corpus.py makes one)")
+    tokenizer_json = directory / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        if any((directory / name).is_file() for name in ("tokenizer.model", "vocab.json", "spiece.model")):
+            return None  # a slow-tokenizer layout: AutoTokenizer will load it; its size is checked at run time
+        raise ConfigError(f"tokenizer directory {directory} has no tokenizer.json", key=key)
+    try:
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{tokenizer_json} is not a tokenizer file ({exc})", key=key) from None
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    added = {t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "id" in t}
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids |= added
+    return max(ids) + 1 if ids else None
+
+
+def check_tokenizer_fits(directory: Path, vocab_size: int, key: str = "data.tokenizer") -> None:
+    """A tokenizer that makes ids the model has no embedding for is refused (fewer is normal:
+    vocabularies are padded)."""
+    size = tokenizer_size(Path(directory), key)
+    if size is not None and size > vocab_size:
+        raise ConfigError(f"tokenizer {directory} has {size} tokens but the model's vocab_size is {vocab_size}",
+                          key=key, fix="use the model's own tokenizer, or a model whose vocabulary holds it")
+
+
 # --------------------------------------------------------------------------- tensor names and shapes
 
 
