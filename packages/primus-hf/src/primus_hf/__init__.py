@@ -23,6 +23,7 @@ BACKEND = BackendSpec(
     runtime="torch",
     patches="primus_hf.patches:PATCHES",
     env="primus_hf.env:ENV",
+    exporter="primus_hf.export:export_hf",
     model_families=("llama", "qwen2", "qwen3", "mixtral"),
     description=(
         "Causal-LM pretraining on Hugging Face transformers models: a model built from a neutral "

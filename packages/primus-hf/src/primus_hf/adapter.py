@@ -29,6 +29,7 @@ from loguru import logger
 
 from primus.backends.adapter import Adapter, RunContext
 from primus.errors import ConfigError, TrainingError
+from primus.runs.evaluate import EvalRequest, EvalResult
 from primus_hf.data import SampleOrder, load_blocks, micro_batch
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -126,6 +127,99 @@ class HFAdapter(Adapter):
             dist.barrier()
             dist.destroy_process_group()
 
+    # ======================================================================= primus eval
+
+    @torch.no_grad()
+    def evaluate(self, request: EvalRequest) -> EvalResult | None:
+        """`primus eval`: the summed token loss of the model on core's evaluation blocks.
+
+        The model is built as training builds it (same seed, same DDP/FSDP layout) and holds its
+        init (the hf_path weights, else the seeded random init) or a checkpoint's weights. Block i
+        goes to rank i % world; every rank runs the same number of forwards (FSDP gathers in each);
+        the loss is summed in float64 and all-reduced."""
+        from transformers.utils import logging as hf_logging
+
+        from primus.runs.evaluate import blocks_for, shard
+
+        hf_logging.disable_progress_bar()
+        s = self.settings
+        self.device = self._init_distributed()
+        self.ctx.apply_patches("setup", device=self.device)
+        torch.manual_seed(s.seed)
+        random.seed(s.seed)
+        checkpoint = self._eval_checkpoint(request.checkpoint)
+        model = self.build_model(weights=checkpoint is None)
+        encode, eos_id, vocab = _eval_tokenizer(Path(request.tokenizer))
+        model_vocab = int(model.config.vocab_size)
+        if vocab > model_vocab:
+            raise ConfigError(f"tokenizer {request.tokenizer} has {vocab} tokens but the model's vocab_size is "
+                              f"{model_vocab}", key="data.tokenizer", fix="evaluate with the model's own tokenizer")
+        model.to(self.device)
+        self.model = model
+        n = self.ctx.native
+        self.train_model = self._fully_shard(model) if n.get("fsdp") else model  # DDP replicas: the model itself
+        self.autocast, _ = self._precision()
+        step = None
+        if checkpoint is not None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            state = self._read(checkpoint, "model.pt",
+                               lambda f: torch.load(f, map_location="cpu", weights_only=True))
+            set_model_state_dict(self.model, state, options=self._state_dict_options())
+            del state
+            step = int(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"])
+            logger.info(f"evaluating the weights of {checkpoint} (step {step})")
+        blocks = blocks_for(request, encode, eos_id)
+        mine = torch.tensor(shard(blocks, self.rank, self.world_size), dtype=torch.long).view(-1, len(blocks[0]))
+        batch = max(1, s.eval_batch_size)
+        batches = -(-len(mine) // batch)
+        if n.get("fsdp") and dist.is_initialized():  # every rank joins every sharded forward
+            count = torch.tensor([batches], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            batches = int(count.item())
+        self.train_model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
+        for b in range(batches):
+            rows = mine[b * batch:(b + 1) * batch]
+            real = len(rows) > 0
+            if not real:  # a rank with fewer blocks: a forward whose loss is not counted
+                rows = torch.tensor(blocks[0], dtype=torch.long).view(1, -1)
+            rows = rows.to(self.device)
+            with self.autocast():
+                logits = self.train_model(input_ids=rows[:, :-1]).logits
+            if real:
+                losses = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                           rows[:, 1:].reshape(-1), reduction="none")
+                loss_sum += losses.double().sum()
+                tokens += losses.numel()
+        totals = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+            dist.barrier()
+            dist.destroy_process_group()
+        logger.info(f"scored {int(totals[1].item())} tokens in {len(blocks)} blocks")
+        if self.rank != 0:
+            return None
+        return EvalResult(loss_sum=float(totals[0].item()), tokens=int(totals[1].item()), step=step)
+
+    def _eval_checkpoint(self, which: str | None) -> Path | None:
+        """None (the init), "latest" (the newest complete checkpoint of the run) or a directory."""
+        if which is None:
+            return None
+        if which == "latest":
+            found = complete_checkpoints(self.checkpoint_dir)
+            if not found:
+                raise ConfigError(f"{self.checkpoint_dir} holds no complete checkpoint", key="--checkpoint",
+                                  fix="train the run first (with checkpoint.interval), or leave --checkpoint out "
+                                      "to evaluate the model's init")
+            return found[-1]
+        path = Path(which)
+        if not (path / STATE_FILE).is_file() or not (path / "model.pt").is_file():
+            raise ConfigError(f"{path} is not a complete hf checkpoint (no {STATE_FILE} or model.pt)",
+                              key="--checkpoint", fix="pass latest, or a checkpoint-<step> directory of an hf run")
+        return path
+
     @property
     def global_batch(self) -> int:
         s = self.settings
@@ -147,8 +241,8 @@ class HFAdapter(Adapter):
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=int(n.get("ddp_timeout") or 1800)))
         return device
 
-    def build_model(self) -> torch.nn.Module:
-        """From `hf_path` (weights when the directory has them) or from `model_config`."""
+    def build_model(self, weights: bool = True) -> torch.nn.Module:
+        """From `hf_path` (weights when the directory has them and `weights`) or from `model_config`."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         n = self.ctx.native
@@ -157,7 +251,7 @@ class HFAdapter(Adapter):
         if hf_path:
             path = Path(hf_path)
             has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
-            if has_weights or not path.is_dir():
+            if weights and (has_weights or not path.is_dir()):
                 return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
             config = AutoConfig.from_pretrained(str(path))
         else:
@@ -280,7 +374,7 @@ class HFAdapter(Adapter):
                                             tokens=tokens_per_step, step_time_s=(now - window_start) / window_steps)
             evaluating = bool(s.eval_every) and step % s.eval_every == 0
             if evaluating:
-                self.ctx.metrics.eval_step(step, loss=self.evaluate())
+                self.ctx.metrics.eval_step(step, loss=self.held_out_loss())
             stopping = (bool(s.exit_at_step) and step == s.exit_at_step or self._stop_requested()) \
                 and step < s.max_steps
             saving = (bool(s.save_every) and step % s.save_every == 0 and step < s.max_steps) or stopping
@@ -325,7 +419,7 @@ class HFAdapter(Adapter):
         return float(value)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def held_out_loss(self) -> float:
         """Mean loss over `eval_iters` batches of the held-out blocks (the same ones every pass)."""
         s, valid = self.settings, self.blocks.valid
         if len(valid) == 0:
@@ -523,6 +617,33 @@ class HFAdapter(Adapter):
 
 
 # =========================================================================== helpers
+
+
+def _eval_tokenizer(directory: Path) -> tuple[Any, int, int]:
+    """(encode, EOS id, vocabulary size) of a tokenizer directory's tokenizer.json, EOS being
+    tokenizer_config.json's `eos_token` (`<|endoftext|>` when it names none)."""
+    from tokenizers import Tokenizer
+
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise ConfigError(f"tokenizer directory {directory} has no tokenizer.json", key="data.tokenizer",
+                          fix="point data.tokenizer at a directory saved by a fast (tokenizers) tokenizer")
+    tokenizer = Tokenizer.from_file(str(file))
+    eos: Any = None
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    eos = eos or "<|endoftext|>"
+    eos_id = tokenizer.token_to_id(eos)
+    if eos_id is None:
+        raise ConfigError(f"tokenizer {directory} has no token {eos!r} (its eos_token)", key="data.tokenizer")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    return encode, eos_id, tokenizer.get_vocab_size(with_added_tokens=True)
 
 
 class _RestoreGradientSync:

@@ -1,0 +1,135 @@
+"""`primus export` for the hf backend: a checkpoint's weights under the Hugging Face on-disk names.
+
+An hf checkpoint (`checkpoint-<step>/model.pt`) holds the full state dict of the unwrapped
+transformers model, whatever the layout it was trained with (DDP replicas or FSDP shards are
+gathered before the save), so exporting is a rename, never a reshard: the state-dict names of the
+transformers model in memory -> the names of `primus.models.hf.hf_tensor_shapes`. They differ in
+two places:
+
+- transformers 5 keeps the routed experts of a MoE layer fused in memory
+  (`mlp.experts.gate_up_proj` [E, 2F, H], gate rows first, and `mlp.experts.down_proj` [E, H, F]);
+  on disk every expert has its own matrices (`mlp.experts.<e>.gate_proj/up_proj/down_proj` for
+  qwen3_moe, `block_sparse_moe.experts.<e>.w1/w3/w2` for mixtral, whose router is
+  `block_sparse_moe.gate` on disk and `mlp.gate` in memory);
+- a model with tied embeddings has no `lm_head.weight` on disk.
+
+Runs in one process on the CPU; imports torch and safetensors, never builds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from primus.errors import ConfigError
+
+CHECKPOINT_PREFIX = "checkpoint-"  # the adapter's names, repeated so that export never imports it
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.pt"
+
+_FUSED = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)$")
+_ROUTER = re.compile(r"^(model\.layers\.\d+\.)mlp\.gate\.weight$")
+
+
+def to_hf_names(state: Mapping[str, Any], spec: Any) -> dict[str, Any]:
+    """The tensors of a transformers state dict under the on-disk names of `hf_tensor_shapes(spec)`
+    (views, no copies: the caller makes them contiguous when writing)."""
+    mixtral = spec.family == "mixtral"
+    expert_names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    out: dict[str, Any] = {}
+    for name, tensor in state.items():
+        fused = _FUSED.match(name)
+        if fused:
+            prefix, kind = fused.groups()
+            block = f"{prefix}{'block_sparse_moe' if mixtral else 'mlp'}.experts"
+            if kind == "gate_up_proj":
+                half = tensor.shape[1] // 2
+                for e in range(tensor.shape[0]):
+                    out[f"{block}.{e}.{expert_names[0]}.weight"] = tensor[e, :half]
+                    out[f"{block}.{e}.{expert_names[1]}.weight"] = tensor[e, half:]
+            else:
+                for e in range(tensor.shape[0]):
+                    out[f"{block}.{e}.{expert_names[2]}.weight"] = tensor[e]
+            continue
+        router = _ROUTER.match(name)
+        if router and mixtral:
+            out[f"{router.group(1)}block_sparse_moe.gate.weight"] = tensor
+            continue
+        if mixtral and ".mlp.experts." in name:  # transformers 4: per-expert already, under mlp in memory
+            name = name.replace(".mlp.experts.", ".block_sparse_moe.experts.")
+        out[name] = tensor
+    if spec.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """`checkpoint-<step>` directories with their state file, oldest first (the adapter's rule)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def checkpoint_dir_of(module: Any, run_dir: Path) -> Path:
+    """Where the run's checkpoints are: `checkpoint.dir`, else `<run dir>/checkpoints` (RunContext's rule)."""
+    configured = module.module.checkpoint.dir
+    return Path(configured).expanduser().resolve() if configured else Path(run_dir) / "checkpoints"
+
+
+def find_checkpoint(directory: Path, step: int | None) -> Path:
+    """The complete checkpoint of `step`, else the newest; a ConfigError naming `directory` when none."""
+    found = complete_checkpoints(directory)
+    if step is not None:
+        chosen = [p for p in found if _step_of(p) == step]
+        if not chosen:
+            steps = ", ".join(str(_step_of(p)) for p in found) or "none"
+            raise ConfigError(f"{directory} has no complete checkpoint of step {step} (complete: {steps})",
+                              key="--step", fix="pass one of the saved steps, or no --step for the newest")
+        return chosen[0]
+    if not found:
+        raise ConfigError(f"{directory} holds no complete checkpoint", key="RUN_DIR",
+                          fix="train with checkpoint.interval set (a run saves at those steps and at the end)")
+    return found[-1]
+
+
+def read_state(checkpoint: Path) -> tuple[dict[str, Any], int]:
+    """(the model state dict, the step) of one hf checkpoint; tensors only (weights_only)."""
+    import torch
+
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        model = torch.load(checkpoint / MODEL_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"checkpoint {checkpoint}: {Path(exc.filename or MODEL_FILE).name} is missing") from None
+    except (EOFError, RuntimeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"checkpoint {checkpoint} cannot be read ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(model, dict):
+        raise ConfigError(f"checkpoint {checkpoint}: {MODEL_FILE} is not a state dict")
+    return model, int(state["step"])
+
+
+def export_hf(module: Any, run_dir: Path, step: int | None, out_dir: Path) -> int:
+    """Core's exporter hook (BackendSpec.exporter): write the checkpoint's weights into `out_dir`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from primus.models.hf import check_tensors, write_weights
+
+    checkpoint = find_checkpoint(checkpoint_dir_of(module, run_dir), step)
+    state, saved_step = read_state(checkpoint)
+    tensors = to_hf_names(state, module.model)
+    check_tensors(((n, tuple(t.shape)) for n, t in tensors.items()), module.model, f"checkpoint {checkpoint}")
+    # an expert's slice of a fused tensor is a view: safetensors writes each tensor from storage of its own
+    tensors = {n: t.detach().to(torch.float32).clone() if t._base is not None else t.detach().to(torch.float32)
+               .contiguous() for n, t in tensors.items()}
+    write_weights(out_dir, tensors, save_file=save_file, nbytes=lambda t: t.numel() * t.element_size())
+    return saved_step
