@@ -27,6 +27,13 @@ def test_runs_lists_a_workspace_newest_first(toy_exp):
     assert table.splitlines()[0].split()[:4] == ["exp", "backend", "model", "state"] and "12/12" in table
 
 
+def test_runs_without_an_argument_lists_primus_workspace(toy_exp, tmp_path):
+    exp, ws = toy_exp
+    assert run_primus("run", str(exp)).returncode == 0
+    rows = json.loads(run_primus("runs", "--json", env={"PRIMUS_WORKSPACE": str(ws)}, cwd=tmp_path).stdout)
+    assert [row["exp"] for row in rows] == ["toy"]
+
+
 def test_a_run_whose_process_died_is_not_shown_running(toy_exp):
     ws, first, _ = _two_runs(toy_exp)
     status = first / "logs/pre_trainer/rank-0/status.json"

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--backend", help="only modules of this backend")
 
     runs = sub.add_parser("runs", help="list the runs of a workspace, newest first")
-    runs.add_argument("workspace", nargs="?", default="./output", help="default ./output")
+    runs.add_argument("workspace", nargs="?", default=None,
+                      help="default $PRIMUS_WORKSPACE, else ./output (the examples' workspace)")
     runs.add_argument("--json", action="store_true")
 
     compare = sub.add_parser("compare", help="runs side by side (any backend), optionally plotted")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def cmd_runs(args: argparse.Namespace) -> int:
     from primus.runs.summary import find_runs, summarize
 
-    workspace = Path(args.workspace).expanduser()
+    # the examples write to ${PRIMUS_WORKSPACE:./output}: list where they wrote
+    workspace = Path(args.workspace or os.environ.get("PRIMUS_WORKSPACE") or "./output").expanduser()
     if not workspace.is_dir():
         raise ConfigError(f"workspace {workspace} does not exist", key="WORKSPACE",
                           fix="give the experiment's workspace (default ./output)")
