@@ -26,7 +26,7 @@ def _tokenizer_dir(module) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from primus.backends.discovery import discover
     from primus.config.resolve import load_experiment, resolve
-    from primus.config.rules import get_path
+    from primus.config.rules import resolved_dimension
     from primus.launch.plan import EVALUATE, LaunchOptions, plan_launch
     from primus.platform.detect import detect_platform
     from primus.platform.env import core_entries, plan_env
@@ -59,9 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"checkpoint {path} is not a directory", key="--checkpoint",
                               fix="pass latest, or a checkpoint directory of the run")
         checkpoint = str(path)
-    seq_key = backend.spec.load_translator().dimension_keys.get("seq_length")
-    seq_length = get_path(module.native, seq_key) if seq_key else None
-    seq_length = seq_length or module.module.train.seq_length  # the resolved value, whichever layer set it
+    seq_length = resolved_dimension(module, backend.spec.load_translator(), "seq_length")
     if not seq_length:
         raise ConfigError("no seq_length to cut evaluation blocks with", key="train.seq_length")
     if module.model is not None:

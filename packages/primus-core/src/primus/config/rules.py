@@ -24,6 +24,8 @@ from primus.errors import ConfigError
 from primus.suggest import did_you_mean
 
 if TYPE_CHECKING:
+    from primus.backends.translator import Translator
+    from primus.config.resolve import ResolvedModule
     from primus.config.schema import ModuleConfig
     from primus.models.spec import ModelSpec
 
@@ -80,6 +82,11 @@ def read_dimensions(native: dict[str, Any], module: ModuleConfig, spec: ModelSpe
         else:
             out[name] = Dimension(None, name)
     return out
+
+
+def resolved_dimension(resolved: ResolvedModule, translator: Translator, name: str) -> Any:
+    """One dimension's resolved value (`seq_length`, `tensor`, ...), whichever layer set it."""
+    return read_dimensions(resolved.native, resolved.module, resolved.model, translator, {})[name].value
 
 
 AUTO = -1  # a native size left for the backend to work out (TorchTitan's spelling); treated as unset

@@ -17,11 +17,16 @@ import math
 import time
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+if TYPE_CHECKING:
+    from primus.runs.flops import ThroughputModel
+
 TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "time", "attempt")
+#: added to each training line when the module's model is a ModelSpec (primus.runs.flops)
+THROUGHPUT_KEYS = ("tflops", "mfu")
 
 
 def utc_now() -> str:
@@ -49,8 +54,9 @@ class MetricsWriter:
     """Appends one JSON line per logged step (rank 0 only) and prints the progress line."""
 
     def __init__(self, path: Path, *, total_steps: int, rank: int = 0, module: str = "",
-                 status_path: Path | None = None, attempt: int = 1) -> None:
+                 status_path: Path | None = None, attempt: int = 1, throughput: ThroughputModel | None = None) -> None:
         self.path = path
+        self.throughput = throughput  # tokens/s -> tflops, mfu (primus.runs.flops); None: not reported
         self.attempt = attempt
         self.status_path = status_path
         self.last_step: int | None = None
@@ -113,6 +119,8 @@ class MetricsWriter:
             "attempt": self.attempt,
             **{k: _num(v) if isinstance(v, (int, float)) else v for k, v in extra.items()},
         }
+        if self.throughput is not None:  # core's one formula wins over a framework's own figure
+            record.update(self.throughput.figures(record["tokens_per_s"]))
         self._append(record)
         self.last_loss = record["loss"]
         self._tokens_per_s.append(record["tokens_per_s"])
@@ -128,7 +136,10 @@ class MetricsWriter:
                 parts.append(f"lr {record['lr']:.2e}")
             if record["grad_norm"] is not None:
                 parts.append(f"grad {record['grad_norm']:.3f}")
-            parts += [f"{record['tokens_per_s']:,.0f} tok/s", f"ETA {_eta(eta)}"]
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+            if record.get("mfu") is not None:
+                parts.append(f"{record['tflops']:,.1f} TFLOP/s, MFU {100 * record['mfu']:.1f}%")
+            parts.append(f"ETA {_eta(eta)}")
             logger.info(" | ".join(parts))
         return record
 

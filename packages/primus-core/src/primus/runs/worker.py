@@ -47,6 +47,23 @@ def _status_best_effort(metrics, state: str, **extra) -> None:
         pass
 
 
+def _throughput(resolved, backend, world_size: int):
+    """TFLOP/s and MFU for the metrics (primus.runs.flops), when the model is a ModelSpec."""
+    from primus.config.rules import resolved_dimension
+    from primus.runs.flops import ThroughputModel, device_name, flops_per_token, peak_tflops
+
+    if resolved.model is None:
+        return None
+    seq_length = resolved_dimension(resolved, backend.spec.load_translator(), "seq_length")
+    if not isinstance(seq_length, int) or seq_length <= 0:
+        return None
+    name = device_name()
+    peak = peak_tflops(name)
+    if name and peak is None:
+        logger.info(f"no peak TFLOP/s known for {name}: MFU is not reported (set PRIMUS_PEAK_TFLOPS)")
+    return ThroughputModel(flops_per_token(resolved.model, seq_length), world_size, peak)
+
+
 def run_worker(run_dir: Path, module_name: str) -> int:
     from primus.backends.adapter import RunContext
     from primus.backends.discovery import discover
@@ -74,7 +91,7 @@ def run_worker(run_dir: Path, module_name: str) -> int:
                         framework_version=backend.framework_version, config=native, world_size=world_size)
     total = resolved.total_steps
     metrics = MetricsWriter(run_dir / "metrics.jsonl", total_steps=total, rank=rank, module=module_name,
-                            attempt=int(data.get("attempt") or 1),
+                            attempt=int(data.get("attempt") or 1), throughput=_throughput(resolved, backend, world_size),
                             status_path=run_dir / "logs" / module_name / f"rank-{rank}" / "status.json")
     ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
                      local_rank=local_rank, world_size=world_size, patches=patches, patch_context=pctx,
