@@ -23,6 +23,7 @@ BACKEND = BackendSpec(
     runtime="torch",
     patches="primus_torchtitan.patches:PATCHES",
     env="primus_torchtitan.env:ENV",
+    exporter="primus_torchtitan.export:export_hf",
     model_families=("llama", "qwen3"),
     description=(
         "Pretraining through TorchTitan's own Trainer (FSDP2, tensor parallel, distributed "

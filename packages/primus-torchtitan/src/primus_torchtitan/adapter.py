@@ -311,6 +311,8 @@ class TorchTitanAdapter(Adapter):
             try:
                 trainer = config.build()
                 hook_metrics(trainer, ctx)
+                if ctx.module.hf_path:  # the init; a checkpoint that train() resumes from replaces it
+                    self._load_hf(trainer)
                 if self._resume_never():  # start fresh; checkpoints already there stay untouched
                     trainer.checkpointer.load = lambda step=-1: False
                 elif trainer.checkpointer.enable:
@@ -335,6 +337,21 @@ class TorchTitanAdapter(Adapter):
                 if torch.distributed.is_initialized():
                     torch.distributed.destroy_process_group()
         logger.debug("torchtitan trainer closed")
+
+    def _load_hf(self, trainer: Any) -> None:
+        from pathlib import Path
+
+        from primus_torchtitan.hf_weights import Layout, load_into
+
+        started = time.perf_counter()
+        read = load_into(trainer.model_parts, Layout.from_native(self.ctx.native["model"]), Path(self.ctx.module.hf_path))
+        logger.info(f"loaded the Hugging Face weights of {self.ctx.module.hf_path}: {read / 2**20:.1f} MiB read by "
+                    f"this rank in {time.perf_counter() - started:.1f}s")
+
+    def evaluate(self, request: Any) -> Any:
+        from primus_torchtitan.evaluation import evaluate
+
+        return evaluate(self.ctx, request)
 
     def _resume_never(self) -> bool:
         return self.ctx.module.module.checkpoint.resume in ("never", False)

@@ -1,0 +1,301 @@
+"""Hugging Face weights in and out of TorchTitan's Llama 3 and Qwen 3 (imports torch, not torchtitan).
+
+The names are TorchTitan's *stock* state-dict names (what its checkpoints hold: `wq`/`wk`/`wv`
+separately, even though the live module fuses them into one `wqkv` parameter) and the
+transformers names of `primus.models.hf.hf_tensor_shapes`. Every tensor maps one to one, rows
+reordered in two places:
+
+- Llama 3's RoPE in TorchTitan rotates interleaved pairs (complex numbers), transformers rotates
+  halves: the rows of each q/k head are permuted (row `2i + j` of a TorchTitan head is row
+  `j * head_dim/2 + i` of the transformers head). Qwen 3 rotates halves in both: no permutation.
+- The live `wqkv` parameter groups its rows per kv head: the q heads of group g, then k head g,
+  then v head g (TorchTitan's `FusedQKVLinear` layout).
+
+Loading (`load_into`) reads, for each parameter of the parallelized model, only the rows and
+columns its local shard covers (a DTensor's placements give them: FSDP's and TP's `Shard`, and
+`_StridedShard` when both shard one dimension), with `safetensors.safe_open(...).get_slice`:
+no rank ever materialises a tensor it does not own. Exporting (`to_hf`) works on full tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from primus.errors import ConfigError
+
+#: wrappers TorchTitan (activation checkpointing, torch.compile, FSDP) may put into a parameter name
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The geometry the name mapping needs, from the native `model:` keys."""
+
+    family: str  # "llama3" or "qwen3" (TorchTitan's model name)
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_native(cls, model: Mapping[str, Any]) -> Layout:
+        name = str(model.get("name"))
+        if name not in ("llama3", "qwen3") or model.get("flavor") != "custom":
+            raise ConfigError(f"Hugging Face weights map to TorchTitan's llama3 and qwen3 built from a model spec, "
+                              f"not model {name} flavor {model.get('flavor')}", key="model",
+                              fix="use model: {hf_path: DIR} or a neutral model preset")
+        heads = int(model["n_heads"])
+        return cls(family=name, n_layers=int(model["n_layers"]), n_heads=heads,
+                   n_kv_heads=int(model.get("n_kv_heads") or heads),
+                   head_dim=int(model.get("head_dim") or int(model["dim"]) // heads),
+                   tied=bool(model.get("tie_embeddings")))
+
+    @property
+    def permutes_rope(self) -> bool:
+        return self.family == "llama3"
+
+
+# --------------------------------------------------------------------------- names and row orders
+
+
+def _per_layer(layout: Layout) -> dict[str, str]:
+    names = {
+        "attention.qkv_linear.wq.weight": "self_attn.q_proj.weight",
+        "attention.qkv_linear.wk.weight": "self_attn.k_proj.weight",
+        "attention.qkv_linear.wv.weight": "self_attn.v_proj.weight",
+        "attention.wo.weight": "self_attn.o_proj.weight",
+        "feed_forward.w1.weight": "mlp.gate_proj.weight",
+        "feed_forward.w3.weight": "mlp.up_proj.weight",
+        "feed_forward.w2.weight": "mlp.down_proj.weight",
+        "attention_norm.weight": "input_layernorm.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+    }
+    if layout.family == "qwen3":
+        names.update({"attention.q_norm.weight": "self_attn.q_norm.weight",
+                      "attention.k_norm.weight": "self_attn.k_norm.weight"})
+    return names
+
+
+def stock_names(layout: Layout) -> dict[str, str]:
+    """TorchTitan stock name -> transformers name, every tensor of the model."""
+    out = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "lm_head.weight": "model.embed_tokens.weight" if layout.tied else "lm_head.weight"}
+    for i in range(layout.n_layers):
+        out.update({f"layers.{i}.{t}": f"model.layers.{i}.{h}" for t, h in _per_layer(layout).items()})
+    return out
+
+
+def _rope_rows(heads: int, head_dim: int) -> torch.Tensor:
+    """For each TorchTitan (interleaved-pair) row of a q/k projection, its transformers row."""
+    half = head_dim // 2
+    within = torch.arange(head_dim)
+    hf_within = (within % 2) * half + within // 2  # row 2i+j of a head is row j*half+i
+    return (torch.arange(heads)[:, None] * head_dim + hf_within[None, :]).reshape(-1)
+
+
+def stock_rows(layout: Layout, stock: str) -> torch.Tensor | None:
+    """For each row of stock tensor `stock`, the row of its transformers tensor (None: the same)."""
+    if not layout.permutes_rope:
+        return None
+    if stock.endswith("qkv_linear.wq.weight"):
+        return _rope_rows(layout.n_heads, layout.head_dim)
+    if stock.endswith("qkv_linear.wk.weight"):
+        return _rope_rows(layout.n_kv_heads, layout.head_dim)
+    return None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each row of one live parameter comes from: transformers tensor `names[which[r]]`,
+    row `rows[r]` (both None for a parameter that is one transformers tensor, row for row)."""
+
+    names: tuple[str, ...]
+    which: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+
+def _fused_qkv_sources(layout: Layout, prefix: str, hf: Mapping[str, str]) -> Sources:
+    hd, kv, hpk = layout.head_dim, layout.n_kv_heads, layout.n_heads // layout.n_kv_heads
+    r = torch.arange(kv * (hpk + 2) * hd)
+    group, slot, w = r // ((hpk + 2) * hd), (r // hd) % (hpk + 2), r % hd
+    stock_row = torch.where(slot < hpk, (group * hpk + slot) * hd + w, group * hd + w)
+    which = torch.clamp(slot - hpk + 1, min=0)  # 0: q, 1: k, 2: v
+    parts = [f"{prefix}wq.weight", f"{prefix}wk.weight", f"{prefix}wv.weight"]
+    rows = stock_row.clone()
+    for i, part in enumerate(parts):
+        order = stock_rows(layout, part)
+        if order is not None:
+            mask = which == i
+            rows[mask] = order[stock_row[mask]]
+    return Sources(names=tuple(hf[p] for p in parts), which=which, rows=rows)
+
+
+def live_name(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def sources_for(layout: Layout, name: str, hf: Mapping[str, str]) -> Sources:
+    """The transformers rows of live parameter `name` (wrapper prefixes removed)."""
+    if name.endswith("qkv_linear.wqkv.weight"):
+        return _fused_qkv_sources(layout, name[: -len("wqkv.weight")], hf)
+    if name not in hf:
+        raise ConfigError(f"TorchTitan parameter {name} has no Hugging Face tensor to load from", key="model.hf_path")
+    order = stock_rows(layout, name)
+    if order is None:
+        return Sources(names=(hf[name],))
+    return Sources(names=(hf[name],), which=torch.zeros_like(order), rows=order)
+
+
+# --------------------------------------------------------------------------- local shards
+
+
+def _chunk(indices: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+    """DTensor's `Shard` split: chunks of ceil(n / parts), the last ones shorter or empty."""
+    size = -(-indices.numel() // parts)
+    return indices[index * size:(index + 1) * size]
+
+
+def local_indices(tensor: Any) -> list[torch.Tensor]:
+    """For each dimension, the global indices the local shard of `tensor` holds, in order."""
+    from torch.distributed.tensor import DTensor
+
+    indices = [torch.arange(n) for n in tensor.shape]
+    if not isinstance(tensor, DTensor):
+        return indices
+    mesh = tensor.device_mesh
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return [i[:0] for i in indices]
+    for m, placement in enumerate(tensor.placements):
+        if not placement.is_shard():
+            continue
+        dim, parts, index = placement.dim, mesh.size(m), coordinate[m]
+        split = int(getattr(placement, "split_factor", 1) or 1)
+        if split > 1:  # the dimension was cut in `split` pieces first (by a later mesh dimension)
+            pieces = [_chunk(indices[dim], split, k) for k in range(split)]
+            indices[dim] = torch.cat([_chunk(p, parts, index) for p in pieces])
+        else:
+            indices[dim] = _chunk(indices[dim], parts, index)
+    local = tensor.to_local()
+    got = tuple(int(i.numel()) for i in indices)
+    if got != tuple(local.shape):
+        raise RuntimeError(f"cannot place the local shard of a tensor with placements {tensor.placements}: "
+                           f"computed {list(got)}, local shard {list(local.shape)}")
+    return indices
+
+
+class SliceReader:
+    """Opens the safetensors files of a model directory lazily and reads slices of tensors."""
+
+    def __init__(self, index: Mapping[str, tuple[Path, str, tuple[int, ...]]]) -> None:
+        self.index = index
+        self._stack = ExitStack()
+        self._open: dict[Path, Any] = {}
+        self.bytes_read = 0
+
+    def __enter__(self) -> SliceReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.index[name][2]
+
+    def read(self, name: str, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """Rows `rows` (and columns `cols`) of tensor `name`: the span they cover is read, no more."""
+        from safetensors import safe_open
+
+        path = self.index[name][0]
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        view = self._open[path].get_slice(name)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if cols is None:
+            block = view[lo:hi]
+            out = block[rows - lo]
+        else:
+            c0, c1 = int(cols.min()), int(cols.max()) + 1
+            block = view[lo:hi, c0:c1]
+            out = block[rows - lo][:, cols - c0]
+        self.bytes_read += block.numel() * block.element_size()
+        return out
+
+
+def _named_parameters(model_parts: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+    seen: set[int] = set()
+    for part in model_parts:
+        for name, param in part.named_parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield live_name(name), param
+
+
+@torch.no_grad()
+def load_into(model_parts: Iterable[Any], layout: Layout, hf_dir: Path) -> int:
+    """Copy the transformers weights of `hf_dir` into the (parallelized) model's parameters, each
+    rank reading only its own shards. Returns the bytes read on this rank."""
+    from primus.models.hf import read_weight_index
+
+    index = read_weight_index(hf_dir)
+    hf = stock_names(layout)
+    with SliceReader(index) as reader:
+        for name, param in _named_parameters(model_parts):
+            sources = sources_for(layout, name, hf)
+            for hf_name in sources.names:
+                if hf_name not in index:
+                    raise ConfigError(f"{hf_dir}: tensor {hf_name} is missing (TorchTitan's {name} loads from it)",
+                                      key="model.hf_path")
+            idx = local_indices(param)
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if local.numel() == 0:
+                continue
+            rows = idx[0]
+            cols = idx[1] if local.dim() == 2 else None
+            if sources.which is None:
+                out = reader.read(sources.names[0], rows, cols)
+            else:
+                out = torch.empty(local.shape, dtype=local.dtype)
+                which = sources.which[rows]
+                for i, hf_name in enumerate(sources.names):
+                    mask = which == i
+                    if bool(mask.any()):
+                        out[mask] = reader.read(hf_name, sources.rows[rows[mask]], cols).to(out.dtype)
+            if tuple(out.shape) != tuple(local.shape):
+                raise ConfigError(f"{hf_dir}: tensor {sources.names[0]} gives a {list(out.shape)} shard, TorchTitan's "
+                                  f"{name} holds {list(local.shape)}", key="model.hf_path")
+            local.copy_(out.to(local.dtype))
+        return reader.bytes_read
+
+
+# --------------------------------------------------------------------------- export
+
+
+def to_hf(stock: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Full stock TorchTitan tensors -> transformers tensors (rows put back in transformers' order)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, hf_name in stock_names(layout).items():
+        if name == "lm_head.weight" and layout.tied:
+            continue
+        if name not in stock:
+            if name == "tok_embeddings.weight" and layout.tied and "lm_head.weight" in stock:
+                name = "lm_head.weight"  # a tied model may keep only one of the two
+            else:
+                raise ConfigError(f"the checkpoint has no tensor {name} (transformers' {hf_name})")
+        tensor = stock[name]
+        order = stock_rows(layout, name)
+        if order is not None:
+            permuted = torch.empty_like(tensor)
+            permuted[order] = tensor
+            tensor = permuted
+        out[hf_name] = tensor.contiguous()
+    return out
