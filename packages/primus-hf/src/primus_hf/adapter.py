@@ -98,7 +98,8 @@ class HFAdapter(Adapter):
 
         model = self.build_model()
         self.blocks = load_blocks(n, getattr(model.config, "vocab_size", None))
-        self.order = SampleOrder(len(self.blocks.train), s.seed)
+        self.shifted = n.get("data_blocks") == "eval"  # rows of seq_length + 1: inputs [:-1], labels [1:]
+        self.order = SampleOrder(len(self.blocks.train), s.seed, shuffle=not self.shifted)
         model.to(self.device)
         if n.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable()
@@ -346,7 +347,7 @@ class HFAdapter(Adapter):
                                    world_size=self.world_size, micro_batch_size=s.micro_batch_size,
                                    accumulation=s.accumulation).to(self.device, non_blocking=True)
                 with self._grad_sync(last=micro == s.accumulation - 1), self.autocast():
-                    loss = self.train_model(input_ids=rows, labels=rows).loss / s.accumulation
+                    loss = self._loss(rows) / s.accumulation
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                 loss_sum += loss.detach()
             logged = step % s.logging_steps == 0 or step == s.max_steps or step == start + 1
@@ -389,6 +390,13 @@ class HFAdapter(Adapter):
         if s.save_every and s.max_steps % s.save_every == 0 and start < s.max_steps:
             self.save_checkpoint(s.max_steps)
         return True
+
+    def _loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """The model's mean token loss on `rows` (transformers' loss, so a MoE aux loss is kept)."""
+        if self.shifted:  # labels already shifted: every one of the seq_length targets counts
+            targets = rows[:, 1:].contiguous()
+            return self.train_model(input_ids=rows[:, :-1], labels=targets, shift_labels=targets).loss
+        return self.train_model(input_ids=rows, labels=rows).loss
 
     def _grad_sync(self, last: bool) -> Any:
         """Skip the gradient all-reduce on all but the last micro step of an accumulation."""

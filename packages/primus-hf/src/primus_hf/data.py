@@ -104,8 +104,37 @@ def corpus_blocks(*, path: Path, text_key: str, tokenizer_dir: Path, seq_length:
     return TokenBlocks(train=train, valid=valid, tokenizer=tokenizer)
 
 
+def eval_order_blocks(*, path: Path, text_key: str, tokenizer_dir: Path, seq_length: int,
+                      vocab_size: int | None) -> TokenBlocks:
+    """`data_blocks: eval`: core's evaluation blocks of the whole corpus (documents in file order,
+    EOS after each, blocks of seq_length + 1 ids, no held-out split), the tokens `primus eval`
+    scores on every backend; a row predicts its last seq_length ids from the ones before them."""
+    from transformers import AutoTokenizer
+
+    from primus.runs.evaluate import eval_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{vocab_size}", key="data.tokenizer")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {tokenizer_dir} has no eos_token", key="data.tokenizer")
+    blocks = eval_blocks(read_documents(path, text_key),
+                         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                         tokenizer.eos_token_id, seq_length)
+    if not blocks:
+        raise ConfigError(f"corpus {path} gives no full block of {seq_length + 1} tokens",
+                          key="data.path", fix="use a larger corpus or a smaller train.seq_length")
+    return TokenBlocks(train=torch.tensor(blocks, dtype=torch.long),
+                       valid=torch.empty(0, seq_length + 1, dtype=torch.long), tokenizer=tokenizer)
+
+
 def load_blocks(native: dict[str, Any], vocab_size: int | None) -> TokenBlocks:
     seq_length, seed = int(native["seq_length"]), int(native["seed"])
+    if native.get("data_blocks") == "eval":
+        return eval_order_blocks(path=Path(native["data_path"]), text_key=native.get("text_key") or "text",
+                                 tokenizer_dir=Path(native["tokenizer_path"]), seq_length=seq_length,
+                                 vocab_size=vocab_size)
     if native.get("mock_data"):
         if vocab_size is None:
             raise ConfigError("mock data needs the model's vocab_size", key="model")
@@ -120,11 +149,13 @@ def load_blocks(native: dict[str, Any], vocab_size: int | None) -> TokenBlocks:
 
 
 class SampleOrder:
-    """Sample index -> block index: a fresh seeded permutation of the blocks every epoch."""
+    """Sample index -> block index: a fresh seeded permutation of the blocks every epoch, or the
+    blocks in order (`shuffle=False`, for `data_blocks: eval`)."""
 
-    def __init__(self, num_blocks: int, seed: int) -> None:
+    def __init__(self, num_blocks: int, seed: int, shuffle: bool = True) -> None:
         self.num_blocks = num_blocks
         self.seed = seed
+        self.shuffle = shuffle
         self._epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -132,6 +163,9 @@ class SampleOrder:
         out = []
         for sample in range(first_sample, first_sample + count):
             epoch, position = divmod(sample, self.num_blocks)
+            if not self.shuffle:
+                out.append(position)
+                continue
             if epoch != self._epoch:
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 self._perm, self._epoch = torch.randperm(self.num_blocks, generator=generator), epoch

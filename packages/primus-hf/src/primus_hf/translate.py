@@ -7,13 +7,13 @@ tokenizer is checked by reading its JSON files, the corpus by reading its first 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from primus.backends.translator import NativeValues, Translator
 from primus.config.rules import check_first_record
 from primus.errors import ConfigError
+from primus.models.hf import tokenizer_size
 from primus_hf.training_args import NOT_PLAIN, training_arguments
 
 if TYPE_CHECKING:
@@ -169,6 +169,12 @@ class HFTranslator(Translator):
 
     def _check_data(self, n: dict[str, Any]) -> None:
         """The hf loop's own data rules; the corpus and tokenizer paths are core's (config.rules)."""
+        if n.get("data_blocks") not in ("packed", "eval"):
+            raise ConfigError(f"data_blocks {n.get('data_blocks')!r} is not a block layout", key="data_blocks",
+                              fix="packed (the default) or eval (core's evaluation blocks in file order)")
+        if n.get("data_blocks") == "eval" and n.get("mock_data"):
+            raise ConfigError("data_blocks: eval cuts a corpus; mock data has none", key="data_blocks",
+                              fix="set data: {path: corpus.jsonl, tokenizer: DIR}, or data_blocks: packed")
         if n.get("mock_data"):
             if n.get("data_path"):
                 raise ConfigError("mock_data is true beside a data_path", key="mock_data",
@@ -183,7 +189,7 @@ class HFTranslator(Translator):
         if not tokenizer:
             raise ConfigError("a corpus needs a tokenizer", key="data.tokenizer",
                               fix="set data.tokenizer to a local tokenizer directory")
-        vocab = _tokenizer_vocab_size(Path(tokenizer), "tokenizer_path")
+        vocab = tokenizer_size(Path(tokenizer), "tokenizer_path")
         model_vocab = (n.get("model_config") or {}).get("vocab_size")
         if vocab and model_vocab and vocab > int(model_vocab):
             raise ConfigError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is {model_vocab}",
@@ -265,24 +271,3 @@ def _local_or_hub(value: str, base: Path, key: str = "hf_path") -> str:
         raise ConfigError(f"model directory {candidate} does not exist", key=key,
                           fix="point hf_path at a directory with config.json (and weights)")
     return value  # a hub id: from_pretrained resolves it (needs network or a local hub cache)
-
-
-def _tokenizer_vocab_size(directory: Path, key: str) -> int | None:
-    if not directory.is_dir():
-        raise ConfigError(f"tokenizer directory {directory} does not exist", key=key,
-                          fix="point data.tokenizer at a directory with tokenizer.json "
-                              "(examples/data/make_corpus.py makes one)")
-    tokenizer_json = directory / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        if any((directory / name).is_file() for name in ("tokenizer.model", "vocab.json", "spiece.model")):
-            return None  # a slow-tokenizer layout: AutoTokenizer will load it; its size is checked at run time
-        raise ConfigError(f"tokenizer directory {directory} has no tokenizer.json", key=key)
-    try:
-        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{tokenizer_json} is not a tokenizer file ({exc})", key=key) from None
-    vocab = (data.get("model") or {}).get("vocab") or {}
-    added = {t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "id" in t}
-    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
-    ids |= added
-    return max(ids) + 1 if ids else None
