@@ -2,20 +2,24 @@
 
 Phases (ARCHITECTURE §5): `build_args` patches fix up the native arguments, `setup` patches change
 megatron-core before anything is built (the CPU patches), `before_train` patches change the loop.
+`evaluate` (`primus eval`) goes through the same first two phases and builds the same model.
 """
 
 from __future__ import annotations
 
 import os
 from types import SimpleNamespace
+from typing import Any
 
 from loguru import logger
 
 from primus.backends.adapter import Adapter
+from primus.runs.evaluate import EvalRequest, EvalResult
 
 
 class MegatronAdapter(Adapter):
-    def run(self) -> None:
+    def _prepare(self) -> tuple[SimpleNamespace, Any]:
+        """The native args after the build_args and setup patches, and this rank's device."""
         ctx = self.ctx
         ctx.apply_patches("build_args", checkpoint_dir=ctx.checkpoint_dir, run_dir=ctx.run_dir, rank=ctx.rank)
         args = SimpleNamespace(**ctx.native)
@@ -26,13 +30,16 @@ class MegatronAdapter(Adapter):
 
         import torch
 
-        from primus_megatron.trainer import PretrainLoop
-
         if ctx.platform == "cpu":
-            device = torch.device("cpu")
-        else:
-            torch.cuda.set_device(ctx.local_rank)
-            device = torch.device("cuda", ctx.local_rank)
+            return args, torch.device("cpu")
+        torch.cuda.set_device(ctx.local_rank)
+        return args, torch.device("cuda", ctx.local_rank)
+
+    def run(self) -> None:
+        ctx = self.ctx
+        args, device = self._prepare()
+
+        from primus_megatron.trainer import PretrainLoop
 
         loop = PretrainLoop(
             args, checkpoint_dir=ctx.checkpoint_dir, device=device,
@@ -41,6 +48,7 @@ class MegatronAdapter(Adapter):
             on_eval=lambda step, loss: ctx.metrics.eval_step(step, loss=loss),
             stop_requested=lambda: ctx.stop_requested,
             on_damaged=ctx.module.module.checkpoint.on_damaged or "fail",
+            hf_path=ctx.module.hf_path, model_spec=ctx.module.model,
         )
         ctx.state["loop"] = loop
         try:
@@ -53,3 +61,14 @@ class MegatronAdapter(Adapter):
         finally:
             loop.close()
         logger.info(f"trained {loop.step} steps")
+
+    def evaluate(self, request: EvalRequest) -> EvalResult | None:
+        ctx = self.ctx
+        args, device = self._prepare()
+        from pathlib import Path
+
+        from primus_megatron.evaluate import evaluate
+
+        root = Path(args.save) if args.save else ctx.checkpoint_dir
+        return evaluate(args, request, spec=ctx.module.model, hf_path=ctx.module.hf_path, checkpoint_root=root,
+                        device=device)

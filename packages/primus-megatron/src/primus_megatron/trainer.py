@@ -290,8 +290,11 @@ class PretrainLoop:
 
     def __init__(self, args: SimpleNamespace, *, checkpoint_dir: Path, device: torch.device,
                  on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None],
-                 stop_requested: Callable[[], bool] = lambda: False, on_damaged: str = "fail") -> None:
+                 stop_requested: Callable[[], bool] = lambda: False, on_damaged: str = "fail",
+                 hf_path: str | None = None, model_spec: Any = None) -> None:
         self.args = args
+        self.hf_path = hf_path  # model: {hf_path: DIR}: the init comes from DIR's safetensors
+        self.model_spec = model_spec
         self.on_damaged = on_damaged  # checkpoint.on_damaged: fail | previous
         self.device = device
         self.save_dir = Path(args.save) if args.save else checkpoint_dir
@@ -308,7 +311,14 @@ class PretrainLoop:
         init_distributed(a, self.device)
         seed_everything(a.seed)
         self.config = transformer_config(a, self.device)
-        self.model = wrap_ddp(a, self.config, build_model(a, self.config, self.device))
+        model = build_model(a, self.config, self.device)
+        if self.hf_path and not self._resuming():
+            # before the DDP/FSDP wrapper and the optimizer: both take the values the parameters hold
+            from primus_megatron.hf_weights import load_hf_into
+
+            read = load_hf_into(model, self.model_spec, self.hf_path)
+            logger.info(f"initialized from {self.hf_path} ({read / 2**20:.1f} MiB read on this rank)")
+        self.model = wrap_ddp(a, self.config, model)
         self.optimizer, self.scheduler = build_optimizer(a, self.model)
         # megatron-core's schedules find these hooks on the model config
         self.config.no_sync_func = [chunk.no_sync for chunk in self.model]
@@ -327,6 +337,11 @@ class PretrainLoop:
                     f"rank; tp {a.tensor_model_parallel_size} pp {a.pipeline_model_parallel_size} dp {self.dp_size}; "
                     f"{self.microbatches_per_step} microbatches per step; starting after step {self.step}")
         logger.info(f"decoder layers on this pipeline rank: {self.layer_ranges()}")
+
+    def _resuming(self) -> bool:
+        """Whether setup will load a checkpoint (whose weights replace an init)."""
+        load = self.args.load
+        return bool(load) and (ckpt.STEP_DIR.match(Path(load).name) is not None or bool(ckpt.checkpoints(load)))
 
     def layer_ranges(self) -> str:
         """The decoder layers (1-based, as Megatron numbers them) each model chunk of this rank holds."""

@@ -1,0 +1,313 @@
+"""Hugging Face weights <-> megatron-core's GPTModel (the local, TransformerEngine-free layer spec).
+
+The interchange names are core's (`primus.models.hf.hf_tensor_shapes`). What differs in megatron:
+
+- attention: one fused `linear_qkv` whose rows are grouped per query group, `[q heads of the
+  group, its k head, its v head]` (so a tensor-parallel rank holds whole groups), bias likewise
+  (qwen2); `linear_proj` is o_proj, split by columns; `q_layernorm`/`k_layernorm` are qwen3's norms;
+- MLP: `linear_fc1` is `[gate; up]` (each tensor-parallel rank holds its share of both, stacked),
+  `linear_fc2` is down_proj, split by columns; the norm before it is `pre_mlp_layernorm`;
+- MoE: `mlp.router` is the gate; expert `e` lives on expert-parallel rank `e // local_experts`
+  as `mlp.experts.local_experts.<e % local_experts>` (its fc1/fc2 split over the expert
+  tensor-parallel ranks);
+- embedding and output layer: split by vocabulary rows over tensor-parallel ranks, the vocabulary
+  padded to a multiple of make_vocab_size_divisible_by x TP (padding rows are zero here);
+- layers: a pipeline stage (or virtual chunk) numbers its layers from 0; `layer_number` is global.
+
+Loading reads each tensor through `safetensors.safe_open(...).get_slice(name)[...]`, so a rank
+reads only the rows/columns it holds, never a whole model. Exporting works on the global tensors
+of a torch_dist checkpoint (megatron's sharded keys: one tensor per parameter kind, layers stacked
+along a leading axis), in one process.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from primus.errors import ConfigError
+from primus.models.hf import read_weight_index
+from primus.models.spec import ModelSpec
+
+LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+
+
+def _moe_prefix(spec: ModelSpec) -> tuple[str, str, tuple[str, str, str]]:
+    """(router name, expert prefix, (gate, up, down) names) of a MoE layer in HF's naming."""
+    if spec.family == "mixtral":
+        return "block_sparse_moe.gate.weight", "block_sparse_moe.experts", ("w1", "w3", "w2")
+    return "mlp.gate.weight", "mlp.experts", ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: tensor, expert and expert-tensor parallel rank and size."""
+
+    tp_rank: int = 0
+    tp: int = 1
+    ep_rank: int = 0
+    ep: int = 1
+    etp_rank: int = 0
+    etp: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        from megatron.core import parallel_state as mpu
+
+        return cls(tp_rank=mpu.get_tensor_model_parallel_rank(), tp=mpu.get_tensor_model_parallel_world_size(),
+                   ep_rank=mpu.get_expert_model_parallel_rank(), ep=mpu.get_expert_model_parallel_world_size(),
+                   etp_rank=mpu.get_expert_tensor_parallel_rank(), etp=mpu.get_expert_tensor_parallel_world_size())
+
+
+class SliceReader:
+    """Reads row/column ranges of the tensors of a Hugging Face directory (safetensors only)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.index = read_weight_index(self.directory)
+        self._files: dict[Path, Any] = {}
+        self.bytes_read = 0
+
+    def _slice(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if name not in self.index:
+            raise ConfigError(f"{self.directory}: tensor {name} is missing", key="model.hf_path",
+                              fix="the weights do not match config.json")
+        file = self.index[name][0]
+        if file not in self._files:
+            self._files[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._files[file].get_slice(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        out = self._slice(name)[start:stop]
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+    def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
+        out = self._slice(name)[:, start:stop]
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+    def whole(self, name: str) -> torch.Tensor:
+        out = self._slice(name)[:]
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def _share(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
+    if total % size:
+        raise ConfigError(f"{what} ({total}) does not divide over {size} ranks")
+    part = total // size
+    return rank * part, (rank + 1) * part
+
+
+class HfToMegatron:
+    """The local tensor of each megatron parameter of this rank, read from a Hugging Face directory."""
+
+    def __init__(self, spec: ModelSpec, reader: SliceReader, ranks: Ranks) -> None:
+        self.spec, self.reader, self.ranks = spec, reader, ranks
+
+    # -- pieces
+
+    def vocab_rows(self, name: str, local_rows: int) -> torch.Tensor:
+        """Rows [r * local, (r + 1) * local) of the padded vocabulary; padding rows are zero."""
+        start = self.ranks.tp_rank * local_rows
+        stop = start + local_rows
+        vocab = self.spec.vocab_size
+        out = torch.zeros(local_rows, self.spec.hidden_size, dtype=torch.float32)
+        if start < vocab:
+            out[: min(stop, vocab) - start] = self.reader.rows(name, start, min(stop, vocab))
+        return out
+
+    def qkv(self, layer: str, kind: str) -> torch.Tensor:
+        """The fused QKV rows (kind "weight" or "bias") of this rank's query groups, interleaved per group."""
+        s, r = self.spec, self.ranks
+        d, groups = s.head_size, s.kv_heads
+        per_group = s.num_heads // groups
+        g0, g1 = _share(groups, r.tp_rank, r.tp, "the key/value heads")
+        q = self.reader.rows(f"{layer}self_attn.q_proj.{kind}", g0 * per_group * d, g1 * per_group * d)
+        k = self.reader.rows(f"{layer}self_attn.k_proj.{kind}", g0 * d, g1 * d)
+        v = self.reader.rows(f"{layer}self_attn.v_proj.{kind}", g0 * d, g1 * d)
+        n = g1 - g0
+        tail = q.shape[1:]
+        fused = torch.cat([q.reshape(n, per_group * d, *tail), k.reshape(n, d, *tail), v.reshape(n, d, *tail)], dim=1)
+        return fused.reshape(n * (per_group + 2) * d, *tail)
+
+    def gated_fc1(self, gate: str, up: str, ffn: int, rank: int, size: int) -> torch.Tensor:
+        a, b = _share(ffn, rank, size, "the MLP hidden size")
+        return torch.cat([self.reader.rows(gate, a, b), self.reader.rows(up, a, b)], dim=0)
+
+    def fc2(self, down: str, ffn: int, rank: int, size: int) -> torch.Tensor:
+        a, b = _share(ffn, rank, size, "the MLP hidden size")
+        return self.reader.cols(down, a, b)
+
+    # -- one parameter
+
+    def tensor(self, name: str, param: torch.Tensor, layer_number: Callable[[int], int]) -> torch.Tensor:
+        """The local value of parameter `name` (a GPTModel chunk's local name) on this rank."""
+        s, r = self.spec, self.ranks
+        if name == "embedding.word_embeddings.weight":
+            return self.vocab_rows("model.embed_tokens.weight", param.shape[0])
+        if name == "output_layer.weight":
+            return self.vocab_rows("model.embed_tokens.weight" if s.tie_embeddings else "lm_head.weight",
+                                   param.shape[0])
+        if name == "decoder.final_layernorm.weight":
+            return self.reader.whole("model.norm.weight")
+        m = LAYER.match(name)
+        if m is None:
+            raise ConfigError(f"megatron parameter {name} has no Hugging Face tensor", key="model.hf_path")
+        layer = f"model.layers.{layer_number(int(m.group(1)))}."
+        rest = m.group(2)
+        simple = {
+            "input_layernorm.weight": "input_layernorm.weight",
+            "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+            "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+            "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+        }
+        if rest in simple:
+            return self.reader.whole(layer + simple[rest])
+        if rest == "self_attention.linear_qkv.weight":
+            return self.qkv(layer, "weight")
+        if rest == "self_attention.linear_qkv.bias":
+            return self.qkv(layer, "bias")
+        if rest == "self_attention.linear_proj.weight":
+            a, b = _share(s.num_heads * s.head_size, r.tp_rank, r.tp, "the attention heads")
+            return self.reader.cols(layer + "self_attn.o_proj.weight", a, b)
+        if rest == "mlp.linear_fc1.weight":
+            return self.gated_fc1(layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight", s.ffn_hidden_size,
+                                  r.tp_rank, r.tp)
+        if rest == "mlp.linear_fc2.weight":
+            return self.fc2(layer + "mlp.down_proj.weight", s.ffn_hidden_size, r.tp_rank, r.tp)
+        if s.moe is not None:
+            router, experts, (gate, up, down) = _moe_prefix(s)
+            if rest == "mlp.router.weight":
+                return self.reader.whole(layer + router)
+            e = EXPERT.match(rest)
+            if e is not None:
+                local = s.moe.experts // r.ep
+                expert = f"{layer}{experts}.{r.ep_rank * local + int(e.group(1))}."
+                if e.group(2) == "linear_fc1":
+                    return self.gated_fc1(expert + f"{gate}.weight", expert + f"{up}.weight", s.moe.expert_ffn,
+                                          r.etp_rank, r.etp)
+                return self.fc2(expert + f"{down}.weight", s.moe.expert_ffn, r.etp_rank, r.etp)
+        raise ConfigError(f"megatron parameter {name} has no Hugging Face tensor for a {s.family} model "
+                          "(moe_grouped_gemm, shared experts and dense MoE layers are not loaded)", key="model.hf_path")
+
+
+def _chunks(model: list[Any]) -> Iterator[Any]:
+    """The GPTModels of `model` (unwrapping DDP/FSDP wrappers)."""
+    for chunk in model:
+        yield getattr(chunk, "module", chunk)
+
+
+@torch.no_grad()
+def load_hf_into(model: list[Any], spec: ModelSpec, directory: str | Path) -> int:
+    """Copy the Hugging Face weights of `directory` into this rank's model chunks (before the
+    DDP/FSDP wrapper and the optimizer are built). Returns the bytes this rank read."""
+    reader = SliceReader(directory)
+    convert = HfToMegatron(spec, reader, Ranks.current())
+    try:
+        for gpt in _chunks(model):
+            layers = gpt.decoder.layers if hasattr(gpt, "decoder") else []
+
+            def global_layer(local: int, layers: Any = layers) -> int:
+                return int(layers[local].layer_number) - 1
+
+            for name, param in gpt.named_parameters():
+                value = convert.tensor(name, param, global_layer)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ConfigError(f"{directory}: megatron parameter {name} is {list(param.shape)} on this rank, "
+                                      f"the Hugging Face tensors give {list(value.shape)}", key="model.hf_path")
+                param.copy_(value.to(param.dtype))
+    finally:
+        reader.close()
+    return reader.bytes_read
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+#: HF tensor of a layer -> megatron's sharded checkpoint keys (layers stacked on axis 0), first found
+#: wins: the local layer spec saves its norms under TransformerEngine's fused names when it can
+CHECKPOINT_KEYS: dict[str, tuple[str, ...]] = {
+    "input_layernorm.weight": ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+    "post_attention_layernorm.weight": ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
+    "self_attn.o_proj.weight": ("self_attention.linear_proj.weight",),
+    "self_attn.q_norm.weight": ("self_attention.q_layernorm.weight",),
+    "self_attn.k_norm.weight": ("self_attention.k_layernorm.weight",),
+}
+
+
+class MegatronToHf:
+    """Hugging Face tensors from megatron's global (unsharded) checkpoint tensors, `tensors`:
+    sharded key -> tensor (e.g. `decoder.layers.self_attention.linear_qkv.weight`, layers
+    stacked along axis 0; experts along axis 1)."""
+
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], what: str) -> None:
+        self.spec, self.tensors, self.what = spec, tensors, what
+
+    def get(self, *keys: str) -> torch.Tensor:
+        for key in keys:
+            if key in self.tensors:
+                return self.tensors[key]
+        raise ConfigError(f"{self.what} has no tensor {keys[0]}: not a checkpoint of this model",
+                          fix="export a checkpoint of this run")
+
+    def tensors_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
+        s = self.spec
+        d, groups = s.head_size, s.kv_heads
+        per_group = s.num_heads // groups
+        vocab = s.vocab_size
+        yield "model.embed_tokens.weight", self.get("embedding.word_embeddings.weight")[:vocab]
+        yield "model.norm.weight", self.get("decoder.final_layernorm.weight")
+        if not s.tie_embeddings:
+            yield "lm_head.weight", self.get("output_layer.weight")[:vocab]
+        stacked = "decoder.layers."
+        qkv = self.get(stacked + "self_attention.linear_qkv.weight")
+        qkv_bias = self.get(stacked + "self_attention.linear_qkv.bias") if s.qkv_bias else None
+        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"]
+        if s.qk_norm:
+            names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        loaded = {hf: self.get(*(stacked + k for k in CHECKPOINT_KEYS[hf])) for hf in names}
+        if s.moe is None:
+            fc1, fc2 = self.get(stacked + "mlp.linear_fc1.weight"), self.get(stacked + "mlp.linear_fc2.weight")
+        else:
+            router = self.get(stacked + "mlp.router.weight")
+            fc1 = self.get(stacked + "mlp.experts.experts.linear_fc1.weight")
+            fc2 = self.get(stacked + "mlp.experts.experts.linear_fc2.weight")
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            for hf in names:
+                yield p + hf, loaded[hf][i]
+            for kind, fused in (("weight", qkv), ("bias", qkv_bias)):
+                if fused is None:
+                    continue
+                tail = fused.shape[2:]
+                grouped = fused[i].reshape(groups, (per_group + 2) * d, *tail)
+                yield p + f"self_attn.q_proj.{kind}", grouped[:, : per_group * d].reshape(-1, *tail)
+                yield p + f"self_attn.k_proj.{kind}", grouped[:, per_group * d: (per_group + 1) * d].reshape(-1, *tail)
+                yield p + f"self_attn.v_proj.{kind}", grouped[:, (per_group + 1) * d:].reshape(-1, *tail)
+            if s.moe is None:
+                f = s.ffn_hidden_size
+                yield p + "mlp.gate_proj.weight", fc1[i][:f]
+                yield p + "mlp.up_proj.weight", fc1[i][f:]
+                yield p + "mlp.down_proj.weight", fc2[i]
+                continue
+            router_name, experts, (gate, up, down) = _moe_prefix(s)
+            yield p + router_name, router[i]
+            f = s.moe.expert_ffn
+            for e in range(s.moe.experts):
+                x = f"{p}{experts}.{e}."
+                yield x + f"{gate}.weight", fc1[i][e][:f]
+                yield x + f"{up}.weight", fc1[i][e][f:]
+                yield x + f"{down}.weight", fc2[i][e]
