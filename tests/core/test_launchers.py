@@ -32,7 +32,8 @@ def test_slurm_dry_run_shows_the_script_and_creates_nothing(toy_exp):
 
 def test_container_dry_run(toy_exp):
     exp, ws = toy_exp
-    r = run_primus("run", str(exp), "--launcher", "container", "--image", "rocm/primus:latest", "--dry-run")
+    r = run_primus("run", str(exp), "--launcher", "container", "--image", "rocm/primus:latest", "--dry-run",
+                   "--platform", "rocm")  # the ROCm devices go in for a ROCm target only (issue 18)
     assert r.returncode == 0, r.stderr
     for part in ("docker run --rm --ipc host --network host --group-add video", "--device /dev/kfd",
                  "--device /dev/dri", f"-v {ws.resolve()}:{ws.resolve()}", "rocm/primus:latest python -m primus.launch.node"):

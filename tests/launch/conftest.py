@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,62 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# ------------------------------------------------------------------ a simulated GPU node (issue 18)
+
+GFX_VERSION = {"gfx942": 90402, "gfx950": 90500, "gfx90a": 90010}
+VISIBILITY_VARS = ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS",
+                   "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "PRIMUS_PLATFORM", "PRIMUS_GFX_ARCH")
+
+
+@pytest.fixture
+def fake_node(tmp_path: Path, monkeypatch):
+    """fake_node(kind="rocm"|"cuda"|"cpu", gpus=8, arch="gfx942"): point platform detection at a fake
+    sysfs/procfs tree (KFD topology with one CPU node and `gpus` GPU nodes, or NVIDIA's
+    /proc/driver/nvidia/gpus) and hide the vendor tools; the visibility variables of the test's own
+    shell are removed (tests pass their own environ)."""
+    from primus.platform import detect
+
+    def make(kind: str = "rocm", gpus: int = 8, arch: str = "gfx942") -> Path:
+        root = tmp_path / f"fake-{kind}-{gpus}-{arch}"
+        kfd = root / "sys/class/kfd/kfd/topology/nodes"
+        nvidia = root / "proc/driver/nvidia/gpus"
+        dev_kfd = root / "dev/kfd"
+        (kfd / "0").mkdir(parents=True, exist_ok=True)
+        (kfd / "0" / "properties").write_text("cpu_cores_count 64\nsimd_count 0\ngfx_target_version 0\n")
+        if kind == "rocm":
+            dev_kfd.parent.mkdir(parents=True, exist_ok=True)
+            dev_kfd.write_text("")
+            for i in range(gpus):
+                (kfd / str(i + 1)).mkdir(exist_ok=True)
+                (kfd / str(i + 1) / "properties").write_text(
+                    f"cpu_cores_count 0\nsimd_count 304\ngfx_target_version {GFX_VERSION[arch]}\n"
+                    f"unique_id {1000 + i}\n")
+        if kind == "cuda":
+            for i in range(gpus):
+                bus = nvidia / f"0000:{i + 1:02x}:00.0"
+                bus.mkdir(parents=True, exist_ok=True)
+                (bus / "information").write_text(f"Model: NVIDIA H100\nGPU UUID: GPU-{i:08d}-aaaa-bbbb-cccc-000000000000\n")
+        monkeypatch.setattr(detect, "KFD_NODES", kfd)
+        monkeypatch.setattr(detect, "DEV_KFD", dev_kfd)
+        monkeypatch.setattr(detect, "NVIDIA_GPUS", nvidia)
+        return root
+
+    # no rocminfo, no nvidia-smi (detection's own view of PATH only)
+    monkeypatch.setattr(detect, "shutil", types.SimpleNamespace(which=lambda name, *a, **k: None))
+    for var in VISIBILITY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return make
+
+
+def stub_tool(bin_dir: Path, name: str, body: str) -> Path:
+    """An executable `name` in bin_dir running the Python `body` (sys and json imported; LOG is the
+    call log bin_dir/NAME.calls.jsonl, one JSON argv per line)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = bin_dir / f"{name}.calls.jsonl"
+    script = bin_dir / name
+    script.write_text(f"#!{sys.executable}\nimport json, os, sys\nLOG = {str(log)!r}\n"
+                      "open(LOG, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n" + body + "\n")
+    script.chmod(0o755)
+    return script

@@ -44,6 +44,12 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--master-addr", default=None)
     g.add_argument("--master-port", type=_PORT, default=None)
     g.add_argument("--max-restarts", type=_NON_NEGATIVE, default=None, help="torchrun restarts of failed workers")
+    g.add_argument("--platform", choices=["rocm", "cuda", "cpu"], default=None,
+                   help="target platform of the nodes that run the job (default: launch.platform, else this host's; "
+                        "for Slurm from a host without GPUs, what each compute node detects)")
+    g.add_argument("--gpus-per-node", type=_NON_NEGATIVE, default=None,
+                   help="GPUs each node of the target has (default: launch.slurm.gpus_per_node, else this host's "
+                        "visible devices); the default --nproc-per-node")
     g.add_argument("--launcher", choices=["local", "slurm", "container"], default=None,
                    help="default: the experiment's launch.launcher, else local")
     g.add_argument("--wait", action="store_true", help="slurm: follow the job and return its exit code")

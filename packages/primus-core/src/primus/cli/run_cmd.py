@@ -25,10 +25,10 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     from primus.backends.discovery import discover
     from primus.config.resolve import load_experiment, resolve
     from primus.launch.plan import PREFLIGHT, WORKER, LaunchOptions, plan_launch
+    from primus.launch.target import check_target, planned_marker, platform_env, resolve_target
     from primus.platform.detect import detect_platform
-    from primus.platform.env import core_entries, plan_env
 
-    platform = detect_platform()
+    platform = detect_platform()  # this host; the nodes that run the job are the target
     # parsed once: launch options change this one object, and the run directory records it
     loaded = load_experiment(Path(args.exp), args.overrides)
     experiment = loaded.experiment
@@ -38,10 +38,17 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         launch.container.image = args.image
     launch.slurm.srun_args = [*launch.slurm.srun_args, *(args.srun_arg or [])]
     launch.slurm.sbatch = [*launch.slurm.sbatch, *(args.sbatch_arg or [])]
+    target = resolve_target(host=platform, launcher=launcher, cli_platform=getattr(args, "platform", None),
+                            cli_gpus=getattr(args, "gpus_per_node", None), exp_platform=launch.platform,
+                            exp_arch=launch.arch, exp_gpus=launch.slurm.gpus_per_node)
+    nproc_given = _given(args.nproc_per_node, launch.nproc_per_node)
     opts = LaunchOptions.from_args(
-        nproc_per_node=_given(args.nproc_per_node, launch.nproc_per_node), nnodes=_given(args.nnodes, launch.nnodes),
+        nproc_per_node=nproc_given, nnodes=_given(args.nnodes, launch.nnodes),
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=_given(args.master_port, launch.master_port),
-        max_restarts=_given(args.max_restarts, launch.max_restarts), default_nproc=platform.devices or 1)
+        max_restarts=_given(args.max_restarts, launch.max_restarts), default_nproc=target.gpus_per_node or 1)
+    target, target_notes = check_target(target, nproc_per_node=opts.nproc_per_node,
+                                        nproc_given=nproc_given is not None or bool(os.environ.get("GPUS_PER_NODE")),
+                                        launcher=launcher, dry_run=args.dry_run)
     discovery = discover()
     for w in discovery.warnings:
         _warn(w)
@@ -53,16 +60,13 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         raise ConfigError(f"the experiment has {len(resolved.modules)} modules; a multi-process launch runs one",
                           file=args.exp, key="modules", fix="pass --module NAME")
 
-    env_changes: dict[str, str] = {}
-    for backend in resolved.backends.values():
-        entries = core_entries(backend.spec.runtime) + backend.spec.load_env()
-        native: dict[str, object] = {}
-        for m in resolved.modules.values():
-            if m.framework == backend.name:
-                native.update(m.native)
-        changes, _ = plan_env(entries, platform=platform.kind, arch=platform.arch, environ=os.environ,
-                              experiment_env=resolved.experiment.env, config=native)
-        env_changes.update(changes)
+    # planned for the target; each node of a Slurm or container launch plans again for what it sees
+    env_changes = platform_env(resolved.backends.values(), resolved.modules, platform=target.platform,
+                               arch=target.arch, environ=os.environ, experiment_env=resolved.experiment.env)
+    if opts.nnodes > 1 and launcher == "local":
+        from primus.launch.network import socket_ifname_env
+
+        env_changes.update(socket_ifname_env(opts.master_addr, os.environ, resolved.experiment.env))
 
     run_dir = resolved.run_dir.resolve()
     names = list(resolved.modules)
@@ -81,6 +85,10 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
                     "--nnodes", str(opts.nnodes), "--master-port", str(opts.master_port)]
         if opts.max_restarts:
             node_cmd += ["--max-restarts", str(opts.max_restarts)]
+        if target.platform:
+            node_cmd += ["--platform", target.platform]
+        if target.gpu and target.gpus_per_node:
+            node_cmd += ["--gpus-per-node", str(target.gpus_per_node)]
         if preflight:
             node_cmd += ["--entry", entry]
         if launcher == "slurm":
@@ -88,11 +96,10 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
 
             if getattr(args, "container", False):
                 node_cmd.append("--container")
-            gpus = launch.slurm.gpus_per_node
-            if gpus is None:
-                gpus = opts.nproc_per_node if platform.kind != "cpu" else 0
+            gpus = target.gpus_per_node if target.gpu else 0
             script = render_sbatch(exp_name=experiment.exp_name, run_dir=run_dir, nnodes=opts.nnodes,
-                                   gpus_per_node=gpus, slurm=launch.slurm, env=env_changes, node_command=node_cmd)
+                                   gpus_per_node=gpus or 0, slurm=launch.slurm, node_command=node_cmd,
+                                   env={**env_changes, **planned_marker(env_changes, resolved.experiment.env)})
             rendered = {name: script}
         else:
             from primus.launch.container import container_argv
@@ -101,8 +108,9 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
             mounts = [Path(resolved.experiment.workspace).expanduser().resolve(), exp_dir]
             data = resolved.modules[name].module.data
             mounts += [Path(p).parent for p in (data.path, data.tokenizer) if p]
-            argv = container_argv(launch.container, mounts=mounts, env=env_changes,
-                                  inner=["python", *node_cmd[1:]], workdir=Path.cwd())
+            argv = container_argv(launch.container, mounts=mounts, inner=["python", *node_cmd[1:]],
+                                  env={**env_changes, **planned_marker(env_changes, resolved.experiment.env)},
+                                  workdir=Path.cwd(), platform=target.platform or platform.kind)
             rendered = {name: shlex.join(argv)}
 
     from primus.runs.resume import RunLock, check_resume, next_attempt
@@ -111,13 +119,15 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         for name in names:
             for note in check_resume(resolved.modules[name], run_dir).notices:
                 _warn(f"{name}: {note}")
-        _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes)
+        _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes, target, target_notes)
         return EXIT_OK
 
     from primus.runs.rundir import create_run_dir
     from primus.runs.worker import run_worker
 
     _check_launcher_tools(launcher, rendered[names[0]] if launcher == "container" else None)
+    for note in target_notes:
+        _warn(note)
     existed = run_dir.exists()
     try:
         if launcher == "local" and not preflight and opts.node_rank == 0:
@@ -201,12 +211,21 @@ def _check_launcher_tools(launcher: str, container_command: str | None) -> None:
                               fix="install it or set launch.container.runtime")
 
 
-def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes) -> None:
+def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes, target=None, notes=()) -> None:
     from primus.patches.registry import PatchContext, PatchSet
 
     print(f"experiment  {resolved.file}")
     print(f"run dir     {resolved.run_dir.resolve()}  (not created: dry run)")
-    print(f"platform    {platform.describe()}")
+    print(f"platform    {platform.describe()}" + ("  (this host)" if target is not None else ""))
+    if target is not None:
+        print(f"target      {target.describe()}")
+        for note in notes:
+            print(f"  note: {note}")
+        for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+            if name in env_changes:
+                print(f"network     {name}={env_changes[name]} (the interface that routes to {opts.master_addr})")
+            elif name in os.environ and opts.nnodes > 1:
+                print(f"network     {name}={os.environ[name]} (set by the user)")
     print(f"launcher    {launcher}")
     print(f"world size  {opts.world_size} ({opts.nnodes} node(s) x {opts.nproc_per_node} process(es))")
     for name, m in resolved.modules.items():
@@ -220,7 +239,9 @@ def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes) ->
                   f"({m.model_file}{alias})")
         for key, value in translator.summary(m).items():
             print(f"  {key:<9} {value}")
-        ctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
+        on = target if target is not None and target.platform else None  # the target's patches, when known
+        ctx = PatchContext(backend=backend.name, platform=on.platform if on else platform.kind,
+                           arch=on.arch if on else platform.arch,
                            framework_version=backend.framework_version, config=m.native,
                            world_size=opts.world_size)
         applying = [d.patch.id for d in PatchSet(backend.spec.load_patches()).explain(ctx) if d.applies]

@@ -137,10 +137,14 @@ class SlurmSection(_Strict):
 
 
 class ContainerSection(_Strict):
-    runtime: Literal["docker", "podman"] = "docker"
-    image: str | None = Field(None, description="Image with Primus and the backend installed.")
+    runtime: Literal["docker", "podman", "apptainer", "singularity"] = Field(
+        "docker", description="docker/podman: `run`; apptainer/singularity: `exec` with --rocm or --nv.")
+    image: str | None = Field(None, description="Image with Primus and the backend installed (a .sif file or "
+                                                "docker:// URI for apptainer).")
     shm_size: str = "64g"
-    devices: list[str] = Field(default_factory=lambda: ["/dev/kfd", "/dev/dri"], description="ROCm devices.")
+    devices: list[str] | None = Field(
+        None, description="Devices passed in (docker/podman). Default: /dev/kfd and /dev/dri on ROCm, none on "
+                          "CUDA (--gpus all instead) or CPU.")
     mounts: list[str] = Field(default_factory=list, description="Extra host:container[:mode] mounts.")
     env: list[str] = Field(default_factory=list, description="Variables passed in (allowlist), besides Primus's.")
     extra_args: list[str] = Field(default_factory=list)
@@ -152,6 +156,10 @@ class LaunchSection(_Strict):
     nproc_per_node: PositiveInt | None = None
     master_port: PositiveInt | None = None
     max_restarts: int | None = Field(None, ge=0, description="torchrun restarts; workers resume from checkpoints.")
+    platform: Literal["rocm", "cuda", "cpu"] | None = Field(
+        None, description="Target platform of the nodes that run the job. Default: this host's, or, for Slurm "
+                          "from a host without GPUs, what each compute node detects.")
+    arch: str | None = Field(None, description="Target gfx arch on ROCm, e.g. gfx950 (default: read on the node).")
     slurm: SlurmSection = Field(default_factory=SlurmSection)
     container: ContainerSection = Field(default_factory=ContainerSection)
 
