@@ -130,6 +130,17 @@ def load_safely(checkpointer: Any, dataloader: Any) -> None:
         for key, value in (state or {}).items():
             if isinstance(value, (bytes, bytearray)):  # TorchTitan pickles each rank's loader state
                 restricted_loads(bytes(value), what=f"the dataloader state {key}")
+        from primus_torchtitan.data import MOCK_POSITION
+
+        saved_world = (state or {}).get("world_size")
+        world = getattr(dataloader, "dp_world_size", saved_world)
+        if saved_world is not None and saved_world != world and MOCK_POSITION not in state:
+            # TorchTitan cannot move a dataset position between data-parallel layouts (it asserts);
+            # the model and optimizer reshard, the corpus is read again from its start
+            logger.warning(f"the checkpoint's data position was saved by {saved_world} data-parallel ranks and "
+                           f"this run has {world}: TorchTitan cannot reshard a corpus position, so the corpus "
+                           "is read from its start (the model and optimizer states resumed)")
+            return
         framework_load_state_dict(state)
 
     dataloader.load_state_dict = load_state_dict

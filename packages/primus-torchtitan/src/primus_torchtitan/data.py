@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,14 +24,24 @@ JSONL_DATASET = "primus_jsonl"
 
 class MockTextDataset(IterableDataset, Stateful):
     """Arithmetic token progressions with a random start and stride per sample: easy to learn,
-    so the loss falls in a few steps; each sample depends only on (seed, rank, index)."""
+    so the loss falls in a few steps.
 
-    def __init__(self, *, vocab_size: int, seq_len: int, seed: int, dp_rank: int) -> None:
+    Each sample depends on (seed, its global number) only. Rank r's j-th sample is global sample
+    ((j // batch) * dp_world + r) * batch + j % batch, so one optimizer step of a global batch sees
+    the same samples whatever the data-parallel layout (2 ranks of 2, or 1 rank accumulating 2 x 2),
+    and the position resumes under another layout (`MockDataLoader.load_state_dict`)."""
+
+    def __init__(self, *, vocab_size: int, seq_len: int, seed: int, dp_rank: int, dp_world: int = 1,
+                 batch: int = 1) -> None:
         self.vocab_size, self.seq_len, self.seed, self.dp_rank = vocab_size, seq_len, seed, dp_rank
+        self.dp_world, self.batch = dp_world, max(1, batch)
         self.sample_idx = 0
 
+    def global_index(self, index: int) -> int:
+        return ((index // self.batch) * self.dp_world + self.dp_rank) * self.batch + index % self.batch
+
     def _sample(self, index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.dp_rank * 7919 + index)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_index(index))
         start = int(torch.randint(0, self.vocab_size, (1,), generator=g))
         stride = int(torch.randint(1, 8, (1,), generator=g))
         return (start + stride * torch.arange(self.seq_len + 1)) % self.vocab_size
@@ -48,6 +59,10 @@ class MockTextDataset(IterableDataset, Stateful):
         self.sample_idx = int(state_dict["sample_idx"])
 
 
+#: the dataloader state key of the synthetic data's position, the same on every rank
+MOCK_POSITION = "mock_global_batches"
+
+
 class MockDataLoader(ParallelAwareDataloader):
     @dataclass(kw_only=True, slots=True)
     class Config(ParallelAwareDataloader.Config):
@@ -58,9 +73,30 @@ class MockDataLoader(ParallelAwareDataloader):
 
     def __init__(self, config: Config, *, dp_world_size: int, dp_rank: int, tokenizer: Any, seq_len: int,
                  local_batch_size: int, snapshot_every_n_steps: int | None = 1, **kwargs: Any) -> None:
-        dataset = MockTextDataset(vocab_size=config.vocab_size, seq_len=seq_len, seed=config.seed, dp_rank=dp_rank)
+        dataset = MockTextDataset(vocab_size=config.vocab_size, seq_len=seq_len, seed=config.seed, dp_rank=dp_rank,
+                                  dp_world=dp_world_size, batch=local_batch_size)
+        self.mock = dataset
         super().__init__(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, num_workers=0,
                          batch_size=local_batch_size, snapshot_every_n_steps=snapshot_every_n_steps)
+
+    # The position is saved as global batches consumed (every rank consumed as many at a step
+    # boundary; no worker prefetches with num_workers=0), so a checkpoint of 2 data-parallel ranks
+    # resumes on 1 at the sample an uninterrupted 1-rank run would read next.
+    def state_dict(self) -> dict[str, Any]:
+        batches = self.mock.sample_idx // self.mock.batch
+        return {MOCK_POSITION: pickle.dumps({"global_batches": batches * self.dp_world_size,
+                                             "batch": self.mock.batch}),
+                "world_size": self.dp_world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict or MOCK_POSITION not in state_dict:  # a checkpoint of the per-rank format before
+            super().load_state_dict(state_dict)
+            return
+        from primus_torchtitan.checkpoint import restricted_loads
+
+        position = restricted_loads(state_dict[MOCK_POSITION], what="the mock data position")
+        global_samples = int(position["global_batches"]) * int(position["batch"])
+        self.mock.sample_idx = global_samples // (self.dp_world_size * self.mock.batch) * self.mock.batch
 
 
 class MockTokenizer(BaseTokenizer):

@@ -130,6 +130,16 @@ def _latest_written(resolved: ResolvedModule, keys: tuple[str, ...]) -> str:
     return min(keys, key=rank)
 
 
+def _other_builders(family: str) -> list[str]:
+    """The other installed backends that declare `family` (their specs only: nothing heavy loads)."""
+    try:
+        from primus.backends.discovery import discover
+
+        return sorted(n for n, b in discover().backends.items() if n != "torchtitan" and family in b.spec.model_families)
+    except ConfigError:
+        return []
+
+
 class TorchTitanTranslator(Translator):
     steps_key = "training.steps"
     renamed_keys = UPSTREAM_ALIASES
@@ -211,8 +221,11 @@ class TorchTitanTranslator(Translator):
         if spec.family == "llama" and spec.qk_norm:
             unsupported.append("qk_norm")
         if unsupported:
-            raise ConfigError(f"{', '.join(unsupported)} of a {spec.family} model preset are not translated "
-                              "by the torchtitan backend", fix="use a TorchTitan flavor natively: model.flavor")
+            others = _other_builders(spec.family)
+            raise ConfigError(f"{', '.join(unsupported)} of a {spec.family} model are not built by the torchtitan "
+                              "backend from a model spec or Hugging Face weights",
+                              fix=(f"train it on {' or '.join(others)}" if others else
+                                   "use a TorchTitan flavor natively: model.flavor"))
         out = NativeValues()
         out.set("model.name", module, "family")
         out.set("model.flavor", "custom", "family")
