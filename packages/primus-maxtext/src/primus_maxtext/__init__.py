@@ -22,6 +22,7 @@ BACKEND = BackendSpec(
     runtime="jax",
     patches="primus_maxtext.patches:PATCHES",
     env="primus_maxtext.env:ENV",
+    exporter="primus_maxtext.export:export_hf",
     model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek"),
     # MaxText's loop checkpoints on preemption only through JAX's own preemption notifier; Primus
     # cannot ask it to stop after a step yet, so SIGTERM keeps its default action (the process ends;

@@ -21,6 +21,7 @@ from loguru import logger
 
 from primus.backends.adapter import Adapter, RunContext
 from primus.errors import ConfigError, TrainingError
+from primus.runs.evaluate import EvalRequest, EvalResult
 from primus_maxtext.base_config import base_defaults
 from primus_maxtext.checkpoint import resolve_damaged
 from primus_maxtext.data import validate_corpora
@@ -159,10 +160,25 @@ class MaxTextAdapter(Adapter):
         super().__init__(ctx)
         self.topology = JobTopology.from_environ(os.environ, devices=ctx.module.world_size)
 
+    def _hf_init(self, config: dict[str, Any]) -> Path | None:
+        """`model: {hf_path}`: MaxText starts from the converted weights through its own
+        `load_parameters_path` (read only when the run has no checkpoint of its own to resume)."""
+        if not self.ctx.module.hf_path:
+            return None
+        if config.get("load_parameters_path") or config.get("load_full_state_path"):
+            raise ConfigError("model.hf_path and MaxText's load_parameters_path / load_full_state_path both give "
+                              "the initial weights", key="load_parameters_path", fix="drop one of them")
+        from primus_maxtext.loading import init_checkpoint_dir
+
+        target = init_checkpoint_dir(self.ctx.run_dir, self.ctx.module.name)
+        config["load_parameters_path"] = str(target / "items")
+        return target
+
     def run(self) -> None:
         ctx, topology = self.ctx, self.topology
         config = build_maxtext_config(ctx.native, platform=ctx.platform, checkpoint_dir=ctx.checkpoint_dir,
                                       topology=topology)
+        hf_init = self._hf_init(config)
         check_resume(ctx.module.module.checkpoint, config, ctx.checkpoint_dir)
         if config.get("enable_checkpointing"):
             # MaxText restores the newest step with no fallback: check it whole before JAX starts
@@ -184,12 +200,42 @@ class MaxTextAdapter(Adapter):
         # workers read them, so parse the (empty) flag set the same way.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS(["primus-maxtext"], known_only=True)
+        if hf_init is not None and not (config.get("enable_checkpointing") and any(
+                p.name.isdigit() for p in ctx.checkpoint_dir.glob("*"))):
+            from primus_maxtext.loading import write_init_checkpoint
+
+            write_init_checkpoint(config_file, hf_init, Path(ctx.module.hf_path or ""), ctx.module.model,
+                                  {**base_defaults(), **config})
         ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config)
         ctx.apply_patches("before_train")
         train.main(["primus-maxtext", str(config_file)])
         ctx.apply_patches("after_train")
         if METRICS_PATCH in ctx.patches.applied:
             check_finished(ctx.patch_context.state.get("last_step", 0), int(config["steps"]))
+
+
+    def evaluate(self, request: EvalRequest) -> EvalResult | None:
+        """`primus eval`: the model built as training builds it (same config file, same mesh), in
+        fp32 with exact matmuls, from its init (the Hugging Face weights, or the seeded random init)
+        or a checkpoint's parameters; the summed token loss over core's evaluation blocks."""
+        ctx, topology = self.ctx, self.topology
+        config = build_maxtext_config(ctx.native, platform=ctx.platform, checkpoint_dir=ctx.checkpoint_dir,
+                                      topology=topology)
+        config["enable_checkpointing"] = False  # nothing is written: the checkpoint is read as parameters
+        config.pop("load_parameters_path", None)
+        config.pop("load_full_state_path", None)
+        config_file = write_maxtext_config(ctx.run_dir, f"{ctx.module.name}.eval-{os.getpid()}", config,
+                                           ctx.run_dir / "env.json")
+        try:
+            prepare_process_environment(os.environ, platform=ctx.platform, topology=topology)
+            jax = start_jax(topology)
+            check_devices(jax.device_count(), topology)
+            from primus_maxtext.loading import evaluate
+
+            return evaluate(config_file, {**base_defaults(), **config}, request, spec=ctx.module.model,
+                            hf_path=ctx.module.hf_path, checkpoint_dir=ctx.checkpoint_dir)
+        finally:
+            config_file.unlink(missing_ok=True)
 
 
 def check_devices(seen: int, topology: JobTopology) -> None:

@@ -75,6 +75,10 @@ def translate_model_spec(spec: ModelSpec) -> NativeValues:
     out.set("mlp_activations", ["silu", "linear"], "family")
     out.set("normalization_layer_epsilon", spec.norm_eps, "norm_eps")
     out.set("logits_via_embedding", spec.tie_embeddings, "tie_embeddings")
+    if spec.tie_embeddings:
+        # MaxText divides tied logits by sqrt(hidden) by default; the models Primus describes (Qwen, Llama
+        # 3.2 with tied embeddings, as transformers builds them) do not
+        out.set("normalize_embedding_logits", False, "tie_embeddings")
     out.set("rope_max_timescale", _whole(spec.rope_theta), "rope_theta")
     out.set("max_position_embeddings", spec.max_position_embeddings, "max_position_embeddings")
     out.set("enable_dropout", False, "family")
