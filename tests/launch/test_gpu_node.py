@@ -417,11 +417,12 @@ def test_interface_in_dry_run_and_on_each_node(tmp_path: Path, fake_node):
 def test_gpu_check_dry_run_resolves_every_command(tmp_path: Path):
     assert GPU_CHECK.is_file() and os.access(GPU_CHECK, os.X_OK)
     env = _env(PRIMUS=f"{sys.executable} -m primus", PRIMUS_GPU_CHECK_OUT=str(tmp_path / "out"), **NO_GPU)
-    r = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, timeout=600, env=env,
+    r = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", "--platform", "rocm"], capture_output=True, text=True, timeout=600, env=env,
                        cwd=ROOT)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     checked = [line for line in r.stdout.splitlines() if line.startswith("dry-run ok:")]
     backends = {line.split()[2] for line in checked}
     assert {"megatron", "torchtitan", "hf"} <= backends, r.stdout[-3000:]
     assert "FAILED" not in r.stdout
+    assert r.stdout.count("--nproc-per-node 1 --platform rocm") >= 3  # the plan for a ROCm node, from here
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("metrics.jsonl"))

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# One check for a GPU node (issue 18): trains Llama 3.1 8B cut to 2 decoder layers (full width and
+# vocabulary, random weights, mock data, bf16, no network) for 20 steps on one GPU with each torch
+# backend (megatron, torchtitan, hf) and MaxText when its venv is present, and prints per backend:
+# tokens/s, step time, TFLOP/s and MFU as metrics.jsonl reports them, the loss, the peak GPU memory
+# seen by the vendor tool, and the attention path the run's log names. Meant to take under 8 minutes.
+#
+#   bench/gpu_check.sh                 # on the GPU node
+#   bench/gpu_check.sh --dry-run       # anywhere: print and `primus run ... --dry-run` every command
+#   bench/gpu_check.sh --backends hf,megatron --steps 20 --seq 4096 --mbs 2
+#   bench/gpu_check.sh --dry-run --platform rocm   # the plan for a ROCm node, from a host without one
+#
+# Environment: PRIMUS (the primus command; default: `primus` beside this Python, else on PATH),
+# PRIMUS_MAXTEXT (MaxText's primus; default .venv312/bin/primus in the repository, skipped when
+# absent), PRIMUS_GPU_CHECK_OUT (work folder; default a new temporary one, removed at the end
+# unless KEEP=1), PRIMUS_GPU_CHECK_TIMEOUT (seconds per backend, default 150).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY_RUN=0
+BACKENDS="megatron,torchtitan,hf,maxtext"
+STEPS=20
+SEQ=4096
+MBS=2
+PLATFORM_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --backends) BACKENDS="$2"; shift ;;
+    --steps) STEPS="$2"; shift ;;
+    --seq) SEQ="$2"; shift ;;
+    --mbs) MBS="$2"; shift ;;
+    --platform) PLATFORM_ARGS=(--platform "$2"); shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -z "${PRIMUS:-}" ]; then
+  if [ -x "$ROOT/.venv/bin/primus" ]; then PRIMUS="$ROOT/.venv/bin/primus"; else PRIMUS="primus"; fi
+fi
+PRIMUS_MAXTEXT="${PRIMUS_MAXTEXT:-$ROOT/.venv312/bin/primus}"
+TIMEOUT="${PRIMUS_GPU_CHECK_TIMEOUT:-150}"
+OUT="${PRIMUS_GPU_CHECK_OUT:-}"
+if [ -z "$OUT" ]; then OUT="$(mktemp -d -t primus-gpu-check.XXXXXX)"; CLEAN_OUT=1; else CLEAN_OUT=0; fi
+mkdir -p "$OUT"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PRIMUS_WORKSPACE="$OUT/ws" PRIMUS_CACHE_DIR="$OUT/cache"
+# shellcheck disable=SC2329
+cleanup() { if [ "$CLEAN_OUT" = 1 ] && [ "${KEEP:-0}" != 1 ]; then rm -rf "$OUT"; fi; }
+trap cleanup EXIT
+
+# Llama 3.1 8B (primus/presets/models/llama3.1_8B.yaml) with 2 of its 32 layers
+MODEL='{family: llama, vocab_size: 128256, hidden_size: 4096, num_layers: 2, num_heads: 32, num_kv_heads: 8,
+        ffn_hidden_size: 14336, max_position_embeddings: 131072, rope_theta: 500000.0,
+        rope_scaling: {type: llama3, factor: 8.0, original_max_positions: 8192, low_freq_factor: 1.0,
+                       high_freq_factor: 4.0}}'
+
+write_exp() {  # write_exp BACKEND -> the experiment file's path
+  local backend="$1" file="$OUT/$1.yaml" overrides
+  case "$backend" in
+    megatron) overrides='{log_interval: 1, disable_last_saving: true, save_interval: 100000}' ;;
+    torchtitan) overrides='{compile: {enable: false}, activation_checkpoint: {mode: none}}' ;;
+    hf) overrides='{optim: adamw_torch_fused}' ;;
+    maxtext) overrides='{enable_checkpointing: false, dataset_type: synthetic}' ;;
+  esac
+  cat > "$file" <<EOF
+work_group: gpu-check
+user_name: bench
+exp_name: $backend-llama3.1_8B-2layers
+workspace: $OUT/ws
+modules:
+  pre_trainer:
+    framework: $backend
+    config: pre_trainer.yaml
+    model: $MODEL
+    train: {steps: $STEPS, lr: 1.0e-5, warmup_steps: 2, micro_batch_size: $MBS, global_batch_size: $MBS,
+            seq_length: $SEQ, seed: 1234, precision: bf16, log_interval: 1}
+    data: {mock: true}
+    checkpoint: {interval: 100000, resume: never}
+    overrides: $overrides
+EOF
+  echo "$file"
+}
+
+gpu_mem_used_mib() {  # the most memory in use on any GPU now, MiB (nothing without a vendor tool)
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | sort -n | tail -1
+  elif command -v rocm-smi >/dev/null 2>&1; then
+    rocm-smi --showmeminfo vram --csv 2>/dev/null | awk -F, 'NR>1 && $3 ~ /^[0-9]+$/ {print int($3/1048576)}' \
+      | sort -n | tail -1
+  fi
+}
+
+summary() {  # summary BACKEND RUN_DIR PEAK_MIB BASE_MIB SECONDS
+  python3 - "$@" <<'EOF'
+import json, re, statistics, sys
+from pathlib import Path
+backend, run_dir, peak, base, seconds = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+rows = []
+try:
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            rows.append(r)
+except (OSError, ValueError):
+    pass
+if not rows:
+    print(f"{backend:<11} FAILED: no metrics (see {run_dir}/logs)")
+    sys.exit(1)
+latest = {}
+for r in rows:
+    latest[r["step"]] = r
+rows = [latest[s] for s in sorted(latest)]
+steady = rows[5:] or rows  # the first steps include compilation and warm-up
+def med(key):
+    vals = [r[key] for r in steady if isinstance(r.get(key), (int, float))]
+    return statistics.median(vals) if vals else None
+tok, st, tf, mfu = med("tokens_per_s"), med("step_time_s"), med("tflops"), med("mfu")
+attention = ""
+for log in sorted(run_dir.glob("logs/**/*.log")):
+    m = re.search(r"[^\n]*\battention\b[^\n]*", log.read_text(errors="replace"), re.I)
+    if m:
+        attention = m.group(0).strip()[-110:]
+        break
+used = int(peak) - int(base) if peak.isdigit() and base.isdigit() else None
+parts = [f"{backend:<11}", f"steps {rows[-1]['step']}", f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}",
+         f"{tok:,.0f} tok/s" if tok else "tok/s ?", f"step {st:.3f} s" if st else "",
+         f"{tf:,.1f} TFLOP/s" if tf else "TFLOP/s not reported", f"MFU {100 * mfu:.1f}%" if mfu else "",
+         f"peak GPU mem {used / 1024:.1f} GiB" if used is not None else "peak GPU mem ?", f"wall {seconds} s"]
+print("  ".join(p for p in parts if p))
+print(f"{'':<11} metrics keys: {', '.join(sorted(rows[-1]))}")
+if attention:
+    print(f"{'':<11} attention: {attention}")
+EOF
+}
+
+status=0
+IFS=',' read -r -a LIST <<< "$BACKENDS"
+for backend in "${LIST[@]}"; do
+  cmd="$PRIMUS"
+  if [ "$backend" = maxtext ]; then
+    if [ ! -x "$PRIMUS_MAXTEXT" ]; then echo "maxtext     skipped: no MaxText venv ($PRIMUS_MAXTEXT)"; continue; fi
+    cmd="$PRIMUS_MAXTEXT"
+  fi
+  exp="$(write_exp "$backend")"
+  # shellcheck disable=SC2206
+  run=($cmd run "$exp" --nproc-per-node 1 "${PLATFORM_ARGS[@]}")
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "+ ${run[*]}"
+    if out="$("${run[@]}" --dry-run 2>&1)"; then
+      echo "dry-run ok: $backend $(grep -m1 '^module ' <<< "$out")"
+    else
+      echo "dry-run FAILED: $backend"; echo "$out" | tail -20; status=1
+    fi
+    continue
+  fi
+  echo "+ ${run[*]}"
+  base="$(gpu_mem_used_mib)"; peak="$base"
+  ( while sleep 0.5; do gpu_mem_used_mib; done ) > "$OUT/$backend.mem" 2>/dev/null &
+  poller=$!
+  start=$SECONDS
+  timeout --signal=TERM --kill-after=20 "$TIMEOUT" "${run[@]}" > "$OUT/$backend.out" 2>&1
+  code=$?
+  kill "$poller" 2>/dev/null; wait "$poller" 2>/dev/null
+  peak="$(sort -n "$OUT/$backend.mem" 2>/dev/null | tail -1)"
+  run_dir="$OUT/ws/gpu-check/bench/$backend-llama3.1_8B-2layers"
+  if [ "$code" != 0 ]; then
+    echo "$backend     FAILED: exit $code after $((SECONDS - start)) s; last lines:"; tail -15 "$OUT/$backend.out"
+    status=1
+  fi
+  summary "$backend" "$run_dir" "${peak:-?}" "${base:-?}" "$((SECONDS - start))" || status=1
+  rm -rf "$run_dir"  # a few GB of final weights per backend
+done
+exit $status
