@@ -155,10 +155,12 @@ def test_round_trip_hf_run_export_is_exact(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """3 steps of llama from its HF init, checkpoint at the end; (experiment, run dir)."""
+    """3 steps of llama from its HF init on 2 processes with FSDP (a sharded layout), checkpoint at
+    the end; (experiment, run dir). Exported and evaluated on 1 process."""
     base = tmp_path_factory.mktemp("trained")
     exp, run = experiment(base, "trained", tiny_hf("llama"), steps=3)
-    assert_ok(run_primus("run", str(exp)))
+    assert_ok(run_primus("run", str(exp), "--nproc-per-node", "2", "--master-port", str(free_port()),
+                         "parallel.fsdp=true"))
     return exp, run
 
 
@@ -177,6 +179,15 @@ def test_after_training_eval_of_the_export_equals_eval_of_the_checkpoint(trained
 
     saved, exported = hf_tensors(run / "model"), hf_tensors(out)
     assert sorted(saved) == sorted(exported) and all(torch.equal(saved[n], exported[n]) for n in saved)
+    # and it generates with its own tokenizer (copied by export)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    prompt = tokenizer("This is a story about", return_tensors="pt").input_ids
+    generated = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == prompt.shape[1] + 5
+    assert isinstance(tokenizer.decode(generated[0, prompt.shape[1]:]), str)
 
 
 def test_first_step_loss_on_eval_blocks_equals_eval_of_the_init(blocks, tmp_path: Path):
