@@ -127,3 +127,6 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
     moe = experiment(tmp_path, "qwen3_moe", name="moe")
     assert_config_error(run_primus("run", str(moe), "--dry-run"), "moe of a qwen3 model", "not built by the torchtitan",
                         "megatron")
+    qwen2 = experiment(tmp_path, "qwen2", name="qwen2")  # q/k/v biases: core's family refusal
+    assert_config_error(run_primus("run", str(qwen2), "--dry-run"), "'qwen2' is not supported by the torchtitan",
+                        "megatron")

@@ -176,9 +176,10 @@ def local_indices(tensor: Any) -> list[torch.Tensor]:
     if coordinate is None:
         return [i[:0] for i in indices]
     for m, placement in enumerate(tensor.placements):
-        if not placement.is_shard():
+        dim = getattr(placement, "dim", None)  # Shard and _StridedShard (whose is_shard() is False)
+        if dim is None:
             continue
-        dim, parts, index = placement.dim, mesh.size(m), coordinate[m]
+        dim, parts, index = dim % tensor.dim(), mesh.size(m), coordinate[m]
         split = int(getattr(placement, "split_factor", 1) or 1)
         if split > 1:  # the dimension was cut in `split` pieces first (by a later mesh dimension)
             pieces = [_chunk(indices[dim], split, k) for k in range(split)]
