@@ -268,6 +268,15 @@ def _layout() -> dict[str, int]:
             "dp": mpu.get_data_parallel_world_size()}
 
 
+def _same_model_layout(saved: Any, current: dict[str, int]) -> bool:
+    """Whether two layouts shard the model the same way (data parallelism aside)."""
+    return isinstance(saved, dict) and all(saved.get(k) == current[k] for k in ("tp", "pp"))
+
+
+def _describe(layout: Any) -> str:
+    return " ".join(f"{k} {v}" for k, v in layout.items()) if isinstance(layout, dict) else "an unknown layout"
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -299,24 +308,25 @@ def _rng_object(layout: dict[str, int]) -> Any:
                           mpu.get_data_parallel_rank()), replica_id=0)
 
 
-def _optimizer_sharding(loop: PretrainLoop) -> dict[str, Any]:
+def _optimizer_sharding(loop: PretrainLoop, saved: str | None = None) -> dict[str, Any]:
     """How the distributed optimizer lays out its state in a checkpoint (as Megatron-LM chooses it).
 
     megatron-core 0.16's own default, fully_sharded_model_space, builds ShardedTensors with a
     flattened_range, which its checkpointing no longer accepts. dp_reshardable (each rank writes its
     shard, no communication) can be resumed at another data-parallel size; fully_reshardable gathers
     the state on data-parallel rank 0 (over the gloo groups when mem_efficient, without CUDA) and can
-    be resumed at any layout.
+    be resumed at any layout. A load reads the state the way the checkpoint wrote it (`saved`).
     """
     if not loop.args.use_distributed_optimizer:
         return {}
-    if loop.args.ckpt_fully_parallel_save:
+    if saved == "dp_reshardable" or (saved is None and loop.args.ckpt_fully_parallel_save):
         return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
     return {"metadata": {"distrib_optim_sharding_type": "fully_reshardable",
                          "distrib_optim_fully_reshardable_mem_efficient": loop.device.type == "cpu"}}
 
 
-def _sharded_state(loop: PretrainLoop, *, with_rng: bool, with_optimizer: bool, loading: bool) -> dict[str, Any]:
+def _sharded_state(loop: PretrainLoop, *, with_rng: bool, with_optimizer: bool, loading: bool,
+                   saved_sharding: str | None = None) -> dict[str, Any]:
     model_state: dict[str, Any] = {}
     for i, chunk in enumerate(loop.model):
         key = "model" if len(loop.model) == 1 else f"model{i}"
@@ -325,7 +335,7 @@ def _sharded_state(loop: PretrainLoop, *, with_rng: bool, with_optimizer: bool, 
     if with_optimizer:
         merged = {k: v for chunk_state in model_state.values() for k, v in chunk_state.items()}
         state["optimizer"] = loop.optimizer.sharded_state_dict(merged, is_loading=loading,
-                                                               **_optimizer_sharding(loop))
+                                                               **_optimizer_sharding(loop, saved_sharding))
         state["scheduler"] = loop.scheduler.state_dict()
     state["step"] = loop.step
     state["layout"] = _layout()
@@ -395,7 +405,17 @@ def load(root: Path, loop: PretrainLoop, *, finetune: bool = False, on_damaged: 
     if not same_layout and not finetune:
         logger.warning(f"checkpoint layout {common.get('layout')} differs from this run's {_layout()}: "
                        "the RNG state is not restored")
-    state = _sharded_state(loop, with_rng=with_rng, with_optimizer=with_optimizer, loading=True)
+    saved_sharding = (common.get("optimizer") or {}).get("param_state_sharding_type")
+    if with_optimizer and saved_sharding == "dp_reshardable" and not _same_model_layout(common.get("layout"), _layout()):
+        from primus.errors import ConfigError
+
+        raise ConfigError(f"checkpoint {path} keeps its distributed-optimizer state per data-parallel shard "
+                          f"(saved with ckpt_fully_parallel_save: true at {_describe(common.get('layout'))}); it "
+                          f"resumes only at that tensor/pipeline layout, not at {_describe(_layout())}", key="load",
+                          fix="resume at the saved layout, set no_load_optim: true to resume without the optimizer "
+                              "state, or train with ckpt_fully_parallel_save: false (state any layout can resume)")
+    state = _sharded_state(loop, with_rng=with_rng, with_optimizer=with_optimizer, loading=True,
+                           saved_sharding=saved_sharding if isinstance(saved_sharding, str) else None)
     if not with_optimizer:
         state.pop("scheduler", None)
     with _weights_only_reads():

@@ -117,6 +117,13 @@ def _microbatches(blocks: list[list[int]], count: int, size: int, seq: int,
 @torch.no_grad()
 def evaluate(args: SimpleNamespace, request: EvalRequest, *, spec: ModelSpec | None, hf_path: str | None,
              checkpoint_root: Path, device: torch.device) -> EvalResult | None:
+    # the blocks first: a corpus or tokenizer that cannot be scored fails before any model is built
+    encode, eos_id = load_tokenizer(request.tokenizer)
+    blocks = blocks_for(request, encode, eos_id)
+    top = max(max(b) for b in blocks)
+    if top >= args.vocab_size:
+        raise ConfigError(f"tokenizer {request.tokenizer} gives token id {top}, the model's vocabulary has "
+                          f"{args.vocab_size}", key="data.tokenizer", fix="evaluate with the model's tokenizer")
     init_distributed(args, device)
     try:
         seed_everything(args.seed)
@@ -139,12 +146,6 @@ def evaluate(args: SimpleNamespace, request: EvalRequest, *, spec: ModelSpec | N
         for chunk in model:
             chunk.eval()
 
-        encode, eos_id = load_tokenizer(request.tokenizer)
-        blocks = blocks_for(request, encode, eos_id)
-        top = max(max(b) for b in blocks)
-        if top >= args.vocab_size:
-            raise ConfigError(f"tokenizer {request.tokenizer} gives token id {top}, the model's vocabulary has "
-                              f"{args.vocab_size}", key="data.tokenizer", fix="evaluate with the model's tokenizer")
         dp_rank, dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
         share = math.ceil(len(blocks) / dp)
         size = max(1, min(args.micro_batch_size, share))
