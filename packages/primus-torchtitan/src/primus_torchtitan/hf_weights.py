@@ -207,7 +207,15 @@ class SliceReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Close the files: safetensors maps them, and the pages a read touched stay resident
+        (counted in the rank's RSS) until the mapping goes; released after every parameter, a
+        rank's peak is its own shards plus one tensor's span, not the files it read."""
         self._stack.close()
+        self._stack = ExitStack()
+        self._open.clear()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.index[name][2]
@@ -275,6 +283,7 @@ def load_into(model_parts: Iterable[Any], layout: Layout, hf_dir: Path) -> int:
                 raise ConfigError(f"{hf_dir}: tensor {sources.names[0]} gives a {list(out.shape)} shard, TorchTitan's "
                                   f"{name} holds {list(local.shape)}", key="model.hf_path")
             local.copy_(out.to(local.dtype))
+            reader.release()
         return reader.bytes_read
 
 
