@@ -261,6 +261,50 @@ def _patch_fsdp2_device_mesh(ctx: PatchContext) -> Undo:
     return replace_attr(tfsdp, "DeviceMesh", CpuDeviceMesh)
 
 
+# --------------------------------------------------------------------------- 6. tied embeddings under PP
+
+
+def _patch_shared_embedding_sync(ctx: PatchContext) -> Undo:
+    """With tied embeddings and more than one pipeline stage, the last stage's output layer starts
+    as a copy of the first stage's embedding: megatron-core moves the weight to CUDA (`.cuda()`)
+    before the all-reduce that copies it. The method runs with `torch.distributed` reported
+    uninitialized (so it does everything but that), then the same all-reduce runs on the CPU."""
+    import torch
+    from megatron.core.models.common.language_module import language_module as lm
+
+    original = lm.LanguageModule.setup_embeddings_and_output_layer
+
+    class _Distributed:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(torch.distributed, name)
+
+        @staticmethod
+        def is_initialized() -> bool:
+            return False
+
+    class _Torch:
+        distributed = _Distributed()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(torch, name)
+
+    def setup_embeddings_and_output_layer(self: Any) -> None:
+        warned = getattr(lm.LanguageModule, "embedding_warning_printed", False)
+        lm.LanguageModule.embedding_warning_printed = True  # its "not initialized" warning is not true here
+        saved, lm.torch = lm.torch, _Torch()
+        try:
+            original(self)
+        finally:
+            lm.torch = saved
+            lm.LanguageModule.embedding_warning_printed = warned
+        shared = self.share_embeddings_and_output_weights or getattr(self.config, "mtp_num_layers", 0)
+        if (shared and self.config.pipeline_model_parallel_size > 1 and torch.distributed.is_initialized()
+                and self._is_in_embd_group()):
+            torch.distributed.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+    return replace_attr(lm.LanguageModule, "setup_embeddings_and_output_layer", setup_embeddings_and_output_layer)
+
+
 CPU_PATCHES: list[Patch] = [
     Patch(id="megatron.cpu.rng_tracker", backend="megatron", phase="setup", platforms=CPU,
           versions=FRAMEWORK_RANGE, target="megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
@@ -284,4 +328,11 @@ CPU_PATCHES: list[Patch] = [
           versions=FRAMEWORK_RANGE, target="megatron.core.distributed.torch_fully_sharded_data_parallel.DeviceMesh",
           description="Torch FSDP2 builds its data-parallel device mesh for the CPU instead of 'cuda'.",
           apply=_patch_fsdp2_device_mesh),
+    Patch(id="megatron.cpu.shared_embedding_sync", backend="megatron", phase="setup", platforms=CPU,
+          versions=FRAMEWORK_RANGE,
+          target="megatron.core.models.common.language_module.language_module.LanguageModule"
+                 ".setup_embeddings_and_output_layer",
+          description="Tied embeddings over pipeline stages: the output layer's first copy of the embedding is "
+                      "all-reduced on the CPU (megatron-core moves it to CUDA first).",
+          apply=_patch_shared_embedding_sync),
 ]
