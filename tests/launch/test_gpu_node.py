@@ -224,7 +224,7 @@ def _node_args(script: str) -> Namespace:
     return build_parser().parse_args(argv[argv.index("primus.launch.node") + 1:])
 
 
-def test_the_compute_node_plans_again_for_what_it_sees(tmp_path: Path, fake_node):
+def test_the_compute_node_plans_again_for_what_it_sees(tmp_path: Path, fake_node, monkeypatch):
     run_dir, script, _ = _submit(tmp_path, "--nnodes", "2", "--platform", "rocm", "--gpus-per-node", "8")
     fake_node("rocm", 8, "gfx950")  # the compute node is an MI355X; the login node knew no arch
     args = _node_args(script)
@@ -239,6 +239,18 @@ def test_the_compute_node_plans_again_for_what_it_sees(tmp_path: Path, fake_node
     # four GPUs allocated on a node of eight: eight processes cannot each have one
     with pytest.raises(ConfigError, match="each process needs its own GPU"):
         plan_node(args, {**environ, "SLURM_GPUS_ON_NODE": "4"})
+    # the node's start records what it detected and set, then execs its launcher
+    from primus.launch import node
+
+    started = []
+    monkeypatch.setattr(node.os, "environ", environ)
+    monkeypatch.setattr(node.os, "execvpe", lambda file, argv, env: started.append((argv, env)))
+    line = next(line for line in script.splitlines() if line.startswith("exec srun"))
+    words = shlex.split(line)
+    node.main(words[words.index("primus.launch.node") + 1:])
+    assert started and started[0][1]["RCCL_WARP_SPEED_AUTO"] == "0" and "torchrun" in " ".join(started[0][0])
+    record = json.loads((run_dir / "logs" / "node-1.json").read_text())
+    assert record["detected"] == "rocm (gfx950), 8 device(s)" and record["env_set"]["RCCL_WARP_SPEED_AUTO"] == "0"
 
 
 def test_the_node_replaces_what_the_submit_host_planned_for_another_platform(tmp_path: Path, fake_node):

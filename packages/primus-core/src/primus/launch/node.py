@@ -65,6 +65,7 @@ class NodePlan:
     planned: dict[str, str] = field(default_factory=dict)  # what this node set (platform env, interface)
     platform: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    detected: str = ""  # what detection said, e.g. "rocm (gfx950), 8 device(s)"
 
 
 def _module_config(run_dir: Path, module: str) -> tuple[object | None, dict[str, object]]:
@@ -135,7 +136,19 @@ def plan_node(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan:
         argv = container_argv(section, mounts=[run_dir], workdir=run_dir, platform=platform, environ=env,
                               env={**planned, **plan.env, "NODE_RANK": str(rank), "MASTER_ADDR": master},
                               inner=["python", *argv[1:]])
-    return NodePlan(argv, env, planned, platform, notes)
+    return NodePlan(argv, env, planned, platform, notes, node.describe())
+
+
+def _record(run_dir: Path, rank: int, plan: NodePlan) -> None:
+    """`logs/node-<rank>.json`: what this node detected and set (best effort: the run goes on without it)."""
+    try:
+        from primus.runs.files import write_json
+
+        write_json(run_dir / "logs" / f"node-{rank}.json",
+                   {"host": socket.gethostname(), "platform": plan.platform, "detected": plan.detected,
+                    "env_set": plan.planned, "argv": plan.argv, "notes": plan.notes})
+    except (OSError, ImportError):
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print("command     " + shlex.join(plan.argv))
         return 0
     rank = int(plan.env["NODE_RANK"])
+    _record(run_dir, rank, plan)
     if rank == 0 and args.entry == "primus.runs.worker":
         from primus.runs.resume import RunLock
 
