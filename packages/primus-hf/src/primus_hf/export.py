@@ -119,12 +119,12 @@ def read_state(checkpoint: Path) -> tuple[dict[str, Any], int]:
 
 def export_hf(module: Any, run_dir: Path, step: int | None, out_dir: Path) -> int:
     """Core's exporter hook (BackendSpec.exporter): write the checkpoint's weights into `out_dir`."""
+    checkpoint = find_checkpoint(checkpoint_dir_of(module, run_dir), step)  # before torch is imported
     import torch
     from safetensors.torch import save_file
 
     from primus.models.hf import check_tensors, write_weights
 
-    checkpoint = find_checkpoint(checkpoint_dir_of(module, run_dir), step)
     state, saved_step = read_state(checkpoint)
     tensors = to_hf_names(state, module.model)
     check_tensors(((n, tuple(t.shape)) for n, t in tensors.items()), module.model, f"checkpoint {checkpoint}")
