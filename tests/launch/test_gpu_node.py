@@ -129,6 +129,23 @@ def test_forced_platform_still_reads_the_device(fake_node):
     assert "RCCL_WARP_SPEED_AUTO" not in mi300
 
 
+def test_one_variable_per_platform_keeps_each_platforms_value():
+    """JAX_PLATFORMS=cpu on CPU must not erase JAX_PLATFORMS=rocm on ROCm (a backend's entries for
+    disjoint platforms both stay; overlapping ones still override core's)."""
+    from primus.platform.env import EnvEntry
+
+    entries = [EnvEntry("JAX_PLATFORMS", "rocm", platforms=frozenset({"rocm"})),
+               EnvEntry("JAX_PLATFORMS", "cuda", platforms=frozenset({"cuda"})),
+               EnvEntry("JAX_PLATFORMS", "cpu", platforms=frozenset({"cpu"}), source="maxtext"),
+               EnvEntry("X", "core", platforms=frozenset({"rocm", "cuda"})),
+               EnvEntry("X", "backend", platforms=frozenset({"rocm"}), source="b")]
+    for platform in ("rocm", "cuda", "cpu"):
+        changes, _ = plan_env(entries, platform=platform, arch=None, environ={})
+        assert changes["JAX_PLATFORMS"] == platform
+    assert plan_env(entries, platform="rocm", arch=None, environ={})[0]["X"] == "backend"
+    assert "X" not in plan_env(entries, platform="cuda", arch=None, environ={})[0]  # overridden as before
+
+
 def test_forced_cuda_counts_the_nvidia_devices(fake_node):
     fake_node("cuda", 8)
     p = detect_platform({"PRIMUS_PLATFORM": "cuda", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})

@@ -62,12 +62,15 @@ def plan_env(entries: Iterable[EnvEntry], *, platform: str, arch: str | None, en
     current = dict(environ)
     changes: dict[str, str] = {}
     decisions: list[EnvDecision] = []
-    # Later entries of the same name override earlier ones (a backend refines core's value).
-    latest: dict[tuple[str, str | None, str | None, str | None], EnvEntry] = {}
+    # Later entries of the same name override earlier ones on the platforms they share (a backend
+    # refines core's value); entries for disjoint platforms both stay (JAX_PLATFORMS=cpu on CPU,
+    # =rocm on ROCm), as at most one of them can apply.
+    latest: dict[tuple[str, str | None, str | None, str | None], list[EnvEntry]] = {}
     for e in entries:
-        latest[(e.name, e.arch, e.when, e.when_config)] = e
+        key = (e.name, e.arch, e.when, e.when_config)
+        latest[key] = [old for old in latest.get(key, []) if not old.platforms & e.platforms] + [e]
     # Conditional and arch-specific entries come last so that, when they apply, they win.
-    ordered = sorted(latest.values(),
+    ordered = sorted((e for group in latest.values() for e in group),
                      key=lambda e: (e.when is not None or e.when_config is not None, e.arch is not None))
     for e in ordered:
         if platform not in e.platforms:
