@@ -144,6 +144,10 @@ for backend in "${LIST[@]}"; do
     if [ ! -x "$PRIMUS_MAXTEXT" ]; then echo "maxtext     skipped: no MaxText venv ($PRIMUS_MAXTEXT)"; continue; fi
     cmd="$PRIMUS_MAXTEXT"
   fi
+  # shellcheck disable=SC2086
+  if ! $cmd backends 2>/dev/null | grep -qE "^$backend +[a-z]"; then
+    echo "$backend     skipped: not installed for $cmd"; continue
+  fi
   exp="$(write_exp "$backend")"
   # shellcheck disable=SC2206
   run=($cmd run "$exp" --nproc-per-node 1 "${PLATFORM_ARGS[@]}")

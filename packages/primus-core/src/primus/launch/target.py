@@ -43,8 +43,10 @@ class Target:
         if self.platform is None:
             return f"decided on each compute node ({self.source})"
         text = self.platform + (f" ({self.arch})" if self.arch else "")
-        if self.gpu:
-            text += f", {self.gpus_per_node} GPU(s) per node" if self.gpus_per_node else ", GPUs per node unknown"
+        if self.gpu and self.gpus_per_node:
+            text += f", {self.gpus_per_node} GPU(s) per node"
+        elif self.gpu:
+            text += ", GPUs per node unknown" if self.gpus_per_node is None else ", no GPUs requested from Slurm"
         return f"{text} (from {self.source})"
 
 
