@@ -119,6 +119,30 @@ def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(tmp_path: Path) -> 
     assert "loaded" not in result.stderr  # refused before a model was built
 
 
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_qwen3_moe_routing_follows_norm_topk_prob(norm_topk_prob: bool) -> None:
+    # renormalised top-k is megatron's softmax over the top-k logits; without it the top-k of the
+    # softmax over every expert (pre-softmax): 1e-4 apart on the tiny model, so it matters
+    from primus.models.hf import read_hf_config, spec_from_hf
+    from primus_megatron.translate import MegatronTranslator
+
+    config = {**read_hf_config(tiny_hf("qwen3_moe")), "norm_topk_prob": norm_topk_prob}
+    native = MegatronTranslator().translate_model(spec_from_hf(config)).values
+    assert native["moe_router_pre_softmax"] is (not norm_topk_prob)
+
+
+def test_llama3_rope_scaling_megatron_cannot_build_is_refused() -> None:
+    from primus.errors import ConfigError
+    from primus.models.hf import read_hf_config, spec_from_hf
+    from primus_megatron.translate import MegatronTranslator
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 2.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    spec = spec_from_hf({**read_hf_config(tiny_hf("llama")), "rope_parameters": rope})
+    with pytest.raises(ConfigError, match="low_freq_factor=2.0"):
+        MegatronTranslator().translate_model(spec)
+
+
 # ------------------------------------------------------------------------------------- weights out
 
 

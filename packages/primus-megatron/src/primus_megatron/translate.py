@@ -121,6 +121,15 @@ class MegatronTranslator(Translator):
             if spec.rope_scaling.type != "llama3":
                 raise ConfigError(f"rope_scaling type '{spec.rope_scaling.type}' is not supported by the "
                                   "megatron backend's GPT model", fix="supported: llama3")
+            scaling = spec.rope_scaling
+            # megatron-core 0.16's GPT model takes only the factor; the rest is Llama 3's fixed shape
+            fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_positions": 8192}
+            for name, value in fixed.items():
+                given = getattr(scaling, name)
+                if given is not None and float(given) != value:
+                    raise ConfigError(f"rope_scaling {name}={given}: megatron-core's llama3 RoPE scaling is built "
+                                      f"with {name}={value:g} only", key=f"rope_scaling.{name}",
+                                      fix="use a Llama 3.x rope_scaling, or another backend")
             out.set("use_rope_scaling", True, "rope_scaling")
             out.set("rope_scaling_factor", spec.rope_scaling.factor, "rope_scaling.factor")
         if spec.moe is not None:
@@ -136,6 +145,9 @@ class MegatronTranslator(Translator):
                 pattern = [0] * moe.first_dense_layers + [1] * (spec.num_layers - moe.first_dense_layers)
                 out.set("moe_layer_freq", pattern, "moe.first_dense_layers")
             out.set("moe_aux_loss_coeff", moe.router_aux_loss_coef, "moe.router_aux_loss_coef")
+            # top-k of the softmax over all experts, not renormalised (Qwen3-MoE's norm_topk_prob: false);
+            # megatron's default (softmax over the top-k logits) is the renormalised form
+            out.set("moe_router_pre_softmax", not moe.norm_topk_prob, "moe.norm_topk_prob")
         return out
 
     # ------------------------------------------------------------------ neutral sections
