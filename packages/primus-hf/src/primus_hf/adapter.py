@@ -82,6 +82,7 @@ class HFAdapter(Adapter):
         super().__init__(ctx)
         self.settings = LoopSettings.from_native(ctx.native)
         self.rank, self.world_size = ctx.rank, ctx.world_size
+        self.presharded = False  # build_model already applied fully_shard (FSDP loading hf_path slices)
 
     # ======================================================================= the run
 
@@ -158,7 +159,7 @@ class HFAdapter(Adapter):
         model.to(self.device)
         self.model = model
         n = self.ctx.native
-        self.train_model = self._fully_shard(model) if n.get("fsdp") else model  # DDP replicas: the model itself
+        self.train_model = self._wrap(model) if n.get("fsdp") else model  # DDP replicas: the model itself
         self.autocast, _ = self._precision()
         step = None
         if checkpoint is not None:
@@ -252,6 +253,14 @@ class HFAdapter(Adapter):
         if hf_path:
             path = Path(hf_path)
             has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+            if weights and self._slice_loading(path):
+                from primus_hf.sharded_load import sharded_from_hf
+
+                logger.info(f"loading {path} under FSDP: each rank reads only its shards")
+                model = sharded_from_hf(path, config_kwargs=kwargs, shard=self._fully_shard, device=self.device,
+                                        rank=self.rank, world=self.world_size)
+                self.presharded = True
+                return model
             if weights and (has_weights or not path.is_dir()):
                 return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
             config = AutoConfig.from_pretrained(str(path))
@@ -260,10 +269,15 @@ class HFAdapter(Adapter):
             config = AutoConfig.for_model(values.pop("model_type"), **values)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
 
+    def _slice_loading(self, path: Path) -> bool:
+        """FSDP with a local directory of safetensors (core checked their headers): read per-rank slices."""
+        return bool(self.ctx.native.get("fsdp")) and self.ctx.module.hf_path is not None \
+            and not self.ctx.native.get("hf_path") and path.is_dir() and any(path.glob("*.safetensors"))
+
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         n = self.ctx.native
         if n.get("fsdp"):
-            return self._fully_shard(model)
+            return model if self.presharded else self._fully_shard(model)
         if not dist.is_initialized() or self.world_size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
