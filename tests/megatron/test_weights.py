@@ -146,12 +146,19 @@ def test_llama3_rope_scaling_megatron_cannot_build_is_refused() -> None:
 # ------------------------------------------------------------------------------------- weights out
 
 
-def test_round_trip_through_a_tp2_checkpoint_is_exact(tmp_path: Path) -> None:
-    # one step at learning rate 0: the checkpoint holds the loaded weights, sharded over 2 ranks
-    exp = experiment(tmp_path, "llama", steps=1)
+@pytest.fixture(scope="module")
+def untrained_tp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One step at learning rate 0 over 2 tensor-parallel ranks: a checkpoint of the loaded weights
+    (its distributed-optimizer state per data-parallel shard, the default)."""
+    base = tmp_path_factory.mktemp("mg-untrained")
+    exp = experiment(base, "llama", steps=1)
     assert_ok(run_primus("run", str(exp), "lr=0", "min_lr=0", *two("parallel.tensor=2")))
+    return run_dir_for(base / "ws", "exp")
+
+
+def test_round_trip_through_a_tp2_checkpoint_is_exact(untrained_tp2: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
-    result = run_primus("export", str(run_dir_for(tmp_path / "ws", "exp")), str(out))
+    result = run_primus("export", str(untrained_tp2), str(out))
     assert_ok(result)
     assert "step 1" in result.stdout
     original, exported = hf_tensors(tiny_hf("llama")), hf_tensors(out)
@@ -160,6 +167,15 @@ def test_round_trip_through_a_tp2_checkpoint_is_exact(tmp_path: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ after the round trip, first {differ[0]}"
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     assert (out / "tokenizer.json").is_file()
+
+
+def test_per_shard_optimizer_state_at_another_tp_is_one_line(untrained_tp2: Path, tmp_path: Path) -> None:
+    exp = experiment(tmp_path, "llama", steps=2)
+    shutil.copytree(untrained_tp2, run_dir_for(tmp_path / "ws", "exp"))
+    result = run_primus("run", str(exp))
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "ckpt_fully_parallel_save" in last and "tp 2 pp 1" in last and "tp 1 pp 1" in last, last
 
 
 # ------------------------------------------------------------------------------------- trained, resharded
