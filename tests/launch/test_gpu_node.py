@@ -281,6 +281,7 @@ def test_the_node_replaces_what_the_submit_host_planned_for_another_platform(tmp
     plan = plan_node(args, {**exports, "PATH": os.environ["PATH"]})
     assert plan.platform == "cuda" and "TOY_CPU_SETTING" not in plan.env and "XLA_FLAGS" not in plan.env
     assert plan.env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert any("shows cuda, 2 device(s) but the job starts 1 process(es)" in n for n in plan.notes)
     # what the user exported (not in the planned list) stays
     plan = plan_node(args, {**exports, PLANNED_VAR: "XLA_FLAGS", "PATH": os.environ["PATH"]})
     assert plan.env["TOY_CPU_SETTING"] == "on"

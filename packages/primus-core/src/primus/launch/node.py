@@ -106,6 +106,9 @@ def plan_node(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan:
         raise ConfigError(f"{args.nproc_per_node} processes per node but node {host} shows {node.describe()} "
                           f"({_why_no_gpu(base)}): each process needs its own GPU", key="--nproc-per-node",
                           fix=f"use --nproc-per-node {node.devices} or fewer, or ask for more GPUs")
+    if platform in GPU_KINDS and target is None and args.nproc_per_node < node.devices:
+        notes.append(f"node {host} shows {node.describe()} but the job starts {args.nproc_per_node} process(es) per "
+                     "node: the submit host could not tell; submit with --platform and --gpus-per-node to use them")
     planned: dict[str, str] = {}
     if module is not None:
         from primus.backends.discovery import discover
