@@ -165,9 +165,6 @@ class MaxTextAdapter(Adapter):
         `load_parameters_path` (read only when the run has no checkpoint of its own to resume)."""
         if not self.ctx.module.hf_path:
             return None
-        if config.get("load_parameters_path") or config.get("load_full_state_path"):
-            raise ConfigError("model.hf_path and MaxText's load_parameters_path / load_full_state_path both give "
-                              "the initial weights", key="load_parameters_path", fix="drop one of them")
         from primus_maxtext.loading import init_checkpoint_dir
 
         target = init_checkpoint_dir(self.ctx.run_dir, self.ctx.module.name)

@@ -473,6 +473,10 @@ class MaxTextTranslator(Translator):
         if resolved.model is not None and native.get("model_name", "default") != "default":
             raise ConfigError(f"model_name {native['model_name']!r} and a Primus model preset both define the "
                               "model", key="model_name", fix="drop one of them")
+        given = [k for k in ("load_parameters_path", "load_full_state_path") if native.get(k)]
+        if resolved.hf_path and given:
+            raise ConfigError(f"model.hf_path and MaxText's {given[0]} both give the initial weights", key=given[0],
+                              fix="drop one of them; Primus converts hf_path into load_parameters_path")
         ckpt = module.checkpoint.dir
         if ckpt and Path(ckpt).name != "checkpoints":
             raise ConfigError("MaxText keeps checkpoints in <base_output_directory>/<run_name>/checkpoints",
