@@ -54,6 +54,25 @@ def single_process_env() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+@contextlib.contextmanager
+def parameters_left_uninitialised(skip: bool) -> Iterator[None]:
+    """While the Trainer is built, leave TorchTitan's random parameter init out (buffers such as
+    the RoPE cache are still computed): Hugging Face weights overwrite every parameter right after
+    (`hf_weights.load_into` fails on a parameter it has no tensor for), and the init of a 1B model
+    costs about 30 s of CPU per rank and memory the allocator keeps."""
+    if not skip:
+        yield
+        return
+    from torchtitan.protocols.module import Module
+
+    framework_init = Module._init_self_parameters
+    Module._init_self_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        Module._init_self_parameters = framework_init
+
+
 # ----------------------------------------------------------------------------- Trainer.Config
 
 
@@ -309,7 +328,8 @@ class TorchTitanAdapter(Adapter):
             ctx.apply_patches("setup")
             trainer = None
             try:
-                trainer = config.build()
+                with parameters_left_uninitialised(bool(ctx.module.hf_path)):
+                    trainer = config.build()
                 hook_metrics(trainer, ctx)
                 if ctx.module.hf_path:  # the init; a checkpoint that train() resumes from replaces it
                     self._load_hf(trainer)
@@ -341,12 +361,12 @@ class TorchTitanAdapter(Adapter):
     def _load_hf(self, trainer: Any) -> None:
         from pathlib import Path
 
-        from primus_torchtitan.hf_weights import Layout, load_into
+        from primus_torchtitan.hf_weights import Layout, load_into, peak_rss_gib
 
         started = time.perf_counter()
         read = load_into(trainer.model_parts, Layout.from_native(self.ctx.native["model"]), Path(self.ctx.module.hf_path))
         logger.info(f"loaded the Hugging Face weights of {self.ctx.module.hf_path}: {read / 2**20:.1f} MiB read by "
-                    f"this rank in {time.perf_counter() - started:.1f}s")
+                    f"this rank in {time.perf_counter() - started:.1f}s, peak RSS so far {peak_rss_gib():.2f} GiB")
 
     def evaluate(self, request: Any) -> Any:
         from primus_torchtitan.evaluation import evaluate

@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
+
+from loguru import logger
 
 from primus.errors import ConfigError
 from primus.runs.evaluate import EvalRequest, EvalResult, blocks_for, shard
@@ -147,8 +150,12 @@ def score(trainer: Any, request: EvalRequest) -> tuple[float, int]:
 def evaluate(ctx: Any, request: EvalRequest) -> EvalResult | None:
     import torch
 
-    from primus_torchtitan.adapter import build_trainer_config, single_process_env
-    from primus_torchtitan.hf_weights import Layout, load_into
+    from primus_torchtitan.adapter import (
+        build_trainer_config,
+        parameters_left_uninitialised,
+        single_process_env,
+    )
+    from primus_torchtitan.hf_weights import Layout, load_into, peak_rss_gib
     from primus_torchtitan.translate import native_get
 
     native = ctx.native
@@ -170,12 +177,18 @@ def evaluate(ctx: Any, request: EvalRequest) -> EvalResult | None:
         ctx.apply_patches("setup")
         trainer = None
         try:
-            trainer = config.build()
+            with parameters_left_uninitialised(path is not None or bool(ctx.module.hf_path)):
+                trainer = config.build()
             if path is not None:
                 load_model_checkpoint(trainer.model_parts, path)
             elif ctx.module.hf_path:
-                load_into(trainer.model_parts, Layout.from_native(native["model"]), Path(ctx.module.hf_path))
+                started = time.perf_counter()
+                read = load_into(trainer.model_parts, Layout.from_native(native["model"]), Path(ctx.module.hf_path))
+                logger.info(f"loaded the Hugging Face weights of {ctx.module.hf_path}: {read / 2**20:.1f} MiB read by "
+                            f"this rank in {time.perf_counter() - started:.1f}s, peak RSS so far {peak_rss_gib():.2f} GiB")
+            started = time.perf_counter()
             loss_sum, tokens = score(trainer, request)
+            logger.info(f"scored {tokens} tokens in {time.perf_counter() - started:.1f}s")
         finally:
             if trainer is not None:
                 trainer.close()

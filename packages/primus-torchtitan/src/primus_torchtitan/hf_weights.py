@@ -194,6 +194,11 @@ def local_indices(tensor: Any) -> list[torch.Tensor]:
     return indices
 
 
+def _is_range(indices: torch.Tensor, lo: int, hi: int) -> bool:
+    """Whether `indices` is lo, lo+1, ..., hi-1 (then the span read is the shard: no gather copy)."""
+    return indices.numel() == hi - lo and bool((indices == torch.arange(lo, hi)).all())
+
+
 class SliceReader:
     """Opens the safetensors files of a model directory lazily and reads slices of tensors."""
 
@@ -231,11 +236,12 @@ class SliceReader:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         if cols is None:
             block = view[lo:hi]
-            out = block[rows - lo]
+            out = block if _is_range(rows, lo, hi) else block[rows - lo]
         else:
             c0, c1 = int(cols.min()), int(cols.max()) + 1
             block = view[lo:hi, c0:c1]
-            out = block[rows - lo][:, cols - c0]
+            out = block if _is_range(rows, lo, hi) else block[rows - lo]
+            out = out if _is_range(cols, c0, c1) else out[:, cols - c0]
         self.bytes_read += block.numel() * block.element_size()
         return out
 
@@ -282,9 +288,18 @@ def load_into(model_parts: Iterable[Any], layout: Layout, hf_dir: Path) -> int:
             if tuple(out.shape) != tuple(local.shape):
                 raise ConfigError(f"{hf_dir}: tensor {sources.names[0]} gives a {list(out.shape)} shard, TorchTitan's "
                                   f"{name} holds {list(local.shape)}", key="model.hf_path")
-            local.copy_(out.to(local.dtype))
+            local.copy_(out)  # casts a bf16/fp16 file to the parameter's dtype on the way
             reader.release()
         return reader.bytes_read
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 # --------------------------------------------------------------------------- export
