@@ -130,10 +130,20 @@ def test_fsdp_checkpoint_resumes_on_one_process(tmp_path: Path) -> None:
         assert m["loss"] == pytest.approx(expected[m["step"]], abs=1e-5), (m["step"], m["loss"], expected[m["step"]])
 
 
+def config_only(tmp: Path, family: str) -> Path:
+    """A model directory with the tiny model's config.json and no weights: enough to be refused."""
+    from tests.hf_models import _COMMON, CONFIGS
+
+    directory = tmp / f"hf-{family}"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({**_COMMON, **CONFIGS[family]}))
+    return directory
+
+
 def test_refusals_are_one_line(tmp_path: Path) -> None:
-    moe = experiment(tmp_path, "qwen3_moe", name="moe")
-    assert_config_error(run_primus("run", str(moe), "--dry-run"), "moe of a qwen3 model", "not built by the torchtitan",
-                        "megatron")
-    qwen2 = experiment(tmp_path, "qwen2", name="qwen2")  # q/k/v biases: core's family refusal
-    assert_config_error(run_primus("run", str(qwen2), "--dry-run"), "'qwen2' is not supported by the torchtitan",
-                        "megatron")
+    for family, needle in (("qwen3_moe", "moe of a qwen3 model are not built by the torchtitan"),
+                           ("qwen2", "'qwen2' is not supported by the torchtitan")):  # q/k/v biases
+        exp = write_yaml(tmp_path / f"{family}.yaml", EXPERIMENT.format(
+            name=family, workspace=tmp_path / "ws", model=config_only(tmp_path, family), steps=1, interval=1,
+            data="{mock: true}"))
+        assert_config_error(run_primus("run", str(exp), "--dry-run"), needle, "megatron")
