@@ -117,6 +117,9 @@ def _microbatches(blocks: list[list[int]], count: int, size: int, seq: int,
 @torch.no_grad()
 def evaluate(args: SimpleNamespace, request: EvalRequest, *, spec: ModelSpec | None, hf_path: str | None,
              checkpoint_root: Path, device: torch.device) -> EvalResult | None:
+    if (args.context_parallel_size or 1) > 1:
+        raise ConfigError("primus eval on megatron does not split blocks over context-parallel ranks",
+                          key="parallel.context", fix="evaluate with parallel.context=1")
     # the blocks first: a corpus or tokenizer that cannot be scored fails before any model is built
     encode, eos_id = load_tokenizer(request.tokenizer)
     blocks = blocks_for(request, encode, eos_id)
