@@ -135,11 +135,10 @@ def evaluate(args: SimpleNamespace, request: EvalRequest, *, spec: ModelSpec | N
         step: int | None = None
         if request.checkpoint is None:
             if hf_path:
-                from primus_megatron.hf_weights import load_hf_into
+                from primus_megatron.hf_weights import load_and_describe
 
                 assert spec is not None
-                read = load_hf_into(model, spec, hf_path)
-                logger.info(f"loaded {hf_path} ({read / 2**20:.1f} MiB read on this rank)")
+                logger.info(load_and_describe(model, spec, hf_path))
         else:
             root = checkpoint_root if request.checkpoint == "latest" else Path(request.checkpoint)
             if ckpt.STEP_DIR.match(root.name) is None and not ckpt.checkpoints(root):

@@ -234,6 +234,18 @@ def load_hf_into(model: list[Any], spec: ModelSpec, directory: str | Path) -> in
     return reader.bytes_read
 
 
+def load_and_describe(model: list[Any], spec: ModelSpec, directory: str | Path) -> str:
+    """`load_hf_into`, and one line for the log: what this rank read, how long it took, its peak RSS."""
+    import resource
+    import time
+
+    started = time.perf_counter()
+    read = load_hf_into(model, spec, directory)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    return (f"loaded {directory}: {read / 2**20:.1f} MiB read on this rank in {time.perf_counter() - started:.2f} s, "
+            f"peak RSS {peak:.0f} MiB")
+
+
 # ------------------------------------------------------------------------------------------- export
 
 

@@ -314,10 +314,9 @@ class PretrainLoop:
         model = build_model(a, self.config, self.device)
         if self.hf_path and not self._resuming():
             # before the DDP/FSDP wrapper and the optimizer: both take the values the parameters hold
-            from primus_megatron.hf_weights import load_hf_into
+            from primus_megatron.hf_weights import load_and_describe
 
-            read = load_hf_into(model, self.model_spec, self.hf_path)
-            logger.info(f"initialized from {self.hf_path} ({read / 2**20:.1f} MiB read on this rank)")
+            logger.info(load_and_describe(model, self.model_spec, self.hf_path))
         self.model = wrap_ddp(a, self.config, model)
         self.optimizer, self.scheduler = build_optimizer(a, self.model)
         # megatron-core's schedules find these hooks on the model config
