@@ -228,7 +228,7 @@ def evaluate(config_file: Path, native: Mapping[str, Any], request: Any, *, spec
     import jax.numpy as jnp
     from flax import nnx
     from flax.core.spmd import logical_axis_rules
-    from maxtext.utils import maxtext_utils_nnx, model_creation_utils, sharding
+    from maxtext.utils import maxtext_utils, maxtext_utils_nnx, model_creation_utils, sharding
 
     from primus.runs.evaluate import EvalResult, blocks_for
 
@@ -242,11 +242,12 @@ def evaluate(config_file: Path, native: Mapping[str, Any], request: Any, *, spec
                             load_parameters_path=str(items) if items else "", per_device_batch_size=per_device,
                             gradient_accumulation_steps=1, max_target_length=request.seq_length,
                             dataset_type="synthetic")
-    mesh, create, abstract = abstract_model(config)
+    mesh = maxtext_utils.get_mesh_from_config(config)
     with jax.set_mesh(mesh), logical_axis_rules(config.logical_axis_rules):
-        if items is not None:
+        if items is not None:  # MaxText's own restore of a checkpoint's parameters, resharded to this mesh
             model = model_creation_utils.from_pretrained(config, mesh)
         else:
+            create, abstract = model_creation_utils.create_nnx_abstract_model(config, mesh)
             model = maxtext_utils_nnx.create_nnx_sharded_model(abstract, create, mesh=mesh)
             if hf_path:
                 _, state = nnx.split(abstract)
