@@ -160,6 +160,8 @@ class HFAdapter(Adapter):
         self.model = model
         n = self.ctx.native
         self.train_model = self._wrap(model) if n.get("fsdp") else model  # DDP replicas: the model itself
+        if n.get("fsdp"):  # no backward follows: the root's parameters (embeddings) are freed after each forward too
+            self.train_model.set_reshard_after_forward(True)
         self.autocast, _ = self._precision()
         step = None
         if checkpoint is not None:

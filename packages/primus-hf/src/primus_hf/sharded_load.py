@@ -53,22 +53,22 @@ def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
 
 
 class SafetensorsReader:
-    """Slices of the tensors of a model directory, by on-disk name (files opened once)."""
+    """Slices of the tensors of a model directory, by on-disk name. Each read opens (maps) the file
+    and closes it again: pages of a mapping count in the process's resident memory for as long as
+    it is open, so keeping the files open would show every page a rank touched, shards included,
+    on top of its copies."""
 
     def __init__(self, index: dict[str, tuple[Path, str, tuple[int, ...]]]) -> None:
         from safetensors import safe_open
 
         self.index = index
         self._open = safe_open
-        self._files: dict[Path, Any] = {}
 
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
         if name not in self.index:
             raise ConfigError(f"tensor {name} is missing from the model directory", key="model.hf_path")
-        file = self.index[name][0]
-        if file not in self._files:
-            self._files[file] = self._open(str(file), framework="pt", device="cpu")
-        return self._files[file].get_slice(name)[start:end]
+        with self._open(str(self.index[name][0]), framework="pt", device="cpu") as f:
+            return f.get_slice(name)[start:end].clone()
 
 
 def fill_shards(model: torch.nn.Module, reader: SafetensorsReader, family: str, rank: int, world: int) -> None:
