@@ -131,6 +131,8 @@ def evaluate(args: SimpleNamespace, request: EvalRequest, *, spec: ModelSpec | N
     try:
         seed_everything(args.seed)
         config = transformer_config(args, device)
+        # the random init stays even when every parameter is overwritten: megatron-core 0.16 marks the
+        # tensor-parallel parameters (grad norms, clipping) only inside it (perform_initialization)
         model = build_model(args, config, device)
         step: int | None = None
         if request.checkpoint is None:

@@ -66,42 +66,39 @@ class Ranks:
 
 
 class SliceReader:
-    """Reads row/column ranges of the tensors of a Hugging Face directory (safetensors only)."""
+    """Reads row/column ranges of the tensors of a Hugging Face directory (safetensors only).
+
+    Each read opens its file and closes it again: safetensors maps the whole file, and the pages a
+    slice touches (every page of a tensor for a column slice) would otherwise stay in this rank's
+    resident set until the end of the load."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.index = read_weight_index(self.directory)
-        self._files: dict[Path, Any] = {}
         self.bytes_read = 0
 
-    def _slice(self, name: str) -> Any:
+    def _read(self, name: str, index: Any) -> torch.Tensor:
         from safetensors import safe_open
 
         if name not in self.index:
             raise ConfigError(f"{self.directory}: tensor {name} is missing", key="model.hf_path",
                               fix="the weights do not match config.json")
-        file = self.index[name][0]
-        if file not in self._files:
-            self._files[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._files[file].get_slice(name)
+        with safe_open(str(self.index[name][0]), framework="pt", device="cpu") as f:
+            out = f.get_slice(name)[index].clone()  # owned memory, not a view of the mapping
+        self.bytes_read += out.numel() * out.element_size()
+        return out
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        out = self._slice(name)[start:stop]
-        self.bytes_read += out.numel() * out.element_size()
-        return out
+        return self._read(name, slice(start, stop))
 
     def cols(self, name: str, start: int, stop: int) -> torch.Tensor:
-        out = self._slice(name)[:, start:stop]
-        self.bytes_read += out.numel() * out.element_size()
-        return out
+        return self._read(name, (slice(None), slice(start, stop)))
 
     def whole(self, name: str) -> torch.Tensor:
-        out = self._slice(name)[:]
-        self.bytes_read += out.numel() * out.element_size()
-        return out
+        return self._read(name, slice(None))
 
     def close(self) -> None:
-        self._files.clear()
+        return None
 
 
 def _share(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
@@ -239,11 +236,13 @@ def load_and_describe(model: list[Any], spec: ModelSpec, directory: str | Path) 
     import resource
     import time
 
-    started = time.perf_counter()
+    def peak() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+    before, started = peak(), time.perf_counter()
     read = load_hf_into(model, spec, directory)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     return (f"loaded {directory}: {read / 2**20:.1f} MiB read on this rank in {time.perf_counter() - started:.2f} s, "
-            f"peak RSS {peak:.0f} MiB")
+            f"peak RSS {peak():.0f} MiB ({before:.0f} MiB with the model built, before loading)")
 
 
 # ------------------------------------------------------------------------------------------- export
