@@ -118,6 +118,16 @@ def torchtitan(session: nox.Session) -> None:
 
 @nox.session(python="3.12")
 def maxtext(session: nox.Session) -> None:
+    # the parity references need torch, whose only local wheel is for 3.11 (3.12 would pull a CUDA
+    # build): a side venv with torch and transformers, which the maxtext tests call through
+    # PRIMUS_TORCH_PYTHON to make the tiny models and transformers' numbers
+    reference = Path(session.create_tmp()) / "torch-reference"
+    if not (reference / "bin" / "python").exists():
+        session.run("python3.11", "-m", "venv", str(reference), external=True)
+        session.run(str(reference / "bin" / "pip"), "install", "-q", TORCH, external=True)
+        session.run(str(reference / "bin" / "pip"), "install", "-q", *WEIGHTS_REFERENCE,
+                    "-e", str(PACKAGES / "primus-core"), external=True)
+    session.env["PRIMUS_TORCH_PYTHON"] = str(reference / "bin" / "python")
     _backend_session(session, "maxtext", torch=False)
 
 

@@ -62,3 +62,10 @@ def test_export_refuses_a_non_run_a_used_target_and_a_backend_without_exporter(t
     assert_config_error(run_primus("export", str(ws / "team/me/toy"), str(tmp_path / "out")),
                         "toy backend cannot export")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_export_at_the_end_is_refused_before_a_backend_without_exporter_runs(toy_exp):
+    exp, ws = toy_exp
+    assert_config_error(run_primus("run", str(exp), "checkpoint.export=hf"), "checkpoint.export",
+                        "toy backend cannot export")
+    assert not ws.exists()

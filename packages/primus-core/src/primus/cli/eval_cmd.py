@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -104,57 +103,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """RUN_DIR's checkpoint (newest, or --step) as a Hugging Face directory OUT_DIR, written under a
-    temporary name and renamed when complete: a failure leaves nothing at OUT_DIR."""
-    from primus.backends.discovery import discover
-    from primus.backends.spec import load_object
-    from primus.models.hf import CONFIG_FILE, TOKENIZER_FILES, hf_config
-    from primus.runs.rundir import CONFIG_FILE as RUN_CONFIG
-    from primus.runs.rundir import read_module
+    """RUN_DIR's checkpoint (newest, or --step) as a Hugging Face directory OUT_DIR (primus.runs.export)."""
+    from primus.runs.export import export_run, run_modules
 
     run_dir = Path(args.run_dir).expanduser().resolve()
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no {RUN_CONFIG})", key="RUN_DIR",
-                          fix="pass <workspace>/<work_group>/<user_name>/<exp_name>; `primus runs` lists them")
+    modules = run_modules(run_dir)
     out_dir = Path(args.out_dir).expanduser().resolve()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"{out_dir} exists and is not empty", key="OUT_DIR", fix="choose a new directory")
-    import yaml
-
-    modules = list((yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}).get("modules") or {})
     name = args.module or (modules[0] if len(modules) == 1 else None)
     if name not in modules:
         raise ConfigError(f"{run_dir} has modules {', '.join(modules)}", key="--module", fix="pass --module NAME")
-    module, _ = read_module(run_dir, name)
-    if module.model is None:
-        raise ConfigError("the run's model is native keys, not a model spec: no config.json can be written",
-                          key="model", fix="train with a neutral model preset or model: {hf_path: DIR}")
-    config = hf_config(module.model)
-    backend = discover().get(module.framework)
-    exporter = backend.spec.exporter
-    if exporter is None:
-        raise ConfigError(f"the {backend.name} backend cannot export weights", key="RUN_DIR")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        step = load_object(exporter)(module, run_dir, args.step, tmp)
-        config["torch_dtype"] = "float32"
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer = module.module.data.tokenizer or module.hf_path
-        copied = []
-        if tokenizer:
-            for file in TOKENIZER_FILES:
-                if (Path(tokenizer) / file).is_file():
-                    shutil.copyfile(Path(tokenizer) / file, tmp / file)
-                    copied.append(file)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    files = sorted(p.name for p in out_dir.iterdir())
-    print(f"primus: exported {module.framework} step {step} of {run_dir.name} to {out_dir} "
-          f"({len(files)} files{', tokenizer ' + str(len(copied)) if copied else ', no tokenizer'})")
+    step, files = export_run(run_dir, name, args.step, out_dir)
+    tokenizer = "with tokenizer" if "tokenizer.json" in files or "tokenizer.model" in files else "no tokenizer"
+    print(f"primus: exported step {step} of {run_dir.name} to {out_dir} ({len(files)} files, {tokenizer})")
     return EXIT_OK

@@ -642,7 +642,7 @@ class _Locator:
 
 # neutral fields core itself acts on, whatever the backend maps: the checkpoint folder (the run
 # context hands it to the adapter) and the data-parallel size (checked against the world size)
-CORE_CONSUMED_FIELDS = frozenset({"checkpoint.dir", "parallel.data"})
+CORE_CONSUMED_FIELDS = frozenset({"checkpoint.dir", "parallel.data", "checkpoint.export"})
 
 
 def _honoured(translator: Translator, origins: dict[str, str]) -> set[str]:
@@ -825,6 +825,12 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
             k: o[len("model."):] for k, o in neutral_origins.items() if o.startswith("model.")})
         check_dimensions(dims, spec, world_size)
         check_data(module)
+        if module.checkpoint.export and (backend.spec.exporter is None or spec is None):
+            why = f"the {backend.name} backend cannot export weights" if backend.spec.exporter is None else \
+                "the model is native keys, not a model spec, so no config.json can be written"
+            raise ConfigError(f"checkpoint.export: {module.checkpoint.export}: {why}", key="checkpoint.export",
+                              fix="remove checkpoint.export" + ("" if backend.spec.exporter is None else
+                                                                 ", or use a neutral model preset or hf_path"))
         if spec is not None and module.data.tokenizer and not module.data.mock:
             from primus.models.hf import check_tokenizer_fits
 

@@ -93,6 +93,9 @@ class CheckpointSection(_Strict):
     on_damaged: Literal["fail", "previous"] | None = Field(
         None, description="A newest checkpoint that cannot be read: fail (default, naming it) or resume from the "
                           "previous complete one (said in one line).")
+    export: Literal["hf"] | None = Field(
+        None, description="hf: when the run finishes, write its last checkpoint as a Hugging Face model directory "
+                          "into <run dir>/hf/ (as `primus export` does).")
 
 
 NEUTRAL_SECTIONS: dict[str, type[_Strict]] = {

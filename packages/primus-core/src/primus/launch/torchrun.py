@@ -122,7 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     if code == 0 and (signal.SIGTERM in _received or "preempted" in states):
         return EXIT_PREEMPTED
+    run_dir = _run_dir_of(args)
+    if code == 0 and run_dir is not None and _arg(args, "--node-rank") in ("0", "?") and _is_training(args):
+        from primus.runs.worker import export_when_asked
+
+        return export_when_asked(run_dir, _module_of(args))  # every rank has finished
     return code
+
+
+def _module_of(argv: list[str]) -> str:
+    """MODULE of the worker command `-m primus.runs.worker RUN_DIR MODULE`."""
+    i = argv.index("primus.runs.worker")
+    return argv[i + 2]
+
+
+def _is_training(args: list[str]) -> bool:
+    return "primus.runs.worker" in args
 
 
 if __name__ == "__main__":

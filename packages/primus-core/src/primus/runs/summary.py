@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from primus.config.rules import get_path
 from primus.runs.metrics import read_metrics
 from primus.runs.resume import LOCK_FILE
 
@@ -124,7 +125,8 @@ def summarize(run_dir: Path) -> list[RunSummary]:
                                                                                all_attempts=True)) if t]
         native = module.get("native") or {}
         steps_key = module.get("steps_key")
-        steps = native.get(steps_key) if steps_key else ((module.get("module") or {}).get("train") or {}).get("steps")
+        # a nested step key (TorchTitan's training.steps) walks the sections
+        steps = get_path(native, steps_key) if steps_key else ((module.get("module") or {}).get("train") or {}).get("steps")
         world = int(module.get("world_size") or 1)
         tokens = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]
         step_times = [r["step_time_s"] for r in train if isinstance(r.get("step_time_s"), (int, float))]

@@ -144,8 +144,26 @@ def run_worker(run_dir: Path, module_name: str) -> int:
             return EXIT_OK
         return ctx.stop.exit_code
     metrics.set_status("done")
+    if world_size == 1 and os.environ.get("PRIMUS_LAUNCHER") != "torchrun":
+        code = export_when_asked(run_dir, module_name)  # under torchrun, Primus's torchrun entry does it
+        if code != EXIT_OK:
+            return code
     if rank == 0:
         logger.info(metrics.summary_line(checkpoints=ctx.checkpoint_dir, run_dir=run_dir))
+    return EXIT_OK
+
+
+def export_when_asked(run_dir: Path, module_name: str) -> int:
+    """`checkpoint.export: hf` once the job's processes are done; a failure is one line, exit 1 (the
+    training itself finished: its checkpoints stay, and `primus export` can be run by hand)."""
+    from primus.runs.export import export_after_run
+
+    try:
+        export_after_run(run_dir, module_name)
+    except (ConfigError, OSError) as exc:
+        text = exc if isinstance(exc, ConfigError) else _os_cause(exc)
+        print(f"primus: error: training finished, but checkpoint.export failed: {text}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
