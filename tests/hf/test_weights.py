@@ -137,13 +137,18 @@ def test_export_names_match_transformers_on_disk_for_every_family():
 
 
 def test_round_trip_hf_run_export_is_exact(tmp_path: Path):
-    """qwen3_moe (fused experts in memory, per-expert on disk): HF -> one step at lr 0 -> export."""
+    """qwen3_moe (fused experts in memory, per-expert on disk): HF -> one step at lr 0 -> export,
+    by `checkpoint.export: hf` at the end of the run (the interval of 5 never saves: the last step's
+    checkpoint is made for it) and by `primus export`."""
     import torch
 
     model = tiny_hf("qwen3_moe")
     exp, run = experiment(tmp_path, "roundtrip", model, steps=1, global_batch=2,
                           overrides="{learning_rate: 0.0}")
-    assert_ok(run_primus("run", str(exp)))
+    assert_ok(run_primus("run", str(exp), "checkpoint.interval=5", "checkpoint.export=hf"))
+    at_end = hf_tensors(run / "hf")
+    assert sorted(at_end) == sorted(hf_tensors(model))
+    assert all(torch.equal(at_end[n], t) for n, t in hf_tensors(model).items())
     out = tmp_path / "exported"
     result = run_primus("export", str(run), str(out))
     assert_ok(result)

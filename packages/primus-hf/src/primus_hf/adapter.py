@@ -403,7 +403,9 @@ class HFAdapter(Adapter):
                 why = "SIGTERM" if self.ctx.stop_requested else "exit_at_step"
                 logger.warning(f"stopping after step {step} ({why}); resume with checkpoint.resume: auto")
                 return False
-        if s.save_every and s.max_steps % s.save_every == 0 and start < s.max_steps:
+        # checkpoint.export: hf exports the last checkpoint when the job ends: there must be one of the last step
+        export_at_end = getattr(self.ctx.module.module.checkpoint, "export", None) == "hf"
+        if start < s.max_steps and (s.save_every and s.max_steps % s.save_every == 0 or export_at_end):
             self.save_checkpoint(s.max_steps)
         return True
 

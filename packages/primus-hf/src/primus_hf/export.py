@@ -97,7 +97,8 @@ def find_checkpoint(directory: Path, step: int | None) -> Path:
         return chosen[0]
     if not found:
         raise ConfigError(f"{directory} holds no complete checkpoint", key="RUN_DIR",
-                          fix="train with checkpoint.interval set (a run saves at those steps and at the end)")
+                          fix="train with checkpoint.interval set (the hf backend saves at its multiples) or "
+                              "checkpoint.export: hf (a checkpoint of the last step)")
     return found[-1]
 
 
