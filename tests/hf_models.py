@@ -19,8 +19,10 @@ from typing import Any
 from tests.support import CORPUS, TOKENIZER, session_cache
 
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
-#: relative agreement a backend's eval loss must reach with transformers' (fp32, CPU)
-PARITY_RTOL = 1e-4
+#: relative agreement a backend's eval loss must reach with transformers' (fp32, CPU). The issue
+#: asks for 1e-4, but on these tiny random models a RoPE feature order or a top-k normalisation
+#: left wrong moves the loss by only 1e-5 to 1e-4; every backend measures 1e-7 or better.
+PARITY_RTOL = 1e-6
 SEQ_LENGTH = 32
 EVAL_BLOCKS = 8
 

@@ -2,7 +2,7 @@
 
 Every number comes from the real CLI (`primus eval`, `primus run`, `primus export`) on the tiny
 random models of tests.hf_models, compared with a plain transformers forward on the same blocks
-(1e-4 relative) or tensor by tensor (exact)."""
+(tests.hf_models.PARITY_RTOL relative) or tensor by tensor (exact)."""
 
 from __future__ import annotations
 

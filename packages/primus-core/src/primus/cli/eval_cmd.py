@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from primus.errors import EXIT_OK, ConfigError
+from primus.errors import EXIT_OK, EXIT_USAGE, ConfigError
 
 
 def _tokenizer_dir(module) -> str:
@@ -91,6 +92,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         code = subprocess.call(plan.argv, env={**os.environ, **plan.env})
     if code != EXIT_OK:
+        if code == EXIT_USAGE:  # a mistake found by the workers (no checkpoint yet, ...) leaves nothing
+            shutil.rmtree(eval_dir, ignore_errors=True)
+            for empty in (eval_dir.parent, run_dir):
+                if empty.is_dir() and not any(empty.iterdir()):
+                    empty.rmdir()
         return code
     result = EvalResult(**json.loads((eval_dir / RESULT_FILE).read_text()))
     record = result.record(backend=backend.name, checkpoint=checkpoint or "init", data=str(data_path),

@@ -412,8 +412,8 @@ def _hf_model(value: Any, relative_to: Path, key: str, backend: Backend) -> _Mod
     config = read_hf_config(path, key=key)
     config_file = str(path.resolve() / CONFIG_FILE)
     spec = spec_from_hf(config, file=config_file)
-    if read_weight_index(path):
-        check_weights(path, spec)
+    if read_weight_index(path, key):
+        check_weights(path, spec, key)
     sources = {p: Source("model", config_file) for p in flatten(spec.model_dump(exclude_none=True))}
     return _Model(spec=spec, sources=sources, file=config_file, hf_path=str(path.resolve()))
 

@@ -245,6 +245,14 @@ CONFIG_BUILDERS: dict[str, Callable[[ModelSpec], dict[str, Any]]] = {
     "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mixtral": _mixtral}
 
 
+def legacy_rope_keys(spec: ModelSpec) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling` as transformers 4.x wrote them: what vLLM and older readers
+    of a config.json look for (an export carries both spellings)."""
+    rope = _rope_parameters(spec)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if spec.rope_scaling else None
+    return {"rope_theta": spec.rope_theta, "rope_scaling": scaling}
+
+
 def hf_config(spec: ModelSpec) -> dict[str, Any]:
     """The transformers config (model_type first) that builds `spec`; raises `Unbuilt`."""
     build = CONFIG_BUILDERS.get(spec.family)
@@ -333,44 +341,44 @@ def hf_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 # --------------------------------------------------------------------------- safetensors headers
 
 
-def _header(path: Path) -> dict[str, Any]:
+def _header(path: Path, key: str = "model.hf_path") -> dict[str, Any]:
     """The JSON header of one safetensors file (bounded; the tensor data is never read)."""
     try:
         with open(path, "rb") as f:
             raw_len = f.read(8)
             if len(raw_len) != 8:
-                raise ConfigError(f"{path} is not a safetensors file (shorter than 8 bytes)", key="model.hf_path")
+                raise ConfigError(f"{path} is not a safetensors file (shorter than 8 bytes)", key=key)
             length = int.from_bytes(raw_len, "little")
             if length > MAX_HEADER_BYTES:
-                raise ConfigError(f"{path}: header of {length} bytes is not a safetensors header", key="model.hf_path")
+                raise ConfigError(f"{path}: header of {length} bytes is not a safetensors header", key=key)
             header = json.loads(f.read(length))
             size = os.fstat(f.fileno()).st_size
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", key="model.hf_path") from None
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", key=key) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{path} is not a safetensors file (its header is not JSON)", key="model.hf_path") from None
+        raise ConfigError(f"{path} is not a safetensors file (its header is not JSON)", key=key) from None
     if not isinstance(header, dict):
-        raise ConfigError(f"{path} is not a safetensors file", key="model.hf_path")
+        raise ConfigError(f"{path} is not a safetensors file", key=key)
     data_bytes = size - 8 - length
     for name, info in header.items():
         if name == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_bytes):
-            raise ConfigError(f"{path}: tensor {name} lies outside the file (truncated?)", key="model.hf_path")
+            raise ConfigError(f"{path}: tensor {name} lies outside the file (truncated?)", key=key)
     return header
 
 
-def read_weight_index(directory: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+def read_weight_index(directory: Path, key: str = "model.hf_path") -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     """Tensor name -> (its file, dtype, shape), from the index (sharded) or the single file."""
     directory = Path(directory)
     index = directory / INDEX_FILE
     if index.is_file():
-        raw = _read_bounded(index, MAX_HEADER_BYTES, INDEX_FILE, "model.hf_path")
+        raw = _read_bounded(index, MAX_HEADER_BYTES, INDEX_FILE, key)
         try:
             weight_map = json.loads(raw)["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise ConfigError(f"{index} is not a safetensors index (no weight_map)", key="model.hf_path") from None
+            raise ConfigError(f"{index} is not a safetensors index (no weight_map)", key=key) from None
         files = sorted(set(weight_map.values()))
     elif (directory / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
@@ -382,11 +390,11 @@ def read_weight_index(directory: Path) -> dict[str, tuple[Path, str, tuple[int, 
     out: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
     for name in files:
         if "/" in name or name.startswith("."):  # an index naming files outside the directory
-            raise ConfigError(f"{index} names {name!r}, not a file of the model directory", key="model.hf_path")
+            raise ConfigError(f"{index} names {name!r}, not a file of the model directory", key=key)
         path = directory / name
         if not path.is_file():
-            raise ConfigError(f"{path} is missing (named by {INDEX_FILE})", key="model.hf_path")
-        for tensor, info in _header(path).items():
+            raise ConfigError(f"{path} is missing (named by {INDEX_FILE})", key=key)
+        for tensor, info in _header(path, key).items():
             if tensor != "__metadata__":
                 out[tensor] = (path, str(info.get("dtype")), tuple(info.get("shape") or ()))
     return out
@@ -396,12 +404,13 @@ def read_weight_index(directory: Path) -> dict[str, tuple[Path, str, tuple[int, 
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def check_weights(directory: Path, spec: ModelSpec) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+def check_weights(directory: Path, spec: ModelSpec,
+                  key: str = "model.hf_path") -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     """The weights of `directory` against the tensors `spec` has: the first missing, unexpected or
     misshapen tensor is a one-line error naming it and both shapes. Returns the index."""
-    index = read_weight_index(directory)
+    index = read_weight_index(directory, key)
     if not index:
-        raise ConfigError(f"model directory {directory} has no safetensors weights", key="model.hf_path",
+        raise ConfigError(f"model directory {directory} has no safetensors weights", key=key,
                           fix="save the model with save_pretrained(safe_serialization=True); .bin files are "
                               "pickles and are never loaded")
     expected = hf_tensor_shapes(spec)
@@ -409,15 +418,15 @@ def check_weights(directory: Path, spec: ModelSpec) -> dict[str, tuple[Path, str
         index.pop("lm_head.weight", None)  # some tied checkpoints store the copy
     for name, shape in expected.items():
         if name not in index:
-            raise ConfigError(f"{directory}: tensor {name} {list(shape)} is missing", key="model.hf_path",
+            raise ConfigError(f"{directory}: tensor {name} {list(shape)} is missing", key=key,
                               fix="the weights do not match config.json")
         if index[name][2] != shape:
             raise ConfigError(f"{directory}: tensor {name} has shape {list(index[name][2])}, config.json "
-                              f"implies {list(shape)}", key="model.hf_path", fix="the weights do not match config.json")
+                              f"implies {list(shape)}", key=key, fix="the weights do not match config.json")
     extra = [n for n in index if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:
         raise ConfigError(f"{directory}: tensor {extra[0]} is not part of a {spec.family} model of this config"
-                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), key="model.hf_path",
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), key=key,
                           fix="the weights do not match config.json")
     return index
 

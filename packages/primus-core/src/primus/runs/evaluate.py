@@ -144,7 +144,9 @@ def run_eval_worker(eval_dir: Path, module_name: str) -> int:
     try:
         ctx.apply_patches("before_import")
         adapter = backend.spec.load_adapter_class()(ctx)
-        logger.info(f"evaluating {module_name} with {backend.name} on {platform.describe()}, rank {rank}/{world_size}")
+        # the console stays for the result line (and an error's one line): the rest goes to the log file
+        logger.bind(file_only=True).info(f"evaluating {module_name} with {backend.name} on {platform.describe()}, "
+                                         f"rank {rank}/{world_size}")
         result = adapter.evaluate(request)
     except ConfigError as exc:
         if rank == 0 or world_size == 1:

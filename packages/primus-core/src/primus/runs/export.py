@@ -36,7 +36,7 @@ def export_run(run_dir: Path, module_name: str, step: int | None, out_dir: Path,
     `out_dir` that exists and is not empty is refused."""
     from primus.backends.discovery import discover
     from primus.backends.spec import load_object
-    from primus.models.hf import CONFIG_FILE, TOKENIZER_FILES, hf_config
+    from primus.models.hf import CONFIG_FILE, TOKENIZER_FILES, hf_config, legacy_rope_keys
     from primus.runs.rundir import read_module
 
     if not replace and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -45,7 +45,7 @@ def export_run(run_dir: Path, module_name: str, step: int | None, out_dir: Path,
     if module.model is None:
         raise ConfigError("the run's model is native keys, not a model spec: no config.json can be written",
                           key="model", fix="train with a neutral model preset or model: {hf_path: DIR}")
-    config = hf_config(module.model)
+    config = {**hf_config(module.model), **legacy_rope_keys(module.model)}
     backend = discover().get(module.framework)
     if backend.spec.exporter is None:
         raise ConfigError(f"the {backend.name} backend cannot export weights", key="RUN_DIR")
@@ -54,7 +54,7 @@ def export_run(run_dir: Path, module_name: str, step: int | None, out_dir: Path,
     tmp.mkdir(parents=True)
     try:
         exported = load_object(backend.spec.exporter)(module, run_dir, step, tmp)
-        config["torch_dtype"] = "float32"
+        config["dtype"] = config["torch_dtype"] = "float32"  # transformers 5 reads dtype, older readers torch_dtype
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer = module.module.data.tokenizer or module.hf_path
         if tokenizer:
