@@ -4,7 +4,8 @@ Makes a random-weight model with transformers (default: the Llama 3.2 1B shape, 
 on disk; `--layers N` keeps the width and cuts the depth for a quick look), then for each target
 runs `primus eval EXP --max-blocks 1` (build the model, load the weights, score one block) while
 sampling the resident memory of every process of the job every 20 ms. The baseline is transformers'
-own `AutoModelForCausalLM.from_pretrained` of the same files in one process.
+own `AutoModelForCausalLM.from_pretrained` of the same files in one process, every weight touched
+once (transformers 5 maps the files lazily, so without it nothing has been read).
 
 Targets: peak RSS per rank below 0.75x the full model's size for the sharded layouts (each rank
 reads only its slices), load time within 1.5x of `from_pretrained`.
@@ -42,6 +43,7 @@ LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, 
 TARGETS = {  # name -> (backend, processes, overrides)
     "hf": ("hf", 1, []),
     "hf-ddp2": ("hf", 2, []),
+    "hf-fsdp2": ("hf", 2, ["parallel.fsdp=true"]),
     "megatron-tp2": ("megatron", 2, ["parallel.tensor=2"]),
     "torchtitan-fsdp2": ("torchtitan", 2, []),
 }
@@ -85,7 +87,10 @@ def baseline(model_dir: Path) -> tuple[float, int]:
         import time, torch
         from transformers import AutoModelForCausalLM
         t0 = time.perf_counter()
-        AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.float32)
+        # transformers 5 maps the files lazily: touch every weight, or nothing was read yet
+        with torch.no_grad():
+            sum(float(p.sum()) for p in model.parameters())
         print(time.perf_counter() - t0)
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -123,7 +128,7 @@ def run_target(name: str, model_dir: Path, work: Path) -> tuple[float, list[int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16, help="decoder layers (16: the real 1B)")
-    parser.add_argument("--targets", default="hf,megatron-tp2,torchtitan-fsdp2")
+    parser.add_argument("--targets", default="hf,hf-fsdp2,megatron-tp2,torchtitan-fsdp2")
     parser.add_argument("--keep", type=Path, help="reuse/keep the model directory here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="primus-hf-load-"))
