@@ -2,8 +2,8 @@
 
 Core adds only its deterministic-mode and AINIC entries for a JAX backend (its ROCm base set is for
 torch), so the JAX/XLA settings upstream Primus uses on AMD GPUs live here. XLA_FLAGS is merged
-flag by flag: a flag the user already set keeps the user's value. On CPU, JAX is pinned to the CPU
-platform so it does not probe for accelerators. `XLA_GPU_AUTOTUNE_LEVEL`, when set, replaces the
+flag by flag: a flag the user already set keeps the user's value. JAX_PLATFORMS names the platform
+Primus planned for (cpu, rocm or cuda), so JAX on a GPU node cannot come up on the CPU unnoticed. `XLA_GPU_AUTOTUNE_LEVEL`, when set, replaces the
 autotune level below (applied by the adapter before JAX starts).
 """
 
@@ -46,4 +46,10 @@ ENV: list[EnvEntry] = [
              why="NaN risk on MI350X/MI355X otherwise"),
     EnvEntry("JAX_PLATFORMS", "cpu", platforms=frozenset({"cpu"}), source="maxtext",
              why="run JAX on the host without probing for accelerators"),
+    # on a GPU node JAX must not fall back to the CPU with a warning: naming the platform makes a
+    # missing or broken GPU plugin an error at start-up
+    EnvEntry("JAX_PLATFORMS", "rocm", platforms=ROCM, source="maxtext",
+             why="JAX on the AMD GPUs, or an error at start-up, never a silent fall-back to the CPU"),
+    EnvEntry("JAX_PLATFORMS", "cuda", platforms=frozenset({"cuda"}), source="maxtext",
+             why="JAX on the NVIDIA GPUs, or an error at start-up, never a silent fall-back to the CPU"),
 ]
