@@ -256,6 +256,8 @@ def test_xla_flags_merge_flag_by_flag_and_arch_gating():
     assert "--xla_gpu_autotune_level=0" in flags and "--xla_gpu_autotune_level=4" not in flags
     assert "--xla_dump_to=/tmp/x" in flags and "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
     assert changes["HSA_NO_SCRATCH_RECLAIM"] == "1" and "RCCL_WARP_SPEED_AUTO" not in changes
+    assert changes["JAX_PLATFORMS"] == "rocm"  # never a silent fall-back to the CPU on a GPU node
+    assert plan_env(entries, platform="cuda", arch=None, environ={})[0]["JAX_PLATFORMS"] == "cuda"
     gfx950, _ = plan_env(entries, platform="rocm", arch="gfx950", environ={})
     assert gfx950["RCCL_WARP_SPEED_AUTO"] == "0" and "HSA_NO_SCRATCH_RECLAIM" not in gfx950
     cpu, _ = plan_env(entries, platform="cpu", arch=None, environ={})
