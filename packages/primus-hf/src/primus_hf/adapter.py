@@ -86,17 +86,22 @@ class HFAdapter(Adapter):
 
     # ======================================================================= the run
 
-    def run(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with the progress line
-        n, s = self.ctx.native, self.settings
+    def _start(self) -> None:
+        """What a training run and `primus eval` both begin with: the build_args and setup patch
+        phases around the process group, then the seeds."""
+        s = self.settings
         self.ctx.apply_patches("build_args", settings=s)
         self.device = self._init_distributed()
         self.ctx.apply_patches("setup", device=self.device)
         torch.manual_seed(s.seed)
         random.seed(s.seed)
 
+    def run(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight loading/saving bars would interleave with the progress line
+        n, s = self.ctx.native, self.settings
+        self._start()
         model = self.build_model()
         self.blocks = load_blocks(n, getattr(model.config, "vocab_size", None))
         self.shifted = n.get("data_blocks") == "eval"  # rows of seq_length + 1: inputs [:-1], labels [1:]
@@ -145,10 +150,7 @@ class HFAdapter(Adapter):
 
         hf_logging.disable_progress_bar()
         s = self.settings
-        self.device = self._init_distributed()
-        self.ctx.apply_patches("setup", device=self.device)
-        torch.manual_seed(s.seed)
-        random.seed(s.seed)
+        self._start()
         checkpoint = self._eval_checkpoint(request.checkpoint)
         model = self.build_model(weights=checkpoint is None)
         encode, eos_id, vocab = _eval_tokenizer(Path(request.tokenizer))
