@@ -300,11 +300,12 @@ def test_explain_names_the_step_key_and_what_a_value_was_derived_from() -> None:
 
 
 def test_check_only_reads_and_every_neutral_field_is_honoured() -> None:
+    from primus.config.resolve import CORE_CONSUMED_FIELDS
     from primus.config.schema import NEUTRAL_SECTIONS
 
-    # every neutral field translates (checkpoint.dir and parallel.data are core's own)
+    # every neutral field translates, except those core acts on itself (checkpoint.dir, .export, ...)
     declared = MegatronTranslator.neutral_fields
     every = {f"{s}.{f}" for s, cls in NEUTRAL_SECTIONS.items() for f in cls.model_fields}
-    assert every - declared == {"checkpoint.dir", "parallel.data"}
+    assert every - declared == CORE_CONSUMED_FIELDS
     module = resolve(EXAMPLE, ["train.precision=fp32", "checkpoint.keep_last=3"]).modules["pre_trainer"]
     assert not [note for note in module.notices if "not used by" in note]

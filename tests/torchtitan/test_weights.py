@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -146,4 +147,6 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
         exp = write_yaml(tmp_path / f"{family}.yaml", EXPERIMENT.format(
             name=family, workspace=tmp_path / "ws", model=config_only(tmp_path, family), steps=1, interval=1,
             data="{mock: true}"))
-        assert_config_error(run_primus("run", str(exp), "--dry-run"), needle, "megatron")
+        # the refusal names the installed backends that build the family (none in the torchtitan session)
+        builders = ["megatron"] if find_spec("primus_megatron") is not None else []
+        assert_config_error(run_primus("run", str(exp), "--dry-run"), needle, *builders)
