@@ -28,6 +28,7 @@ from tests.support import (
     assert_config_error,
     assert_ok,
     corpus_data,
+    experiment_template,
     free_port,
     read_metrics,
     run_dir_for,
@@ -37,21 +38,14 @@ from tests.support import (
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = """
-work_group: team
-user_name: me
-exp_name: {name}
-workspace: {workspace}
-modules:
-  pre_trainer:
-    framework: hf
+EXPERIMENT = experiment_template("hf", """\
     model: {{hf_path: {model}}}
     train: {{steps: {steps}, lr: 1.0e-3, warmup_steps: 0, lr_schedule: constant, micro_batch_size: 2,
              global_batch_size: {global_batch}, seq_length: {seq}, seed: 1234, log_interval: 1}}
     data: {data}
     checkpoint: {{interval: {steps}}}
     overrides: {overrides}
-"""
+""")
 
 
 def experiment(base: Path, name: str, model: Path, *, steps: int = 3, global_batch: int = 4,

@@ -20,27 +20,29 @@ from pathlib import Path
 import pytest
 
 from tests.hf_models import EVAL_BLOCKS, SEQ_LENGTH, assert_parity, last_eval
-from tests.support import CORPUS, ROOT, assert_config_error, assert_ok, run_dir_for, session_cache, write_yaml
+from tests.support import (
+    CORPUS,
+    ROOT,
+    assert_config_error,
+    assert_ok,
+    experiment_template,
+    run_dir_for,
+    session_cache,
+    write_yaml,
+)
 
 from .conftest import run_primus
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = """
-work_group: team
-user_name: me
-exp_name: {name}
-workspace: {workspace}
-modules:
-  pre_trainer:
-    framework: maxtext
+EXPERIMENT = experiment_template("maxtext", """\
     model: {{hf_path: {model}}}
     train: {{steps: {steps}, lr: 1.0e-2, micro_batch_size: 2, seq_length: {seq}, seed: 1234, log_interval: 1,
              precision: fp32}}
     data: {{mock: true}}
     checkpoint: {{interval: {steps}}}
     overrides: {{attention: dot_product}}
-"""
+""")
 
 # Run by a Python with torch + transformers: make the tiny models, or score model directories.
 HELPER = """

@@ -27,6 +27,7 @@ from tests.support import (
     assert_config_error,
     assert_ok,
     attempts,
+    experiment_template,
     free_port,
     read_metrics,
     run_dir_for,
@@ -36,14 +37,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENT = """
-work_group: team
-user_name: me
-exp_name: {name}
-workspace: {workspace}
-modules:
-  pre_trainer:
-    framework: megatron
+EXPERIMENT = experiment_template("megatron", """\
     config: pre_trainer.yaml
     model: {{hf_path: {model}}}
     train: {{steps: {steps}, lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 1, lr_schedule: cosine, micro_batch_size: 2,
@@ -55,7 +49,7 @@ modules:
       eval_interval: 0
       # allgather: megatron-core's all-to-all dispatcher hands gloo tensors where it wants lists
       moe_token_dispatcher_type: allgather
-"""
+""")
 
 
 def experiment(tmp: Path, family: str, name: str = "exp", steps: int = 3) -> Path:

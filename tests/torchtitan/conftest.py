@@ -13,6 +13,7 @@ from tests.support import (
     TOKENIZER,
     assert_ok,
     corpus_data,
+    experiment_template,
     free_port,
     read_jsonl,
     run_primus,
@@ -22,14 +23,7 @@ from tests.support import (
 __all__ = ["CORPUS", "EXAMPLES", "ROOT", "TOKENIZER", "assert_ok", "corpus_data", "free_port", "run_primus"]
 
 # Tiny Llama 3 (2 layers, hidden 64, core's llama3_tiny preset), seq 64: a run takes seconds.
-EXPERIMENT = """
-work_group: team
-user_name: me
-exp_name: {name}
-workspace: {workspace}
-modules:
-  pre_trainer:
-    framework: torchtitan
+EXPERIMENT = experiment_template("torchtitan", """\
     config: pre_trainer.yaml
     model: llama3_tiny.yaml
     train: {{steps: {steps}, lr: 1.0e-2, warmup_steps: 2, micro_batch_size: 4, seq_length: 64, seed: 1234,
@@ -40,7 +34,7 @@ modules:
     overrides:
       activation_checkpoint: {{mode: none}}
       optimizer: {{implementation: foreach}}
-"""
+""")
 
 
 def write_experiment(directory: Path, *, name: str = "exp", steps: int = 8, data: str = "{mock: true}",

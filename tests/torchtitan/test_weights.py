@@ -16,6 +16,7 @@ from tests.support import (
     CORPUS,
     assert_config_error,
     assert_ok,
+    experiment_template,
     free_port,
     read_metrics,
     run_dir_for,
@@ -23,14 +24,7 @@ from tests.support import (
     write_yaml,
 )
 
-EXPERIMENT = """
-work_group: team
-user_name: me
-exp_name: {name}
-workspace: {workspace}
-modules:
-  pre_trainer:
-    framework: torchtitan
+EXPERIMENT = experiment_template("torchtitan", """\
     config: pre_trainer.yaml
     model: {{hf_path: {model}}}
     train: {{steps: {steps}, lr: 1.0e-2, warmup_steps: 1, micro_batch_size: 2, global_batch_size: 4, seq_length: 32,
@@ -40,7 +34,7 @@ modules:
     overrides:
       activation_checkpoint: {{mode: none}}
       optimizer: {{implementation: foreach}}
-"""
+""")
 TWO = {"one": [], "fsdp": ["parallel.fsdp=true"], "tp": ["parallel.tensor=2"]}
 
 
