@@ -39,6 +39,9 @@ CARD_PARAMS = {
     "deepseek_v2_lite": 15_706_484_224, "deepseek_v2": 235_741_434_880,
     "deepseek_v3": 671_026_419_200,  # without the 14B multi-token-prediction module
     "deepseek_r1_distill_qwen_1.5B": 1_777_088_000,
+    # the text models: transformers' Llama4ForCausalLM built on the meta device from the cards' text
+    # configs (the cards' 109B and 400B totals add the vision encoder to Scout's)
+    "llama4_scout": 107_769_861_120, "llama4_maverick": 400_711_848_960,
 }
 # ModelSpec.parameter_count counts every weight matrix and embedding (the output head once, or twice when
 # untied) but no norm weights and no biases (Qwen2's qkv bias, Qwen3's q/k norms, MLA's low-rank norms,

@@ -155,6 +155,11 @@ def check_dimensions(dims: dict[str, Dimension], spec: ModelSpec | None, world_s
         raise ConfigError(f"seq_length {seq} exceeds the model's max_position_embeddings {positions}",
                           key=dims["seq_length"].key,
                           fix=f"set train.seq_length to at most {positions}, or use a model preset with more positions")
+    chunk = spec.attention_chunk_size if spec is not None else None
+    if isinstance(seq, int) and chunk is not None and chunk > seq:
+        raise ConfigError(f"the model's attention_chunk_size {chunk} is larger than seq_length {seq}: the local "
+                          "attention layers would attend globally", key=dims["seq_length"].key,
+                          fix=f"set train.seq_length to at least {chunk}, or model.attention_chunk_size to at most {seq}")
 
 
 # --------------------------------------------------------------------------- data and tokenizer

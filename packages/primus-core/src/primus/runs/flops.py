@@ -69,7 +69,8 @@ def active_parameters(spec: ModelSpec) -> int:
         e = spec.moe
         moe_ffn = e.top_k * 3 * h * e.expert_ffn + h * e.experts  # the router scores every expert
         moe_ffn += e.shared_experts * 3 * h * (e.shared_expert_ffn or e.expert_ffn)
-        ffn = e.first_dense_layers * dense_ffn + (spec.num_layers - e.first_dense_layers) * moe_ffn
+        moe_layers = sum(e.is_moe_layer(i) for i in range(spec.num_layers))
+        ffn = (spec.num_layers - moe_layers) * dense_ffn + moe_layers * moe_ffn
     else:
         ffn = spec.num_layers * dense_ffn
     return spec.num_layers * attention + ffn + spec.vocab_size * h
