@@ -24,10 +24,11 @@ BACKEND = BackendSpec(
     patches="primus_torchtitan.patches:PATCHES",
     env="primus_torchtitan.env:ENV",
     exporter="primus_torchtitan.export:export_hf",
-    model_families=("llama", "qwen3"),
+    model_families=("llama", "qwen3", "deepseek", "llama4"),
     description=(
         "Pretraining through TorchTitan's own Trainer (FSDP2, tensor parallel, distributed "
-        "checkpointing): Llama 3 and Qwen 3 models from a neutral preset or a TorchTitan flavor, "
+        "checkpointing): Llama 3, Qwen 3, DeepSeek-V3 (and V2-Lite) and Llama 4 models from a neutral "
+        "preset or a TorchTitan flavor, "
         "synthetic or local JSONL data, with a registered patch layer that also trains on CPU."
     ),
     install_hint="pip install primus-torchtitan",

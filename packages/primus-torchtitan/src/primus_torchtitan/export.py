@@ -51,7 +51,7 @@ def export_hf(module: Any, run_dir: Path, step: int | None, out_dir: Path) -> in
 
     from primus.models.hf import check_tensors, write_weights
     from primus_torchtitan.checkpoint import complete_steps
-    from primus_torchtitan.hf_weights import Layout, stock_names, to_hf
+    from primus_torchtitan.hf_weights import Layout, all_stock_names, to_hf
 
     folder = checkpoint_folder(module, Path(run_dir))
     steps = complete_steps(folder)
@@ -65,7 +65,7 @@ def export_hf(module: Any, run_dir: Path, step: int | None, out_dir: Path) -> in
                           fix=f"complete steps: {', '.join(map(str, steps))}")
     path = folder / f"step-{step}"
     layout = Layout.from_native(module.native["model"])
-    stock = read_model_tensors(path, list(stock_names(layout)))
+    stock = read_model_tensors(path, all_stock_names(layout))
     tensors = to_hf(stock, layout)
     check_tensors(((name, tuple(t.shape)) for name, t in tensors.items()), module.model, str(path))
     write_weights(out_dir, tensors, save_file=save_file, nbytes=lambda t: t.numel() * t.element_size())

@@ -1,4 +1,5 @@
-"""Hugging Face weights in and out of TorchTitan's Llama 3 and Qwen 3 (imports torch, not torchtitan).
+"""Hugging Face weights in and out of TorchTitan's Llama 3, Qwen 3, DeepSeek-V3 and this package's
+Llama 4 (imports torch, not torchtitan).
 
 The names are TorchTitan's *stock* state-dict names (what its checkpoints hold: `wq`/`wk`/`wv`
 separately, even though the live module fuses them into one `wqkv` parameter) and the
@@ -10,6 +11,12 @@ reordered in two places:
   `j * head_dim/2 + i` of the transformers head). Qwen 3 rotates halves in both: no permutation.
 - The live `wqkv` parameter groups its rows per kv head: the q heads of group g, then k head g,
   then v head g (TorchTitan's `FusedQKVLinear` layout).
+
+DeepSeek and Llama 4 rotate interleaved pairs in transformers too (DeepSeek-V3's `rope_interleave`,
+Llama 4's complex RoPE): no row is permuted. Their routed experts are stacked `[E, out, in]`
+tensors in TorchTitan: one transformers tensor per expert (DeepSeek), or a slice of the last
+dimension of Llama 4's `[E, in, 2 x out]` `gate_up_proj` (transposed). DeepSeek-V3's selection
+bias is the buffer `moe.expert_bias_E` (transformers' `gate.e_score_correction_bias`).
 
 Loading (`load_into`) reads, for each parameter of the parallelized model, only the rows and
 columns its local shard covers (a DTensor's placements give them: FSDP's and TP's `Shard`, and
@@ -33,63 +40,142 @@ from primus.errors import ConfigError
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
+#: TorchTitan model modules whose weights map to transformers' (a model spec's `custom` flavor)
+FAMILIES = ("llama3", "qwen3", "deepseek_v3", "llama4")
+
+
 @dataclass(frozen=True)
 class Layout:
     """The geometry the name mapping needs, from the native `model:` keys."""
 
-    family: str  # "llama3" or "qwen3" (TorchTitan's model name)
+    family: str  # TorchTitan's model name: one of FAMILIES
     n_layers: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
     tied: bool
+    moe_layers: tuple[int, ...] = ()  # layers with routed experts (the others have a dense FFN)
+    experts: int = 0
+    shared_experts: bool = False
+    expert_bias: bool = False
+    q_lora: bool = False  # DeepSeek-V3's low-rank q projection (V2-Lite: one q projection)
 
     @classmethod
     def from_native(cls, model: Mapping[str, Any]) -> Layout:
         name = str(model.get("name"))
-        if name not in ("llama3", "qwen3") or model.get("flavor") != "custom":
-            raise ConfigError(f"Hugging Face weights map to TorchTitan's llama3 and qwen3 built from a model spec, "
-                              f"not model {name} flavor {model.get('flavor')}", key="model",
+        if name not in FAMILIES or model.get("flavor") != "custom":
+            raise ConfigError(f"Hugging Face weights map to TorchTitan's {', '.join(FAMILIES)} built from a model "
+                              f"spec, not model {name} flavor {model.get('flavor')}", key="model",
                               fix="use model: {hf_path: DIR} or a neutral model preset")
-        heads = int(model["n_heads"])
-        return cls(family=name, n_layers=int(model["n_layers"]), n_heads=heads,
+        heads, n_layers = int(model["n_heads"]), int(model["n_layers"])
+        moe: Mapping[str, Any] = model.get("moe") or {}
+        interval, dense = int(moe.get("layer_interval") or 1), int(moe.get("first_dense_layers") or 0)
+        return cls(family=name, n_layers=n_layers, n_heads=heads,
                    n_kv_heads=int(model.get("n_kv_heads") or heads),
                    head_dim=int(model.get("head_dim") or int(model["dim"]) // heads),
-                   tied=bool(model.get("tie_embeddings")))
+                   tied=bool(model.get("tie_embeddings")),
+                   moe_layers=tuple(i for i in range(n_layers) if i >= dense and (i + 1) % interval == 0) if moe else (),
+                   experts=int(moe.get("experts") or 0), shared_experts=bool(moe.get("shared_experts")),
+                   expert_bias=bool(moe.get("expert_bias")),
+                   q_lora=bool((model.get("mla") or {}).get("q_lora_rank")))
 
     @property
     def permutes_rope(self) -> bool:
         return self.family == "llama3"
 
 
+@dataclass(frozen=True)
+class Experts:
+    """A stacked TorchTitan expert tensor `[E, out, in]` and where transformers keeps it: one
+    `[out, in]` tensor per expert (DeepSeek: `names` has E entries), or part `part` of `parts` of
+    the last dimension of one `[E, in, parts x out]` tensor (Llama 4's `gate_up_proj`, `down_proj`)."""
+
+    names: tuple[str, ...]
+    part: int = 0
+    parts: int = 1
+
+    @property
+    def fused(self) -> bool:
+        return len(self.names) == 1
+
+
 # --------------------------------------------------------------------------- names and row orders
 
 
-def _per_layer(layout: Layout) -> dict[str, str]:
-    names = {
-        "attention.qkv_linear.wq.weight": "self_attn.q_proj.weight",
-        "attention.qkv_linear.wk.weight": "self_attn.k_proj.weight",
-        "attention.qkv_linear.wv.weight": "self_attn.v_proj.weight",
-        "attention.wo.weight": "self_attn.o_proj.weight",
-        "feed_forward.w1.weight": "mlp.gate_proj.weight",
-        "feed_forward.w3.weight": "mlp.up_proj.weight",
-        "feed_forward.w2.weight": "mlp.down_proj.weight",
-        "attention_norm.weight": "input_layernorm.weight",
-        "ffn_norm.weight": "post_attention_layernorm.weight",
-    }
+_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _attention(layout: Layout) -> dict[str, str]:
+    if layout.family == "deepseek_v3":
+        names = {"attention.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                 "attention.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+                 "attention.wkv_b.weight": "self_attn.kv_b_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight"}
+        if layout.q_lora:
+            names.update({"attention.wq_a.weight": "self_attn.q_a_proj.weight",
+                          "attention.q_norm.weight": "self_attn.q_a_layernorm.weight",
+                          "attention.wq_b.weight": "self_attn.q_b_proj.weight"})
+        else:
+            names["attention.wq.weight"] = "self_attn.q_proj.weight"
+        return names
+    prefix = "attention." if layout.family == "llama4" else "attention.qkv_linear."
+    names = {f"{prefix}w{x}.weight": f"self_attn.{x}_proj.weight" for x in "qkv"}
+    names["attention.wo.weight"] = "self_attn.o_proj.weight"
     if layout.family == "qwen3":
         names.update({"attention.q_norm.weight": "self_attn.q_norm.weight",
                       "attention.k_norm.weight": "self_attn.k_norm.weight"})
     return names
 
 
+def _per_layer(layout: Layout, layer: int) -> dict[str, str]:
+    names = {**_attention(layout), "attention_norm.weight": "input_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight"}
+    hf_ffn = "feed_forward" if layout.family == "llama4" else "mlp"
+    if layer not in layout.moe_layers:
+        names.update({f"feed_forward.{t}.weight": f"{hf_ffn}.{h}.weight" for t, h in _MLP.items()})
+        return names
+    if layout.family == "llama4":
+        names["moe.router.gate.weight"] = "feed_forward.router.weight"
+        shared = "feed_forward.shared_expert"
+    else:
+        names["moe.router.gate.weight"] = "mlp.gate.weight"
+        shared = "mlp.shared_experts"
+    if layout.shared_experts:
+        names.update({f"moe.shared_experts.{t}.weight": f"{shared}.{h}.weight" for t, h in _MLP.items()})
+    if layout.expert_bias:
+        names["moe.expert_bias_E"] = "mlp.gate.e_score_correction_bias"
+    return names
+
+
 def stock_names(layout: Layout) -> dict[str, str]:
-    """TorchTitan stock name -> transformers name, every tensor of the model."""
+    """TorchTitan stock name -> transformers name, every tensor of the model that maps one to one
+    (the stacked expert tensors are `expert_tensors`')."""
     out = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "lm_head.weight": "model.embed_tokens.weight" if layout.tied else "lm_head.weight"}
     for i in range(layout.n_layers):
-        out.update({f"layers.{i}.{t}": f"model.layers.{i}.{h}" for t, h in _per_layer(layout).items()})
+        out.update({f"layers.{i}.{t}": f"model.layers.{i}.{h}" for t, h in _per_layer(layout, i).items()})
     return out
+
+
+def expert_tensors(layout: Layout) -> dict[str, Experts]:
+    """TorchTitan's stacked expert tensors (`[E, out, in]`) -> their transformers tensors."""
+    out = {}
+    for i in layout.moe_layers:
+        stock = f"layers.{i}.moe.routed_experts.inner_experts."
+        if layout.family == "llama4":
+            hf = f"model.layers.{i}.feed_forward.experts."
+            out.update({f"{stock}w1_EFD": Experts((f"{hf}gate_up_proj",), 0, 2),
+                        f"{stock}w3_EFD": Experts((f"{hf}gate_up_proj",), 1, 2),
+                        f"{stock}w2_EDF": Experts((f"{hf}down_proj",))})
+        else:
+            for t, h in _MLP.items():
+                suffix = "EDF" if t == "w2" else "EFD"
+                out[f"{stock}{t}_{suffix}"] = Experts(tuple(f"model.layers.{i}.mlp.experts.{e}.{h}.weight"
+                                                            for e in range(layout.experts)))
+    return out
+
+
+def all_stock_names(layout: Layout) -> list[str]:
+    return [*stock_names(layout), *expert_tensors(layout)]
 
 
 def _rope_rows(heads: int, head_dim: int) -> torch.Tensor:
@@ -245,11 +331,29 @@ class SliceReader:
         self.bytes_read += block.numel() * block.element_size()
         return out
 
+    def read_experts(self, spec: Experts, experts: torch.Tensor, rows: torch.Tensor,
+                     cols: torch.Tensor) -> torch.Tensor:
+        """`[experts, rows, cols]` of a stacked TorchTitan expert tensor from its transformers tensors."""
+        if not spec.fused:
+            return torch.stack([self.read(spec.names[int(e)], rows, cols) for e in experts])
+        from safetensors import safe_open
 
-def _named_parameters(model_parts: Iterable[Any]) -> Iterator[tuple[str, Any]]:
+        name = spec.names[0]
+        path = self.index[name][0]
+        if path not in self._open:
+            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        lo, hi = int(experts.min()), int(experts.max()) + 1
+        block = self._open[path].get_slice(name)[lo:hi]  # [e, in, parts x out]
+        self.bytes_read += block.numel() * block.element_size()
+        width = block.shape[-1] // spec.parts
+        block = block[experts - lo][:, :, spec.part * width:(spec.part + 1) * width]
+        return block[:, cols][:, :, rows].transpose(1, 2)
+
+
+def _named_parameters(model_parts: Iterable[Any], buffers: bool = False) -> Iterator[tuple[str, Any]]:
     seen: set[int] = set()
     for part in model_parts:
-        for name, param in part.named_parameters():
+        for name, param in (part.named_buffers() if buffers else part.named_parameters()):
             if id(param) not in seen:
                 seen.add(id(param))
                 yield live_name(name), param
@@ -262,14 +366,33 @@ def load_into(model_parts: Iterable[Any], layout: Layout, hf_dir: Path) -> int:
     from primus.models.hf import read_weight_index
 
     index = read_weight_index(hf_dir)
-    hf = stock_names(layout)
+    hf, experts = stock_names(layout), expert_tensors(layout)
+
+    def missing(hf_name: str, name: str) -> ConfigError:
+        return ConfigError(f"{hf_dir}: tensor {hf_name} is missing (TorchTitan's {name} loads from it)",
+                           key="model.hf_path")
+
     with SliceReader(index) as reader:
+        for name, buffer in _named_parameters(model_parts, buffers=True):
+            if name in hf:  # DeepSeek-V3's per-expert selection bias (replicated: read whole)
+                if hf[name] not in index:
+                    raise missing(hf[name], name)
+                buffer.copy_(reader.read(hf[name], torch.arange(buffer.shape[0]), None))
         for name, param in _named_parameters(model_parts):
+            if name in experts:
+                spec = experts[name]
+                for hf_name in spec.names:
+                    if hf_name not in index:
+                        raise missing(hf_name, name)
+                local = param.to_local() if hasattr(param, "to_local") else param
+                if local.numel():
+                    local.copy_(reader.read_experts(spec, *local_indices(param)))
+                reader.release()
+                continue
             sources = sources_for(layout, name, hf)
             for hf_name in sources.names:
                 if hf_name not in index:
-                    raise ConfigError(f"{hf_dir}: tensor {hf_name} is missing (TorchTitan's {name} loads from it)",
-                                      key="model.hf_path")
+                    raise missing(hf_name, name)
             idx = local_indices(param)
             local = param.to_local() if hasattr(param, "to_local") else param
             if local.numel() == 0:
@@ -323,4 +446,15 @@ def to_hf(stock: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, torch.
             permuted[order] = tensor
             tensor = permuted
         out[hf_name] = tensor.contiguous()
+    fused: dict[str, list[Any]] = {}
+    for name, spec in expert_tensors(layout).items():
+        if name not in stock:
+            raise ConfigError(f"the checkpoint has no tensor {name} (transformers' {spec.names[0]})")
+        tensor = stock[name]
+        if not spec.fused:
+            out.update({hf_name: tensor[e].contiguous() for e, hf_name in enumerate(spec.names)})
+            continue
+        parts = fused.setdefault(spec.names[0], [None] * spec.parts)
+        parts[spec.part] = tensor.transpose(1, 2)  # [E, in, out]
+    out.update({hf_name: torch.cat(parts, dim=-1).contiguous() for hf_name, parts in fused.items()})
     return out

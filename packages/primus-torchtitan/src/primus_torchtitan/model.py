@@ -18,7 +18,7 @@ from primus.errors import ConfigError
 #: argument overrides a named flavor accepts without becoming custom
 FLAVOR_OVERRIDES = {"n_layers"}
 ARGUMENTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "hidden_dim", "rope_theta",
-             "max_seq_len", "norm_eps", "tie_embeddings", "qk_norm", "rope_scaling")
+             "max_seq_len", "norm_eps", "tie_embeddings", "qk_norm", "rope_scaling", "mla", "moe", "mtp_layers")
 
 
 def build_model_spec(model: dict[str, Any]) -> Any:
@@ -106,4 +106,56 @@ def _qwen3(model: dict[str, Any], attn_backend: str) -> Any:
         layers=layers)
 
 
-CUSTOM_BUILDERS = {"llama3": _llama3, "qwen3": _qwen3}
+def _yarn_kwargs(scaling: dict[str, Any]) -> dict[str, Any]:
+    return {"scaling": "yarn", "rope_factor": float(scaling["factor"]),
+            "beta_fast": float(scaling.get("beta_fast") or 32.0), "beta_slow": float(scaling.get("beta_slow") or 1.0),
+            "original_seq_len": int(scaling.get("original_max_positions") or 4096)}
+
+
+def _deepseek_v3(model: dict[str, Any], attn_backend: str) -> Any:
+    """TorchTitan's DeepSeek-V3 module (MLA + MoE) from the neutral spec's values: its own layer
+    factory and initialisations; V2-Lite's plain q projection is its `q_lora_rank: 0`."""
+    from torchtitan.models import deepseek_v3 as D
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+
+    dim, vocab = int(model["dim"]), int(model["vocab_size"])
+    mla, moe = model["mla"], model["moe"]
+    eps = float(model.get("norm_eps") or 1e-6)
+    rope: dict[str, Any] = {"dim": int(mla["qk_rope_head_dim"]), "max_seq_len": int(model["max_seq_len"]),
+                            "theta": float(model.get("rope_theta") or 10000.0)}
+    scaling = model.get("rope_scaling")
+    if scaling:
+        rope.update(_yarn_kwargs(scaling))
+    layers = D._build_dsv3_layers(
+        n_layers=int(model["n_layers"]), n_dense_layers=int(moe.get("first_dense_layers") or 0), dim=dim,
+        n_heads=int(model["n_heads"]), q_lora_rank=int(mla.get("q_lora_rank") or 0),
+        kv_lora_rank=int(mla["kv_lora_rank"]), qk_nope_head_dim=int(mla["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(mla["qk_rope_head_dim"]), v_head_dim=int(mla["v_head_dim"]),
+        mscale=float((scaling or {}).get("mscale_all_dim") or 1.0),
+        dense_hidden_dim=int(model["hidden_dim"]), moe_hidden_dim=int(moe["expert_ffn"]),
+        num_experts=int(moe["experts"]), num_shared_experts=int(moe.get("shared_experts") or 0),
+        router_top_k=int(moe["top_k"]), router_score_func=moe.get("score_function") or "softmax",
+        router_num_expert_groups=moe.get("groups"), router_num_limited_groups=moe.get("top_k_groups"),
+        router_route_scale=float(moe.get("routed_scaling_factor") or 1.0),
+        router_route_norm=bool(moe.get("norm_topk_prob")),
+        attn_backend=attn_backend, moe_comm_backend="standard", non_blocking_capacity_factor=None,
+        rope=ComplexRoPE.Config(**rope))
+    for block in layers:
+        block.attention_norm.eps = block.ffn_norm.eps = block.attention.kv_norm.eps = eps
+        if block.attention.q_lora_rank:
+            block.attention.q_norm.eps = eps
+        if block.moe is not None:
+            # the per-expert selection bias exists (and is loaded) only when the spec has one
+            block.moe.load_balance_coeff = 1e-3 if moe.get("expert_bias") else None
+            if not moe.get("shared_experts"):
+                block.moe.shared_experts = None
+    return D.DeepSeekV3Model.Config(
+        vocab_size=vocab, dim=dim,
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim, param_init=D._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=dim, eps=eps, param_init=D._NORM_INIT),
+        lm_head=Linear.Config(in_features=dim, out_features=vocab, param_init=D._output_linear_init(dim)),
+        layers=layers, enable_weight_tying=bool(model.get("tie_embeddings")),
+        mtp_layers=D._build_mtp_layers(layers[-1], dim=dim, num_mtp_layers=int(model.get("mtp_layers") or 0)))
+
+
+CUSTOM_BUILDERS = {"llama3": _llama3, "qwen3": _qwen3, "deepseek_v3": _deepseek_v3}

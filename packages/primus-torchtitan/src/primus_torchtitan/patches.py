@@ -205,6 +205,33 @@ def _eager_block_mask(ctx: PatchContext) -> Undo:
     return replace_attr(attention, "_compiled_create_block_mask", create_block_mask)
 
 
+def _grouped_experts_in_input_dtype(ctx: PatchContext) -> Undo:
+    # TorchTitan's routed experts cast tokens and weights to bf16 for torch._grouped_mm whatever
+    # the training precision (the GPU kernels are bf16-only). On CPU the grouped matmul runs in
+    # fp32 too: computed in the tokens' dtype, an fp32 run matches transformers' experts exactly
+    # (bf16 moves a tiny model's loss by about 1e-3), and a bf16 run is unchanged.
+    import spmd_types as spmd
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+    from torchtitan.distributed.spmd_types import spmd_mesh_size
+    from torchtitan.distributed.utils import get_spmd_backend
+    from torchtitan.models.common.moe import GroupedExperts
+
+    def forward(self: Any, x_RD: Any, num_tokens_per_expert_E: Any) -> Any:
+        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD))
+        offsets = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+        if get_spmd_backend() == "spmd_types" and spmd.is_type_checking() and spmd_mesh_size("ep") == 1:
+            for axis in ("dp", "cp"):  # as TorchTitan's forward does before its grouped matmuls
+                spmd.mutate_type(offsets, axis, src=spmd.P, dst=spmd.V)
+        dtype = x_RD.dtype
+        h = F.silu(self._grouped_mm(A=x_RD, B_t=w1.to(dtype).transpose(-2, -1), offs=offsets))
+        h = h * self._grouped_mm(A=x_RD, B_t=w3.to(dtype).transpose(-2, -1), offs=offsets)
+        return self._grouped_mm(A=h, B_t=w2.to(dtype).transpose(-2, -1), offs=offsets)
+
+    return replace_attr(GroupedExperts, "forward", forward)
+
+
 def _cpu_spmd_backend(ctx: PatchContext) -> Undo | None:
     # With FSDP or TP on CPU TorchTitan's default SPMD backend fails at start, and full_dtensor
     # trains but reports about twice the loss; partial_dtensor trains correctly.
@@ -350,6 +377,13 @@ PATCHES: list[Patch] = [
         description="Build FlexAttention block masks eagerly: the compiled mask builder spends about "
                     "10 s per process in inductor on CPU.",
         apply=_eager_block_mask),
+    Patch(
+        id="torchtitan.cpu.grouped_experts_dtype", backend=BACKEND,
+        target="torchtitan.models.common.moe.GroupedExperts.forward", phase="setup", versions=FRAMEWORK_RANGE,
+        platforms=CPU,
+        description="Run the routed experts' grouped matmuls in the tokens' dtype on CPU instead of always "
+                    "bf16: fp32 MoE models (DeepSeek, Llama 4) then match transformers to 1e-6.",
+        apply=_grouped_experts_in_input_dtype),
     Patch(
         id="torchtitan.cpu.spmd_backend", backend=BACKEND,
         target="torchtitan.config.configs.ParallelismConfig", phase="build_args", versions=FRAMEWORK_RANGE,

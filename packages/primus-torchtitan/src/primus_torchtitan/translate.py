@@ -25,6 +25,7 @@ PRIMUS_KEYS = frozenset({
     "model.name", "model.flavor", "model.attn_backend", "model.dim", "model.n_layers", "model.n_heads",
     "model.n_kv_heads", "model.head_dim", "model.vocab_size", "model.hidden_dim", "model.rope_theta",
     "model.max_seq_len", "model.norm_eps", "model.tie_embeddings", "model.qk_norm", "model.rope_scaling.",
+    "model.mla.", "model.moe.", "model.mtp_layers", "model.llama4.",
     "optimizer.name", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
     "optimizer.weight_decay", "training.mock_data", "training.exit_at_step", "dataloader.text_key", "activation_checkpoint.mode",
     "checkpoint.on_damaged",
@@ -68,7 +69,14 @@ UNAVAILABLE = {
     "mx.": "quantization converters are not wired through Primus yet",
 }
 
-FAMILY_TO_MODULE = {"llama": "llama3", "qwen3": "qwen3"}
+FAMILY_TO_MODULE = {"llama": "llama3", "qwen3": "qwen3", "deepseek": "deepseek_v3", "llama4": "llama4"}
+#: model modules of this package (TorchTitan's model protocol), importable as `model.name`; built
+#: from a model spec only (flavor `custom`)
+OWN_MODULES = {"llama4": "primus_torchtitan.models.llama4"}
+#: the neutral MoE fields each module reads (model.moe.*)
+MOE_FIELDS = ("experts", "top_k", "expert_ffn", "shared_experts", "first_dense_layers", "score_function",
+              "expert_bias", "groups", "top_k_groups", "routed_scaling_factor", "norm_topk_prob", "layer_interval",
+              "router_aux_loss_coef")
 #: `org/name`: a Hugging Face repository (upstream's presets name the tokenizer's this way), as
 #: opposed to a local directory (`./tok`, `/data/tok`, `~/tok`, or one that exists)
 HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -140,11 +148,47 @@ def _other_builders(family: str) -> list[str]:
         return []
 
 
+#: Llama 4's attention options (model.llama4.*), read by primus_torchtitan.models.llama4
+LLAMA4_FIELDS = ("nope_layer_interval", "attention_chunk_size", "qk_l2_norm", "attn_temperature_tuning",
+                 "attn_floor_scale", "attn_scale")
+
+
+def _check_deepseek(spec: ModelSpec) -> None:
+    """What TorchTitan's DeepSeek-V3 module cannot express, refused in one line each."""
+    if spec.mla is None or spec.moe is None:
+        missing = "mla" if spec.mla is None else "moe"
+        raise ConfigError(f"TorchTitan's DeepSeek-V3 module builds latent attention with MoE layers; this deepseek "
+                          f"model has no {missing}", key=missing)
+    moe, scaling = spec.moe, spec.rope_scaling
+    if moe.groups is not None and moe.score_function == "softmax":
+        raise ConfigError("group-limited routing with softmax scores (DeepSeek-V2) ranks groups by their best expert; "
+                          "TorchTitan ranks them by the sum of their top two (DeepSeek-V3's sigmoid routing)",
+                          key="moe.groups")
+    if moe.layer_interval != 1:
+        raise ConfigError("TorchTitan's DeepSeek-V3 module puts routed experts on every layer after the dense ones "
+                          f"(moe.layer_interval {moe.layer_interval} is Llama 4's interleaving)", key="moe.layer_interval")
+    if moe.shared_expert_ffn not in (None, moe.expert_ffn):
+        raise ConfigError("TorchTitan's DeepSeek-V3 shared experts are expert_ffn wide each "
+                          f"(moe.shared_expert_ffn {moe.shared_expert_ffn} differs)", key="moe.shared_expert_ffn")
+    if moe.expert_bias and moe.score_function != "sigmoid":
+        raise ConfigError("the per-expert selection bias goes with sigmoid scores (DeepSeek-V3)", key="moe.expert_bias")
+    if scaling is not None and scaling.mscale not in (None, scaling.mscale_all_dim):
+        raise ConfigError(f"YaRN with mscale ({scaling.mscale}) different from mscale_all_dim "
+                          f"({scaling.mscale_all_dim}) rescales the rotary cache, which TorchTitan's RoPE keeps a pure "
+                          "rotation", key="rope_scaling.mscale")
+
+
+def _check_llama4(spec: ModelSpec) -> None:
+    moe = spec.moe
+    if moe is not None and (moe.score_function != "sigmoid" or moe.groups is not None or moe.expert_bias
+                            or moe.first_dense_layers or moe.shared_experts > 1):
+        raise ConfigError("Llama 4's MoE is sigmoid top-k with at most one shared expert, no groups, no expert bias "
+                          "and no leading dense layers", key="moe")
+
+
 class TorchTitanTranslator(Translator):
     steps_key = "training.steps"
     renamed_keys = UPSTREAM_ALIASES
-    unbuilt_families = {"deepseek": "not from a neutral preset; TorchTitan's own DeepSeek V3 flavors build it "
-                                    "(model: {name: deepseek_v3, flavor: 16B})"}
     #: what core's neutral rules (primus.config.rules) judge, read from the resolved native keys so
     #: `parallelism.tensor_parallel_degree=3` is judged like `parallel.tensor=3`. Not named, so read
     #: from the neutral sections: `data` (TorchTitan splits it in two degrees, replicate x shard,
@@ -212,14 +256,16 @@ class TorchTitanTranslator(Translator):
     def translate_model(self, spec: ModelSpec) -> NativeValues:
         module = FAMILY_TO_MODULE.get(spec.family)
         if module is None:
-            hint = ("; for DeepSeek V3 set `model: {name: deepseek_v3, flavor: ...}` natively (untested on CPU)"
-                    if spec.family == "deepseek" else "")
             raise ConfigError(f"model family '{spec.family}' is not supported by the torchtitan backend "
-                              f"(supported: llama, qwen3){hint}")
-        unsupported = [name for name, on in (("moe", spec.moe), ("mla", spec.mla), ("qkv_bias", spec.qkv_bias))
-                       if on]
-        if spec.family == "llama" and spec.qk_norm:
-            unsupported.append("qk_norm")
+                              f"(supported: {', '.join(FAMILY_TO_MODULE)})")
+        if spec.family == "deepseek":
+            _check_deepseek(spec)
+        elif spec.family == "llama4":
+            _check_llama4(spec)
+        dense = spec.family in ("llama", "qwen3")  # the families whose modules have no MoE here
+        unsupported = [name for name, on in (("moe", dense and spec.moe), ("mla", dense and spec.mla),
+                                             ("qkv_bias", spec.qkv_bias), ("qk_norm", spec.family != "qwen3"
+                                                                          and spec.qk_norm)) if on]
         if unsupported:
             others = _other_builders(spec.family)
             raise ConfigError(f"{', '.join(unsupported)} of a {spec.family} model are not built by the torchtitan "
@@ -241,10 +287,20 @@ class TorchTitanTranslator(Translator):
         out.set("model.norm_eps", spec.norm_eps, "norm_eps")
         out.set("model.tie_embeddings", spec.tie_embeddings, "tie_embeddings")
         if spec.rope_scaling is not None:
-            if spec.rope_scaling.type != "llama3":
-                raise ConfigError(f"rope scaling '{spec.rope_scaling.type}' is not supported by the torchtitan "
-                                  "backend (llama3 scaling is)")
+            wanted = "yarn" if spec.family == "deepseek" else "llama3"
+            if spec.rope_scaling.type != wanted:
+                raise ConfigError(f"rope scaling '{spec.rope_scaling.type}' of a {spec.family} model is not supported "
+                                  f"by the torchtitan backend ({wanted} scaling is)")
             out.set("model.rope_scaling", spec.rope_scaling.model_dump(exclude_none=True), "rope_scaling")
+        if spec.moe is not None:
+            out.set("model.moe", {k: getattr(spec.moe, k) for k in MOE_FIELDS}, "moe")
+            out.set("model.hidden_dim", spec.ffn_hidden_size, "ffn_hidden_size")
+        if spec.mla is not None:
+            out.set("model.mla", spec.mla.model_dump(), "mla")
+        if spec.mtp_layers:
+            out.set("model.mtp_layers", spec.mtp_layers, "mtp_layers")
+        if spec.family == "llama4":
+            out.set("model.llama4", {k: getattr(spec, k) for k in LLAMA4_FIELDS}, "family")
         return out
 
     # ------------------------------------------------------------------ neutral sections
@@ -400,7 +456,7 @@ class TorchTitanTranslator(Translator):
     @staticmethod
     def _check_model(native: dict[str, Any]) -> None:
         model_name, flavor = native_get(native, "model.name"), native_get(native, "model.flavor")
-        flavors = model_flavors()
+        flavors = {**model_flavors(), **{name: [] for name in OWN_MODULES}}
         if model_name not in flavors:
             raise ConfigError(f"TorchTitan model '{model_name}' is not known", key="model.name",
                               fix=did_you_mean(str(model_name), flavors) or "one of: " + ", ".join(flavors))
@@ -459,6 +515,10 @@ class TorchTitanTranslator(Translator):
             notes.append(f"hf_assets_path: the tokenizer is read from the Hugging Face repository {repo}, downloaded "
                          "at run time (needs the network; a gated repository needs HF_TOKEN)")
 
+        aux = native_get(resolved.native, "model.moe.router_aux_loss_coef")
+        if aux:
+            notes.append(f"moe.router_aux_loss_coef {aux:g}: not applied; TorchTitan balances the experts with the "
+                         "per-expert selection bias it updates after each step (no auxiliary loss)")
         for path, value in flatten(resolved.native).items():
             dotted = ".".join(path)
             for pattern, why in UNAVAILABLE.items():
