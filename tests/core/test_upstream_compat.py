@@ -212,7 +212,8 @@ def test_a_post_training_module_is_refused_in_one_line(write, tmp_path):
             model: llama3_tiny.yaml
     """)
     msg = _error(path)
-    assert msg.startswith(f"{path}:6: modules.post_trainer.config: post-training is not installed yet (issue 14)")
+    assert msg.startswith(f"{path}:6: modules.post_trainer.config: the toy backend has no post-training: no "
+                          "'sft_trainer.yaml' module preset for module 'post_trainer'")
     assert "\n" not in msg
 
 
@@ -225,7 +226,7 @@ def test_an_upstream_sft_file_with_keys_of_its_own_is_refused_as_post_training(w
     """)
     path = write("lora.yaml", "extends: base_sft.yaml\nlora: {enabled: true, dim: 8}\nlr: 2.0e-4\n")
     msg = _error(path)
-    assert "post-training is not installed yet (issue 14)" in msg and "unknown key" not in msg
+    assert "the toy backend has no post-training" in msg and "unknown key" not in msg
 
 
 def test_the_post_training_refusal_exits_2_from_the_cli(write, tmp_path):
@@ -234,7 +235,7 @@ def test_the_post_training_refusal_exits_2_from_the_cli(write, tmp_path):
     path = write("sft.yaml", f"exp_name: s\nworkspace: {tmp_path}\nmodules:\n"
                              "  post_trainer: {framework: toy, config: sft_trainer.yaml}\n")
     r = run_primus("run", str(path), "--dry-run")
-    assert r.returncode == 2 and "post-training is not installed yet" in r.stderr
+    assert r.returncode == 2 and "the toy backend has no post-training" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 

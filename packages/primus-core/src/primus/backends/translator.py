@@ -101,6 +101,11 @@ class Translator:
     #: translator accepts them and the adapter reads the value under the new name (docs list them)
     renamed_keys: dict[str, str] = {}
 
+    #: what this backend's post_trainer module (`config: sft_trainer.yaml`) does, from POST_TRAINING
+    #: ("full", "lora", "packing", "isolated_packing"); empty: no post-training. Core refuses a
+    #: post-training request the backend cannot honour before anything runs.
+    post_training: frozenset[str] = frozenset()
+
     #: the first contract's name for the parallel and batch part of `dimension_keys`; still read
     native_parallel_keys: dict[str, str] = {}
 

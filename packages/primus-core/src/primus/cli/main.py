@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=_NON_NEGATIVE, default=None, help="default: the newest checkpoint")
     export.add_argument("--module")
 
+    generate = sub.add_parser("generate", help="greedy generation with a run's model (post-training's quick check)")
+    generate.add_argument("run_dir", metavar="RUN_DIR")
+    generate.add_argument("--prompt", action="append", metavar="TEXT", help="a user prompt (repeatable)")
+    generate.add_argument("--prompts", metavar="FILE", help='a .jsonl of {"prompt": ...}, or one prompt per line')
+    generate.add_argument("--max-new-tokens", type=_POSITIVE, default=64)
+    generate.add_argument("--system", metavar="TEXT", help="a system message (chat templates)")
+    generate.add_argument("--module", help="the run's module (default: post_trainer, else the first)")
+
     docs = sub.add_parser("docs", help="generate docs/backends from the installed packages")
     docs.add_argument("--out", default="docs/backends")
     docs.add_argument("--check", action="store_true", help="exit 1 if the committed files differ")
@@ -179,6 +187,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from primus.cli import eval_cmd
 
         return eval_cmd.cmd_eval(args) if command == "eval" else eval_cmd.cmd_export(args)
+    if command == "generate":
+        from primus.posttrain.generate import cmd_generate
+
+        return cmd_generate(args)
     if command in ("runs", "compare"):
         from primus.cli import runs_cmd
 

@@ -52,7 +52,8 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     discovery = discover()
     for w in discovery.warnings:
         _warn(w)
-    resolved = resolve(loaded, module=args.module, world_size=opts.world_size, discovery=discovery)
+    module = _module_for_task(loaded, getattr(args, "task", None), args.module)
+    resolved = resolve(loaded, module=module, world_size=opts.world_size, discovery=discovery)
     for m in resolved.modules.values():
         for note in m.notices:
             _warn(f"{m.name}: {note}")
@@ -187,6 +188,28 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
         if code != EXIT_OK:
             return code
     return EXIT_OK
+
+
+def _module_for_task(loaded, task: str | None, module: str | None) -> str | None:
+    """`primus train pretrain|posttrain`: the modules of that kind (upstream's form). A named module
+    or an experiment whose modules are all of the other kind is refused, naming the mismatch."""
+    if task is None:
+        return module
+    from primus.config.resolve import module_kind
+
+    wanted = "pretrain" if task == "pretrain" else "posttrain"
+    kinds = {name: module_kind(name, m.config) for name, m in loaded.experiment.modules.items()}
+    names = [module] if module is not None and module in kinds else [n for n, k in kinds.items() if k == wanted]
+    wrong = [n for n in names if kinds[n] != wanted] if module is not None else []
+    if wrong or not names:
+        name = wrong[0] if wrong else next(iter(kinds))
+        other = "posttrain" if wanted == "pretrain" else "pretrain"
+        what = "a post-training module (config: sft_trainer.yaml)" if other == "posttrain" else "a pretraining module"
+        raise ConfigError(f"`primus train {task}` runs {wanted} modules, but module '{name}' is {what}",
+                          file=str(loaded.path), key=f"modules.{name}", fix=f"run `primus train {other}`")
+    if module is None and len(names) < len(kinds):
+        return names[0] if len(names) == 1 else module
+    return module
 
 
 def _unwritable(run_dir: Path, exc: OSError) -> ConfigError:

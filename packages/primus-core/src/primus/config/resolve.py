@@ -33,6 +33,13 @@ from primus.config.upstream import ModelAlias, UpstreamTables, compat_notices, f
 from primus.config.yamlfile import KeyPath, YamlDoc, flatten, load_yaml, parse_scalar, substitute_env
 from primus.errors import ConfigError
 from primus.models.spec import ModelSpec
+from primus.posttrain.rules import (
+    POST_TRAINING_FIELDS,
+    POST_TRAINING_PRESET,
+    POST_TRAINING_PRESETS,
+    check_post_training,
+    template_is_file,
+)
 from primus.suggest import did_you_mean
 
 MODULE_FIELDS = set(ModuleConfig.model_fields)
@@ -65,6 +72,8 @@ class ResolvedModule:
     #: `model: {hf_path: DIR}`: the local Hugging Face directory (absolute) the spec was read from;
     #: the adapter loads its weights, when it has some, instead of a random init
     hf_path: str | None = None
+    #: "pretrain" or "posttrain" (a post_trainer module: `config: sft_trainer.yaml`)
+    kind: str = "pretrain"
 
     def explain(self, key: str) -> Source | None:
         """The layer, file and line that set the native `key` (dotted), or None."""
@@ -101,6 +110,7 @@ class ResolvedModule:
             "steps_key": self.steps_key,
             "model_alias": self.model_alias,
             "hf_path": self.hf_path,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -118,6 +128,7 @@ class ResolvedModule:
             steps_key=data.get("steps_key"),
             model_alias=data.get("model_alias"),
             hf_path=data.get("hf_path"),
+            kind=data.get("kind", "pretrain"),
         )
 
 
@@ -332,7 +343,7 @@ def load_experiment(path: str | Path, cli: CommandLine | list[str] | None = None
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
         post = _post_training_module(modules)
-        if post is not None:
+        if post is not None and not _has_post_training(modules[post[0]]):
             # upstream's post-training files carry keys of their own (`lora:`, ...): what to say
             # first is that post-training does not exist here, not which key is unknown
             name, config = post
@@ -344,8 +355,23 @@ def load_experiment(path: str | Path, cli: CommandLine | list[str] | None = None
     return LoadedExperiment(doc=doc, experiment=experiment, cli=command_line)
 
 
-#: module presets of upstream's post-training modules (ARCHITECTURE §3.5), not installed yet
-POST_TRAINING_PRESETS = {"sft_trainer"}
+def module_kind(name: str, config: str | None) -> str:
+    """`posttrain` for a post_trainer module (by name, or its `sft_trainer.yaml` preset), else `pretrain`."""
+    if name == "post_trainer" or (isinstance(config, str) and Path(config).stem in POST_TRAINING_PRESETS):
+        return "posttrain"
+    return "pretrain"
+
+
+def _has_post_training(module: Any) -> bool:
+    """Whether the raw module's backend (installed) ships a post-training module preset."""
+    framework = module.get("framework") if isinstance(module, dict) else None
+    if not isinstance(framework, str):
+        return False
+    try:
+        backend = discover().backends.get(framework)
+    except ConfigError:
+        return False
+    return backend is not None and (backend.spec.preset_dir() / POST_TRAINING_PRESET).is_file()
 
 
 def _post_training_module(modules: Any) -> tuple[str, str] | None:
@@ -360,10 +386,11 @@ def _post_training_module(modules: Any) -> tuple[str, str] | None:
 
 
 def post_training_error(module: str, framework: Any, config: str) -> ConfigError:
-    """Upstream's post-training modules (SFT, LoRA): a module kind of its own, not a typo."""
+    """A post-training module (SFT, LoRA) on a backend that has none: a module kind of its own, not a typo."""
     backend = f"the {framework} backend" if isinstance(framework, str) else "no backend"
-    return ConfigError(f"post-training is not installed yet (issue 14): {backend} has no '{config}' module preset "
-                       f"for module '{module}'", fix="run a pre_trainer module (config: pre_trainer.yaml)")
+    return ConfigError(f"{backend} has no post-training: no '{config}' module preset for module '{module}'",
+                       fix="run it on a backend with post-training (`primus backends` lists them), or run a "
+                           "pre_trainer module (config: pre_trainer.yaml)")
 
 
 # --------------------------------------------------------------------------- the model
@@ -572,6 +599,10 @@ def _absolute_paths(module: ModuleConfig, base: Path, cli_paths: dict[KeyPath, C
         origin = Path.cwd() if (section, key) in cli_paths else base
         current = updates.get(section, getattr(module, section))
         updates[section] = current.model_copy(update={key: _absolute(getattr(current, key), origin)})
+    template = module.data.chat_template
+    if template is not None and template_is_file(template):  # a .jinja file, not a name or inline Jinja
+        origin = Path.cwd() if ("data", "chat_template") in cli_paths else base
+        updates["data"] = updates["data"].model_copy(update={"chat_template": _absolute(template, origin)})
     return module.model_copy(update=updates)
 
 
@@ -642,7 +673,7 @@ class _Locator:
 
 # neutral fields core itself acts on, whatever the backend maps: the checkpoint folder (the run
 # context hands it to the adapter) and the data-parallel size (checked against the world size)
-CORE_CONSUMED_FIELDS = frozenset({"checkpoint.dir", "parallel.data", "checkpoint.export"})
+CORE_CONSUMED_FIELDS = frozenset({"checkpoint.dir", "parallel.data", "checkpoint.export"}) | POST_TRAINING_FIELDS
 
 
 def _honoured(translator: Translator, origins: dict[str, str]) -> set[str]:
@@ -688,7 +719,8 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
     layered.apply(base, "module_base", sources=base_sources)
 
     # 2 module preset
-    preset_name = first.config or translator.default_module_preset
+    kind = module_kind(name, first.config)
+    preset_name = first.config or (POST_TRAINING_PRESET if kind == "posttrain" else translator.default_module_preset)
     search = [backend.spec.preset_dir(), core_preset_dir()]
     config_item = next((i for i in field_items if i.path == ("config",)), None)
     preset_path = find_file(preset_name, relative_to=Path.cwd() if config_item else doc.path.parent,
@@ -818,13 +850,14 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         name=name, framework=backend.name, native=layered.data, sources=layered.sources, module=module,
         model=spec, model_file=model_file, experiment_file=file, world_size=world_size,
         neutral_origins=neutral_origins, steps_key=translator.steps_key,
-        model_alias=model.alias.name if model.alias else None, hf_path=model.hf_path)
+        model_alias=model.alias.name if model.alias else None, hf_path=model.hf_path, kind=kind)
     try:
         # the neutral rules, once, on the resolved dimensions
         dims = read_dimensions(layered.data, module, spec, translator, {
             k: o[len("model."):] for k, o in neutral_origins.items() if o.startswith("model.")})
         check_dimensions(dims, spec, world_size)
         check_data(module)
+        check_post_training(module, kind, translator.post_training, backend.name, model.hf_path)
         if module.checkpoint.export and (backend.spec.exporter is None or spec is None):
             why = f"the {backend.name} backend cannot export weights" if backend.spec.exporter is None else \
                 "the model is native keys, not a model spec, so no config.json can be written"

@@ -76,12 +76,83 @@ class DataSection(_Strict):
     text_key: str | None = Field(None, description="JSONL field holding the text (default 'text').")
     tokenizer: str | None = Field(None, description="Local tokenizer directory.")
     valid_fraction: FiniteFloat | None = Field(None, ge=0, lt=1, description="Share of documents held out for validation.")
+    # post-training (docs/guide/posttrain.md)
+    format: Literal["text", "messages", "alpaca", "prompt_completion"] | None = Field(
+        None, description="Records of data.path: text (pretraining), messages (chats: {messages: [{role, content}]}), "
+                          "alpaca ({instruction, input?, output}) or prompt_completion ({prompt, completion}). "
+                          "Default: text for pre_trainer modules; for post_trainer modules, read off the first record.")
+    chat_template: str | None = Field(
+        None, description="tokenizer (its own template, the default for messages), chatml, a Jinja template inline, "
+                          "or a .jinja file. Set for alpaca / prompt_completion, it renders them as one chat turn.")
+    packing: bool | None = Field(None, description="Pack several samples into each sequence (post-training).")
+    packed_attention: Literal["isolated", "causal"] | None = Field(
+        None, description="With packing: isolated (attention stays inside each sample; default where the backend "
+                          "can) or causal across the packed samples (upstream's default regime).")
+    truncation: Literal["right", "drop"] | None = Field(
+        None, description="A sample longer than seq_length + 1 tokens: right (cut its end, the default) or drop it.")
 
     @model_validator(mode="after")
     def _mock_or_path(self) -> DataSection:
         if self.mock and self.path:
             raise ValueError("set either `mock: true` or `path`, not both")
+        if self.packed_attention is not None and not self.packing:
+            raise ValueError("packed_attention applies with `packing: true`")
         return self
+
+
+#: the neutral names of a decoder layer's linear layers (Hugging Face's, as peft's target_modules
+#: name them); each backend maps them onto its own modules
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSection(_Strict):
+    rank: PositiveInt = Field(16, description="Rank r of the low-rank update B @ A.")
+    alpha: PositiveFiniteFloat = Field(32.0, description="Scale: the update is (alpha / rank) * B @ A.")
+    dropout: FiniteFloat = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Linear layers that get an adapter, by their Hugging Face names "
+                                  f"({', '.join(LORA_TARGETS)}), or all-linear. Routed experts are not adapted.")
+    merge: bool = Field(False, description="Also write the base model with the adapter merged in, to <run dir>/hf/.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("target_modules is empty: name at least one layer, or all-linear")
+            from primus.suggest import did_you_mean
+
+            for name in value:
+                if name not in LORA_TARGETS:
+                    hint = did_you_mean(name, list(LORA_TARGETS))
+                    raise ValueError(f"unknown LoRA target module {name!r}" + (f" ({hint})" if hint else "")
+                                     + f"; the model's linear layers: {', '.join(LORA_TARGETS)}")
+        return value
+
+    def targets(self) -> tuple[str, ...]:
+        return LORA_TARGETS if self.target_modules == "all-linear" else tuple(
+            t for t in LORA_TARGETS if t in self.target_modules)
+
+
+class FinetuneSection(_Strict):
+    method: Literal["full", "lora"] | None = Field(
+        None, description="full: train every weight; lora: train low-rank adapters on frozen base weights. "
+                          "Default: lora when `lora:` is given, else full.")
+    lora: LoraSection | None = None
+
+    @model_validator(mode="after")
+    def _method(self) -> FinetuneSection:
+        if self.method == "full" and self.lora is not None:
+            raise ValueError("`lora:` is set but method is full: remove one")
+        return self
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora" or (self.method is None and self.lora is not None)
+
+    @property
+    def lora_settings(self) -> LoraSection:
+        return self.lora or LoraSection()
 
 
 class CheckpointSection(_Strict):
@@ -103,6 +174,7 @@ NEUTRAL_SECTIONS: dict[str, type[_Strict]] = {
     "parallel": ParallelSection,
     "data": DataSection,
     "checkpoint": CheckpointSection,
+    "finetune": FinetuneSection,
 }
 
 
@@ -117,6 +189,8 @@ class ModuleConfig(_Strict):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     data: DataSection = Field(default_factory=DataSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection,
+                                      description="Post-training (post_trainer modules): full or LoRA.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Backend-native keys.")
     trainer_class: str | None = Field(
         None, description="Upstream Primus: the backend trainer to run (e.g. MegatronPretrainTrainer); "
