@@ -117,8 +117,7 @@ def _attention(layout: Layout) -> dict[str, str]:
         else:
             names["attention.wq.weight"] = "self_attn.q_proj.weight"
         return names
-    prefix = "attention." if layout.family == "llama4" else "attention.qkv_linear."
-    names = {f"{prefix}w{x}.weight": f"self_attn.{x}_proj.weight" for x in "qkv"}
+    names = {f"attention.qkv_linear.w{x}.weight": f"self_attn.{x}_proj.weight" for x in "qkv"}
     names["attention.wo.weight"] = "self_attn.o_proj.weight"
     if layout.family == "qwen3":
         names.update({"attention.q_norm.weight": "self_attn.q_norm.weight",

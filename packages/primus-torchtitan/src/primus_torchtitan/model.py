@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from primus.errors import ConfigError
+from primus_torchtitan.translate import OWN_MODULES
 
 #: argument overrides a named flavor accepts without becoming custom
 FLAVOR_OVERRIDES = {"n_layers"}
@@ -24,6 +25,8 @@ ARGUMENTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size
 def build_model_spec(model: dict[str, Any]) -> Any:
     name, flavor = model["name"], model.get("flavor")
     attn_backend = model.get("attn_backend") or "flex"
+    if name in OWN_MODULES:  # this package's modules: built from a model spec only
+        return importlib.import_module(OWN_MODULES[name]).model_spec(model, attn_backend)
     module = importlib.import_module(f"torchtitan.models.{name}")
     if flavor != "custom":
         spec = module.model_registry(flavor, attn_backend=attn_backend)
