@@ -20,9 +20,9 @@ def _refused(exp: Path, workspace: Path, *extra: str) -> str:
     return errors[0]
 
 
-def test_a_model_family_the_backend_cannot_build(tmp_path: Path, workspace: Path):
+def test_a_model_layout_the_backend_cannot_build(tmp_path: Path, workspace: Path):
     line = _refused(write_experiment(tmp_path, model="deepseek_tiny.yaml"), workspace)
-    assert "model family 'deepseek' is not supported by the hf backend" in line
+    assert "deepseek model with softmax routing" in line and "not supported by the hf backend" in line
     assert "deepseek_tiny.yaml" in line
 
 

@@ -24,7 +24,7 @@ BACKEND = BackendSpec(
     patches="primus_hf.patches:PATCHES",
     env="primus_hf.env:ENV",
     exporter="primus_hf.export:export_hf",
-    model_families=("llama", "qwen2", "qwen3", "mixtral"),
+    model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek", "llama4"),
     description=(
         "Causal-LM pretraining on Hugging Face transformers models: a model built from a neutral "
         "preset (llama, qwen2, qwen3, qwen3 MoE, mixtral) or loaded from a local directory "

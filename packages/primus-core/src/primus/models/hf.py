@@ -1,7 +1,8 @@
 """Hugging Face model directories, both ways, without importing a framework.
 
-- `spec_from_hf(config)`: a `config.json` (llama, qwen2, qwen3, qwen3_moe, mixtral) -> `ModelSpec`,
-  so `model: {hf_path: DIR}` needs no model preset beside it.
+- `spec_from_hf(config)`: a `config.json` (llama, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v2,
+  deepseek_v3, llama4_text, or a llama4 config's text model) -> `ModelSpec`, so
+  `model: {hf_path: DIR}` needs no model preset beside it.
 - `hf_config(spec)`: a `ModelSpec` -> the `config.json` transformers builds the same model from
   (the hf backend's model config, and what `primus export` writes).
 - `hf_tensor_shapes(spec)`: every tensor name of the transformers model and its shape, the one
@@ -11,6 +12,24 @@
   process starts.
 - `shard_plan` / `write_index`: how `primus export` cuts tensors into shards and indexes them;
   the backend writes each shard with the safetensors library of its framework.
+
+What a family's transformers class fixes that `ModelSpec` leaves to the family (every backend
+builds the same; see docs/decisions.md):
+
+- deepseek: MLA with RoPE on interleaved pairs of the rope dims; the softmax scale is
+  (qk head dim)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN. `moe.score_function`
+  picks the class: sigmoid is DeepseekV3 (always with the `e_score_correction_bias` selection bias;
+  a group's score is the sum of its two best biased scores), softmax is DeepseekV2 (no top-k
+  renormalisation; a group's score is its best expert's). The shared experts are one MLP of
+  `shared_experts * expert_ffn`. Multi-token prediction weights (`model.layers.<num_layers + k>.*`
+  in DeepSeek's checkpoints) are not part of the transformers model: `check_weights` accepts them
+  without requiring them, `hf_tensor_shapes` does not list them, an export does not write them.
+- llama4: RoPE on interleaved pairs; the router takes the top-k logits and a sigmoid of them (no
+  renormalisation) and scales each expert's *input* by its score; one shared expert of
+  `expert_ffn`; qk L2 norm and chunked attention on RoPE layers only, attention temperature on NoPE
+  layers only. On disk (as Meta publishes it and transformers saves it) the routed experts are
+  fused: `feed_forward.experts.gate_up_proj` [E, H, 2F] (gate columns first) and
+  `feed_forward.experts.down_proj` [E, F, H], the transpose of a Linear's weight.
 """
 
 from __future__ import annotations
@@ -23,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from primus.errors import ConfigError
-from primus.models.spec import ModelSpec, MoESpec, RopeScaling
+from primus.models.spec import MLASpec, ModelSpec, MoESpec, RopeScaling
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,8 +61,11 @@ MODEL_TYPES = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "qwen3_moe": ("qwen3", "Qwen3MoeForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
+    "deepseek_v2": ("deepseek", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": ("deepseek", "DeepseekV3ForCausalLM"),
+    "llama4_text": ("llama4", "Llama4ForCausalLM"),
 }
-SUPPORTED = "llama, qwen2, qwen3, qwen3_moe, mixtral"
+SUPPORTED = "llama, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v2, deepseek_v3, llama4_text (or llama4's text_config)"
 
 
 # --------------------------------------------------------------------------- config.json -> ModelSpec
@@ -97,6 +119,11 @@ def _rope(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 def spec_from_hf(config: dict[str, Any], *, file: str = CONFIG_FILE) -> ModelSpec:
     """The `ModelSpec` of a transformers config; refuses what no backend builds the same way."""
     model_type = config.get("model_type")
+    if model_type == "llama4":  # the multimodal config: Primus trains its text model
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError("llama4 config has no text_config", file=file, key="text_config")
+        return spec_from_hf({**text, "model_type": "llama4_text"}, file=file)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not a family Primus builds", file=file, key="model_type",
                           fix=f"supported: {SUPPORTED}")
@@ -107,13 +134,19 @@ def spec_from_hf(config: dict[str, Any], *, file: str = CONFIG_FILE) -> ModelSpe
 
     if config.get("mlp_bias"):
         raise refuse("mlp_bias", "MLP biases are not built by the backends")
-    if model_type in ("llama", "mixtral", "qwen3", "qwen3_moe") and config.get("attention_bias"):
+    if config.get("quantization_config"):
+        raise refuse("quantization_config", "quantised weights are not loaded (dequantise them to bf16 first)")
+    if model_type != "qwen2" and config.get("attention_bias"):
         raise refuse("attention_bias", "attention biases are not built for this family")
     if config.get("use_sliding_window") or (model_type == "mixtral" and config.get("sliding_window")):
         raise refuse("use_sliding_window" if "use_sliding_window" in config else "sliding_window",
                       "sliding-window attention is not built")
     family, _ = MODEL_TYPES[model_type]
     try:
+        if model_type.startswith("deepseek"):
+            return ModelSpec(**_deepseek_values(config, model_type, refuse))
+        if model_type == "llama4_text":
+            return ModelSpec(**_llama4_values(config, refuse))
         theta, scaling = _rope(config)
         heads = config["num_attention_heads"]
         hidden = config["hidden_size"]
@@ -148,6 +181,120 @@ def spec_from_hf(config: dict[str, Any], *, file: str = CONFIG_FILE) -> ModelSpe
     except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         first = str(exc).strip().splitlines()
         raise ConfigError(f"not a model Primus can build: {' '.join(first[:3])}", file=file) from None
+
+
+def _base_values(config: dict[str, Any], family: str) -> dict[str, Any]:
+    """The `ModelSpec` fields every family's config spells the same way."""
+    theta, scaling = _rope(config)
+    return dict(family=family, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+                num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+                max_position_embeddings=config["max_position_embeddings"], rope_theta=theta, rope_scaling=scaling,
+                norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=bool(config.get("tie_word_embeddings", False)))
+
+
+def _aux_coef(config: dict[str, Any]) -> float:
+    # DeepSeek's own configs call it aux_loss_alpha; transformers' MoE configs router_aux_loss_coef
+    return float(config.get("aux_loss_alpha", config.get("router_aux_loss_coef")) or 0.0)
+
+
+def _deepseek_values(config: dict[str, Any], model_type: str,
+                     refuse: Callable[[str, str], ConfigError]) -> dict[str, Any]:
+    v3 = model_type == "deepseek_v3"
+    heads = config["num_attention_heads"]
+    if config.get("num_key_value_heads") not in (None, heads):
+        raise refuse("num_key_value_heads", "latent attention has one key/value head per query head")
+    if config.get("head_dim") not in (None, config["qk_rope_head_dim"]):  # transformers rotates head_dim dims
+        raise refuse("head_dim", f"DeepSeek's head_dim is the RoPE width, qk_rope_head_dim ({config['qk_rope_head_dim']})")
+    if config.get("moe_layer_freq", 1) != 1:
+        raise refuse("moe_layer_freq", "every layer after first_k_dense_replace is a MoE layer")
+    if v3:
+        if config.get("scoring_func", "sigmoid") != "sigmoid":
+            raise refuse("scoring_func", "DeepseekV3 routes with a sigmoid")
+        if config.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise refuse("topk_method", "DeepseekV3 selects with the expert bias (noaux_tc)")
+        if config.get("rope_interleave") is False:
+            raise refuse("rope_interleave", "DeepSeek-V3 rotates interleaved pairs")
+        groups = config.get("n_group") or 1
+        top_k_groups = config.get("topk_group") or 1
+    else:
+        if config.get("scoring_func", "softmax") != "softmax":
+            raise refuse("scoring_func", "DeepseekV2 routes with a softmax")
+        if config.get("norm_topk_prob"):
+            raise refuse("norm_topk_prob", "transformers' DeepseekV2 does not renormalise the top-k weights")
+        method = config.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise refuse("topk_method", "DeepseekV2 selects greedy or group_limited_greedy")
+        limited = method == "group_limited_greedy"
+        groups = config.get("n_group") if limited else 1
+        top_k_groups = config.get("topk_group") if limited else 1
+        if not (groups and top_k_groups):
+            raise KeyError("n_group" if not groups else "topk_group")
+    grouped = groups > 1  # one group is no group limit
+    moe = MoESpec(
+        experts=config["n_routed_experts"], top_k=config["num_experts_per_tok"],
+        expert_ffn=config["moe_intermediate_size"], shared_experts=config.get("n_shared_experts") or 0,
+        first_dense_layers=config.get("first_k_dense_replace") or 0, router_aux_loss_coef=_aux_coef(config),
+        norm_topk_prob=bool(config.get("norm_topk_prob", True)) if v3 else False,
+        score_function="sigmoid" if v3 else "softmax", expert_bias=v3,
+        groups=groups if grouped else None, top_k_groups=top_k_groups if grouped else None,
+        routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)))
+    if not moe.shared_experts:
+        raise refuse("n_shared_experts", "transformers' DeepSeek layers always have shared experts")
+    mla = MLASpec(q_lora_rank=config.get("q_lora_rank"), kv_lora_rank=config["kv_lora_rank"],
+                  qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
+                  v_head_dim=config["v_head_dim"])
+    mtp = config.get("num_nextn_predict_layers", config.get("num_mtp_layers", 0)) if v3 else 0
+    return dict(_base_values(config, "deepseek"), ffn_hidden_size=config["intermediate_size"], moe=moe, mla=mla,
+                mtp_layers=mtp or 0)
+
+
+def _interval(flags: list[bool], preferred: int | None) -> int | None:
+    """N such that flags[i] == ((i + 1) % N == 0) for every layer; None when no flag is set."""
+    if not any(flags):
+        return None
+    for n in ([preferred] if preferred else []) + list(range(1, len(flags) + 1)):
+        if all(f == ((i + 1) % n == 0) for i, f in enumerate(flags)):
+            return n
+    raise ValueError
+
+
+def _llama4_values(config: dict[str, Any], refuse: Callable[[str, str], ConfigError]) -> dict[str, Any]:
+    layers = config["num_hidden_layers"]
+    step = config.get("interleave_moe_layer_step") or 1
+    moe_layers = config.get("moe_layers")
+    if moe_layers is None:
+        moe_layers = list(range(step - 1, layers, step))
+    moe = None
+    if moe_layers:
+        for interval in [step] + list(range(1, layers + 1)):
+            first = next((d for d in range(layers) if [i for i in range(layers) if i >= d and (i + 1) % interval == 0]
+                          == list(moe_layers)), None)
+            if first is not None:
+                break
+        else:
+            raise refuse("moe_layers", "MoE layers must be every Nth layer after the first dense ones")
+        moe = MoESpec(experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
+                      expert_ffn=config["intermediate_size"], shared_experts=1, first_dense_layers=first,
+                      layer_interval=interval, router_aux_loss_coef=float(config.get("router_aux_loss_coef") or 0.0),
+                      norm_topk_prob=False, score_function="sigmoid")
+    rope_flags = config.get("no_rope_layers") or [(i + 1) % (config.get("no_rope_layer_interval") or 4) != 0
+                                                  for i in range(layers)]  # 1: the layer uses RoPE
+    if len(rope_flags) != layers:
+        raise refuse("no_rope_layers", f"one entry per layer ({layers})")
+    try:
+        nope = _interval([not f for f in rope_flags], config.get("no_rope_layer_interval"))
+    except ValueError:
+        raise refuse("no_rope_layers", "RoPE-free layers must be every Nth layer") from None
+    chunk = config.get("attention_chunk_size")
+    types = config.get("layer_types")
+    if types is not None and list(types) != [
+            "chunked_attention" if f and chunk is not None else "full_attention" for f in rope_flags]:
+        raise refuse("layer_types", "chunked attention on the RoPE layers, full attention on the others")
+    return dict(_base_values(config, "llama4"), num_kv_heads=config.get("num_key_value_heads"),
+                head_dim=config.get("head_dim"), ffn_hidden_size=config["intermediate_size_mlp"], moe=moe,
+                nope_layer_interval=nope, attention_chunk_size=chunk, qk_l2_norm=bool(config.get("use_qk_norm")),
+                attn_temperature_tuning=bool(config.get("attn_temperature_tuning")),
+                attn_floor_scale=config.get("floor_scale", 8192), attn_scale=config.get("attn_scale", 0.1))
 
 
 # --------------------------------------------------------------------------- ModelSpec -> config.json
@@ -194,7 +341,8 @@ class Unbuilt(ConfigError):
 
 def _refuse(spec: ModelSpec, what: str) -> Unbuilt:
     return Unbuilt(f"{spec.family} model with {what} has no standard transformers layout",
-                   fix="supported: llama, qwen2, qwen3 (dense or MoE), mixtral with their standard layouts")
+                   fix="supported: llama, qwen2, qwen3 (dense or MoE), mixtral, deepseek (V2 and V3), llama4 "
+                       "with their standard layouts")
 
 
 def _llama(spec: ModelSpec) -> dict[str, Any]:
@@ -241,8 +389,69 @@ def _mixtral(spec: ModelSpec) -> dict[str, Any]:
     return config
 
 
+def _deepseek(spec: ModelSpec) -> dict[str, Any]:
+    moe, mla = spec.moe, spec.mla
+    if mla is None or moe is None:
+        raise _refuse(spec, "no mla or no moe block")  # transformers' DeepSeek layers are MLA and MoE
+    if moe.layer_interval != 1 or not moe.shared_experts or moe.shared_expert_ffn not in (None, moe.expert_ffn):
+        raise _refuse(spec, "moe.layer_interval, no shared experts, or a shared_expert_ffn other than expert_ffn")
+    v3 = moe.score_function == "sigmoid"
+    if v3 and not moe.expert_bias:
+        raise _refuse(spec, "sigmoid routing without moe.expert_bias (DeepseekV3 always selects with it)")
+    if not v3 and (moe.expert_bias or moe.norm_topk_prob):
+        raise _refuse(spec, "softmax routing with moe.expert_bias or moe.norm_topk_prob (DeepseekV2 has neither)")
+    model_type = "deepseek_v3" if v3 else "deepseek_v2"
+    config = {k: v for k, v in _common(spec, model_type).items() if k != "head_dim"}  # transformers derives it
+    config.update(
+        q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank, qk_nope_head_dim=mla.qk_nope_head_dim,
+        qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
+        n_routed_experts=moe.experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_ffn,
+        n_shared_experts=moe.shared_experts, first_k_dense_replace=moe.first_dense_layers,
+        routed_scaling_factor=moe.routed_scaling_factor, norm_topk_prob=moe.norm_topk_prob,
+        n_group=moe.groups or 1, topk_group=moe.top_k_groups or 1, scoring_func=moe.score_function,
+        aux_loss_alpha=moe.router_aux_loss_coef)
+    if v3:
+        config.update(topk_method="noaux_tc", rope_interleave=True, num_nextn_predict_layers=spec.mtp_layers)
+    else:
+        if spec.mtp_layers:
+            raise _refuse(spec, "mtp_layers with softmax routing (DeepseekV2)")
+        config.update(topk_method="group_limited_greedy" if moe.groups else "greedy")
+    return config
+
+
+def _llama4(spec: ModelSpec) -> dict[str, Any]:
+    if spec.qkv_bias or spec.qk_norm:
+        raise _refuse(spec, "qkv_bias or qk_norm (Llama 4's is qk_l2_norm)")
+    moe = spec.moe
+    if moe is not None and (
+            moe.score_function != "sigmoid" or moe.norm_topk_prob or moe.expert_bias or moe.groups
+            or moe.routed_scaling_factor != 1.0 or moe.shared_experts != 1
+            or moe.shared_expert_ffn not in (None, moe.expert_ffn)):
+        raise _refuse(spec, "a router other than Llama 4's (sigmoid of the top-k logits, no renormalisation, no "
+                            "expert bias or groups, scaling 1.0, one shared expert of expert_ffn; set "
+                            "moe.norm_topk_prob: false)")
+    layers = range(spec.num_layers)
+    uses_rope = [spec.uses_rope(i) for i in layers]
+    config = _common(spec, "llama4_text")
+    config.update(
+        intermediate_size=moe.expert_ffn if moe else spec.ffn_hidden_size, intermediate_size_mlp=spec.ffn_hidden_size,
+        num_local_experts=moe.experts if moe else 1, num_experts_per_tok=moe.top_k if moe else 1,
+        interleave_moe_layer_step=moe.layer_interval if moe else 1,
+        moe_layers=[i for i in layers if moe and moe.is_moe_layer(i)],
+        router_aux_loss_coef=moe.router_aux_loss_coef if moe else 0.0,
+        no_rope_layers=[int(r) for r in uses_rope],
+        attention_chunk_size=spec.attention_chunk_size,
+        layer_types=["chunked_attention" if r and spec.attention_chunk_size else "full_attention" for r in uses_rope],
+        use_qk_norm=spec.qk_l2_norm, attn_temperature_tuning=spec.attn_temperature_tuning,
+        floor_scale=spec.attn_floor_scale, attn_scale=spec.attn_scale, attention_bias=False)
+    if spec.nope_layer_interval:
+        config["no_rope_layer_interval"] = spec.nope_layer_interval
+    return config
+
+
 CONFIG_BUILDERS: dict[str, Callable[[ModelSpec], dict[str, Any]]] = {
-    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mixtral": _mixtral}
+    "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mixtral": _mixtral, "deepseek": _deepseek,
+    "llama4": _llama4}
 
 
 def legacy_rope_keys(spec: ModelSpec) -> dict[str, Any]:
@@ -300,42 +509,80 @@ def check_tokenizer_fits(directory: Path, vocab_size: int, key: str = "data.toke
 # --------------------------------------------------------------------------- tensor names and shapes
 
 
-def hf_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the transformers model of `spec`, by its state-dict name (fp32 shapes)."""
+def _mlp(prefix: str, h: int, f: int) -> dict[str, tuple[int, ...]]:
+    return {prefix + "gate_proj.weight": (f, h), prefix + "up_proj.weight": (f, h), prefix + "down_proj.weight": (h, f)}
+
+
+def _attention(spec: ModelSpec, p: str) -> dict[str, tuple[int, ...]]:
     h, d = spec.hidden_size, spec.head_size
+    mla = spec.mla
+    if mla is not None:
+        heads = spec.num_heads
+        q = ({p + "q_a_proj.weight": (mla.q_lora_rank, h), p + "q_a_layernorm.weight": (mla.q_lora_rank,),
+              p + "q_b_proj.weight": (heads * mla.qk_head_dim, mla.q_lora_rank)} if mla.q_lora_rank
+             else {p + "q_proj.weight": (heads * mla.qk_head_dim, h)})
+        return {**q, p + "kv_a_proj_with_mqa.weight": (mla.kv_lora_rank + mla.qk_rope_head_dim, h),
+                p + "kv_a_layernorm.weight": (mla.kv_lora_rank,),
+                p + "kv_b_proj.weight": (heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank),
+                p + "o_proj.weight": (h, heads * mla.v_head_dim)}
     q, kv = spec.num_heads * d, spec.kv_heads * d
+    shapes = {p + "q_proj.weight": (q, h), p + "k_proj.weight": (kv, h), p + "v_proj.weight": (kv, h),
+              p + "o_proj.weight": (h, q)}
+    if spec.qkv_bias:
+        shapes.update({p + "q_proj.bias": (q,), p + "k_proj.bias": (kv,), p + "v_proj.bias": (kv,)})
+    if spec.qk_norm:
+        shapes.update({p + "q_norm.weight": (d,), p + "k_norm.weight": (d,)})
+    return shapes
+
+
+def _ffn(spec: ModelSpec, p: str, index: int) -> dict[str, tuple[int, ...]]:
+    h, moe = spec.hidden_size, spec.moe
+    block = "feed_forward." if spec.family == "llama4" else "mlp."
+    if moe is None or not moe.is_moe_layer(index):
+        return _mlp(p + block, h, spec.ffn_hidden_size)
+    f, experts = moe.expert_ffn, moe.experts
+    if spec.family == "llama4":  # fused on disk, as published
+        return {p + "feed_forward.router.weight": (experts, h),
+                p + "feed_forward.experts.gate_up_proj": (experts, h, 2 * f),
+                p + "feed_forward.experts.down_proj": (experts, f, h),
+                **_mlp(p + "feed_forward.shared_expert.", h, f)}
+    if spec.family == "mixtral":
+        shapes = {p + "block_sparse_moe.gate.weight": (experts, h)}
+        for e in range(experts):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            shapes.update({x + "w1.weight": (f, h), x + "w3.weight": (f, h), x + "w2.weight": (h, f)})
+        return shapes
+    shapes = {p + "mlp.gate.weight": (experts, h)}
+    if moe.expert_bias:
+        shapes[p + "mlp.gate.e_score_correction_bias"] = (experts,)
+    for e in range(experts):
+        shapes.update(_mlp(f"{p}mlp.experts.{e}.", h, f))
+    if moe.shared_experts:
+        shapes.update(_mlp(p + "mlp.shared_experts.", h, moe.shared_experts * f))
+    return shapes
+
+
+def hf_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the transformers model of `spec`, by its on-disk name (fp32 shapes)."""
+    h = spec.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, h), "model.norm.weight": (h,)}
     if not spec.tie_embeddings:
         shapes["lm_head.weight"] = (spec.vocab_size, h)
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)})
-        if spec.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-        if spec.qk_norm:
-            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
-        moe = spec.moe
-        if moe is None:
-            f = spec.ffn_hidden_size
-            shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                           p + "mlp.down_proj.weight": (h, f)})
-        elif spec.family == "mixtral":
-            f = moe.expert_ffn
-            shapes[p + "block_sparse_moe.gate.weight"] = (moe.experts, h)
-            for e in range(moe.experts):
-                x = f"{p}block_sparse_moe.experts.{e}."
-                shapes.update({x + "w1.weight": (f, h), x + "w3.weight": (f, h), x + "w2.weight": (h, f)})
-        else:
-            f = moe.expert_ffn
-            shapes[p + "mlp.gate.weight"] = (moe.experts, h)
-            for e in range(moe.experts):
-                x = f"{p}mlp.experts.{e}."
-                shapes.update({x + "gate_proj.weight": (f, h), x + "up_proj.weight": (f, h),
-                               x + "down_proj.weight": (h, f)})
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+        shapes.update(_attention(spec, p + "self_attn."))
+        shapes.update(_ffn(spec, p, i))
     return shapes
+
+
+def is_mtp_tensor(name: str, spec: ModelSpec) -> bool:
+    """A multi-token prediction weight of a DeepSeek checkpoint (`model.layers.<num_layers + k>.*`):
+    transformers builds no module for it; loaders skip it, exports do not write it."""
+    if not spec.mtp_layers or not name.startswith("model.layers."):
+        return False
+    index = name.split(".", 3)[2]
+    return index.isdigit() and spec.num_layers <= int(index) < spec.num_layers + spec.mtp_layers
 
 
 # --------------------------------------------------------------------------- safetensors headers
@@ -402,6 +649,7 @@ def read_weight_index(directory: Path, key: str = "model.hf_path") -> dict[str, 
 
 # transformers keeps these buffers in some older checkpoints; they are computed, not loaded
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_MULTIMODAL_PREFIXES = ("language_model.", "vision_model.", "multi_modal_projector.")
 
 
 def check_weights(directory: Path, spec: ModelSpec,
@@ -413,6 +661,10 @@ def check_weights(directory: Path, spec: ModelSpec,
         raise ConfigError(f"model directory {directory} has no safetensors weights", key=key,
                           fix="save the model with save_pretrained(safe_serialization=True); .bin files are "
                               "pickles and are never loaded")
+    if any(name.startswith(_MULTIMODAL_PREFIXES) for name in index):
+        raise ConfigError(f"{directory} holds a multimodal Llama 4 checkpoint (language_model.*, vision_model.*); "
+                          "Primus trains the text model only", key=key,
+                          fix="save the text model alone: Llama4ForCausalLM.from_pretrained(DIR).save_pretrained(OUT)")
     expected = hf_tensor_shapes(spec)
     if spec.tie_embeddings:
         index.pop("lm_head.weight", None)  # some tied checkpoints store the copy
@@ -423,7 +675,7 @@ def check_weights(directory: Path, spec: ModelSpec,
         if index[name][2] != shape:
             raise ConfigError(f"{directory}: tensor {name} has shape {list(index[name][2])}, config.json "
                               f"implies {list(shape)}", key=key, fix="the weights do not match config.json")
-    extra = [n for n in index if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
+    extra = [n for n in index if n not in expected and not n.endswith(_IGNORED_SUFFIXES) and not is_mtp_tensor(n, spec)]
     if extra:
         raise ConfigError(f"{directory}: tensor {extra[0]} is not part of a {spec.family} model of this config"
                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), key=key,
