@@ -54,13 +54,14 @@ def test_qwen_mixtral_deepseek_keys() -> None:
     assert mixtral["num_experts"] == 4 and mixtral["moe_router_topk"] == 2 and mixtral["moe_ffn_hidden_size"] == 64
     assert mixtral["moe_layer_freq"] == [0, 1] and mixtral["moe_shared_expert_intermediate_size"] == 64
     mla = {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
-    with pytest.raises(ConfigError, match="multi-latent attention"):
-        t.translate_model(ModelSpec(**{**LLAMA, "family": "deepseek", "num_kv_heads": None, "mla": mla}))
+    deepseek = t.translate_model(ModelSpec(**{**LLAMA, "family": "deepseek", "num_kv_heads": None, "mla": mla}))
+    assert deepseek.values["multi_latent_attention"] is True and deepseek.values.get("q_lora_rank") is None
+    assert (deepseek.values["qk_head_dim"], deepseek.values["qk_pos_emb_head_dim"]) == (16, 8)
 
 
 def test_unsupported_rope_scaling_is_a_clear_error() -> None:
     spec = ModelSpec(**{**LLAMA, "rope_scaling": {"type": "yarn", "factor": 4.0}})
-    with pytest.raises(ConfigError, match="yarn"):
+    with pytest.raises(ConfigError, match="yarn"):  # yarn is MLA's (megatron-core's MLA builds it)
         MegatronTranslator().translate_model(spec)
 
 

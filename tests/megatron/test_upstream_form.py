@@ -99,12 +99,14 @@ def test_an_unbuilt_family_is_refused_naming_it():
     assert "not found" not in msg
 
 
-def test_deepseek_is_refused_with_the_reason_and_the_backends_that_build_it():
-    msg = _error("deepseek_v2_lite-BF16-pretrain.yaml")
-    assert "model family 'deepseek' is not supported by the megatron backend" in msg
-    assert "multi-latent attention only with TransformerEngine" in msg
-    builders = sorted(n for n in discover().backends if n in ("maxtext", "torchtitan"))
-    assert (f"built by: {', '.join(builders)}" if builders else "no installed backend builds it") in msg
+def test_deepseek_and_llama4_upstream_names_resolve():
+    n = _resolve("deepseek_v2_lite-BF16-pretrain.yaml")["pre_trainer"].native
+    assert n["multi_latent_attention"] is True and n["kv_lora_rank"] == 512 and n["num_experts"] == 64
+    assert n["moe_layer_freq"][:2] == [0, 1] and n["expert_model_parallel_size"] == 8
+    m = _resolve("deepseek_v2_lite-BF16-pretrain.yaml", "modules.pre_trainer.model=llama4_17B16E.yaml",
+                 "seq_length=8192")["pre_trainer"]
+    assert m.model is not None and m.model.family == "llama4" and m.model_alias == "llama4_17B16E"
+    assert m.native["no_rope_freq"][:4] == [0, 0, 0, 1] and m.native["attention_chunk_size"] == 8192
 
 
 def test_a_diffusion_experiment_is_refused_as_its_family():
@@ -152,8 +154,9 @@ def _tables():
 def test_every_upstream_name_resolves_or_is_refused_naming_its_family(tmp_path):
     for name, alias in _tables().models.items():
         exp = tmp_path / "exp.yaml"
+        seq = 8192 if name.startswith("llama4") else 128  # at least Llama 4's attention chunk
         exp.write_text(f"exp_name: x\nworkspace: {tmp_path}\nmodules:\n  pre_trainer:\n    framework: megatron\n"
-                       f"    model: {name}.yaml\n    overrides: {{seq_length: 128, global_batch_size: 16}}\n")
+                       f"    model: {name}.yaml\n    overrides: {{seq_length: {seq}, global_batch_size: 16}}\n")
         try:
             m = resolve(exp, world_size=8).modules["pre_trainer"]
         except ConfigError as err:

@@ -20,7 +20,7 @@ BACKEND = BackendSpec(
     env="primus_megatron.env:ENV",
     data_prepare="primus_megatron.prepare:prepare",
     exporter="primus_megatron.export:export_hf",
-    model_families=("llama", "qwen2", "qwen3", "mixtral"),
+    model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek", "llama4"),
     description="Pretraining on megatron-core: tensor, pipeline, data and expert parallel; dist checkpoints.",
     install_hint="primus-megatron",
 )

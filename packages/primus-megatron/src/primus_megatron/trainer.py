@@ -31,7 +31,6 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -125,7 +124,7 @@ def transformer_config(args: SimpleNamespace, device: torch.device) -> Transform
         deallocate_pipeline_outputs=bool(args.deallocate_pipeline_outputs),
         variable_seq_lengths=bool(args.variable_seq_lengths),
         calculate_per_token_loss=bool(args.calculate_per_token_loss),
-        transformer_impl="local",  # the layers come from get_gpt_layer_local_spec (FSDP2 reads this)
+        transformer_impl="local",  # the layers come from primus_megatron.layers (FSDP2 reads this)
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
@@ -161,11 +160,31 @@ def transformer_config(args: SimpleNamespace, device: torch.device) -> Transform
             moe_grouped_gemm=bool(args.moe_grouped_gemm),
             # megatron-core >= 0.13 has upstream Primus's benchmark switch: random router logits
             moe_router_force_load_balancing=bool(args.moe_router_force_load_balancing),
+            # DeepSeek-V3 / Llama 4 routing (megatron-core's own options)
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=bool(args.moe_router_enable_expert_bias),
+            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+            moe_router_num_groups=args.moe_router_num_groups,
+            moe_router_group_topk=args.moe_router_group_topk,
+            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+            moe_apply_probs_on_input=bool(args.moe_apply_probs_on_input),
         )
+    # Llama 4: RoPE-free layers and the q/k L2 norm (megatron-core's options)
+    if args.no_rope_freq is not None:
+        from primus_megatron.translate import moe_layer_pattern
+
+        kwargs["no_rope_freq"] = moe_layer_pattern(args.no_rope_freq, args.num_layers, key="no_rope_freq")
+    kwargs["rotary_interleaved"] = bool(args.rotary_interleaved)
+    if args.mtp_num_layers:
+        kwargs.update(mtp_num_layers=args.mtp_num_layers, mtp_loss_scaling_factor=args.mtp_loss_scaling_factor)
     if args.multi_latent_attention:
         kwargs.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
                       qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
-                      rotary_base=args.rotary_base)
+                      rotary_base=args.rotary_base, qk_layernorm=True,  # MLA's q_a / kv_a norms
+                      rope_type=args.rope_type or "rope", rotary_scaling_factor=args.rotary_scaling_factor,
+                      mscale=args.mscale, mscale_all_dim=args.mscale_all_dim, beta_fast=args.beta_fast,
+                      beta_slow=args.beta_slow,
+                      original_max_position_embeddings=args.original_max_position_embeddings or 4096)
         kwargs.pop("num_query_groups")
         return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
@@ -183,19 +202,38 @@ def padded_vocab_size(args: SimpleNamespace) -> int:
     return int(math.ceil(args.vocab_size / multiple) * multiple)
 
 
+def block_spec(config: TransformerConfig, args: SimpleNamespace, *, vp_stage: int | None,
+               use_te: bool = False) -> Any:
+    """megatron-core's decoder block spec for this stage: its local (TE-free) layers, dense or MoE by
+    moe_layer_freq. Patch megatron.layers.sdpa_core_attention puts primus_megatron.layers's in its place
+    for the models that need SDPAttention (multi-latent attention, Llama 4)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization,
+                                      qk_l2_norm=bool(args.qk_l2_norm), vp_stage=vp_stage)
+
+
 def build_model(args: SimpleNamespace, config: TransformerConfig, device: torch.device) -> list[torch.nn.Module]:
     """One GPTModel chunk per virtual pipeline stage (one chunk without interleaving)."""
-    layer_spec = get_gpt_layer_local_spec(
-        num_experts=args.num_experts, moe_grouped_gemm=bool(args.moe_grouped_gemm),
-        qk_layernorm=bool(args.qk_layernorm), multi_latent_attention=bool(args.multi_latent_attention),
-        normalization=args.normalization)
+    from primus_megatron.layers import have_transformer_engine
+
+    # MLA on a GPU with TransformerEngine: megatron-core's TE spec (TE's attention takes separate key
+    # and value head sizes); everywhere else the local spec
+    use_te = bool(args.multi_latent_attention) and device.type == "cuda" and have_transformer_engine()
     chunks = args.virtual_pipeline_model_parallel_size or 1
     model = []
     for vp_stage in range(chunks):
         vp = vp_stage if chunks > 1 else None
+        layer_spec = block_spec(config, args, vp_stage=vp, use_te=use_te)
+        mtp = None
+        if config.mtp_num_layers:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+            mtp = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te, vp_stage=vp)
         gpt = GPTModel(
             config=config,
             transformer_layer_spec=layer_spec,
+            mtp_block_spec=mtp,
             vocab_size=padded_vocab_size(args),
             max_sequence_length=args.max_position_embeddings or args.seq_length,
             pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

@@ -49,7 +49,9 @@ _PARALLEL = {
     "tensor": "tensor_model_parallel_size", "pipeline": "pipeline_model_parallel_size",
     "expert": "expert_model_parallel_size", "context": "context_parallel_size", "fsdp": "use_torch_fsdp2",
 }
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek")  # deepseek: refused below (MLA)
+# megatron-core's llama3 RoPE scaling shape (its defaults besides the factor)
+LLAMA3_ROPE_SHAPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_positions": 8192}
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek", "llama4")
 
 
 class MegatronTranslator(Translator):
@@ -57,8 +59,6 @@ class MegatronTranslator(Translator):
     unavailable_keys = UNAVAILABLE
     # upstream's Megatron argument handling takes 0/1 for its flags (`sequence_parallel: 1`)
     int_bools = True
-    unbuilt_families = {"deepseek": "megatron-core 0.16 builds multi-latent attention only with TransformerEngine, "
-                                    "which this backend's TE-free trainer does not use"}
     trainer_classes = frozenset({"MegatronPretrainTrainer"})
     steps_key = "train_iters"
     # Core's neutral rules (primus.config.rules) read these resolved native values, so the neutral
@@ -112,24 +112,33 @@ class MegatronTranslator(Translator):
             if spec.head_dim is not None:
                 out.set("kv_channels", spec.head_dim, "head_dim")
         else:
-            # megatron-core 0.16's MLA needs TransformerEngine's attention (its local DotProductAttention
-            # has no separate key/value head sizes); this backend builds the TE-free local spec.
-            raise ConfigError("multi-latent attention (DeepSeek V2/V3) is not supported by the megatron backend "
-                              "yet: megatron-core 0.16 builds it only with TransformerEngine",
-                              fix="use a llama, qwen2, qwen3 or mixtral model preset")
-        if spec.rope_scaling is not None:
+            # megatron-core's MLA; its core attention is Primus's SDPAttention (primus_megatron.layers),
+            # or TransformerEngine's on a GPU where TE is installed
+            mla = spec.mla
+            out.set("multi_latent_attention", True, "mla")
+            out.set("q_lora_rank", mla.q_lora_rank, "mla.q_lora_rank")
+            out.set("kv_lora_rank", mla.kv_lora_rank, "mla.kv_lora_rank")
+            out.set("qk_head_dim", mla.qk_nope_head_dim, "mla.qk_nope_head_dim")
+            out.set("qk_pos_emb_head_dim", mla.qk_rope_head_dim, "mla.qk_rope_head_dim")
+            out.set("v_head_dim", mla.v_head_dim, "mla.v_head_dim")
+            out.set("rope_type", "rope", "family")
+        if spec.family == "llama4":
+            self._llama4(spec, out)
+        if spec.mtp_layers:
+            out.set("mtp_num_layers", spec.mtp_layers, "mtp_layers")
+        if spec.rope_scaling is not None and spec.mla is not None:
+            self._yarn(spec, out)
+        elif spec.rope_scaling is not None:
             if spec.rope_scaling.type != "llama3":
                 raise ConfigError(f"rope_scaling type '{spec.rope_scaling.type}' is not supported by the "
                                   "megatron backend's GPT model", fix="supported: llama3")
             scaling = spec.rope_scaling
-            # megatron-core 0.16's GPT model takes only the factor; the rest is Llama 3's fixed shape
-            fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_positions": 8192}
-            for name, value in fixed.items():
+            # megatron-core 0.16's GPT model takes only the factor; other low/high frequency factors and
+            # original lengths (Llama 4 Scout: 1.0 / 1.0 / 8192) come through patch megatron.rope.llama3_shape
+            for name in ("low_freq_factor", "high_freq_factor", "original_max_positions"):
                 given = getattr(scaling, name)
-                if given is not None and float(given) != value:
-                    raise ConfigError(f"rope_scaling {name}={given}: megatron-core's llama3 RoPE scaling is built "
-                                      f"with {name}={value:g} only", key=f"rope_scaling.{name}",
-                                      fix="use a Llama 3.x rope_scaling, or another backend")
+                if given is not None and float(given) != LLAMA3_ROPE_SHAPE[name]:
+                    out.set(f"rope_scaling_{name}", given, f"rope_scaling.{name}")
             out.set("use_rope_scaling", True, "rope_scaling")
             out.set("rope_scaling_factor", spec.rope_scaling.factor, "rope_scaling.factor")
         if spec.moe is not None:
@@ -140,15 +149,75 @@ class MegatronTranslator(Translator):
             if moe.shared_experts:
                 size = moe.shared_experts * (moe.shared_expert_ffn or moe.expert_ffn)
                 out.set("moe_shared_expert_intermediate_size", size, "moe.shared_experts")
-            if moe.first_dense_layers:
+            pattern = [int(moe.is_moe_layer(i)) for i in range(spec.num_layers)]
+            if 0 in pattern:
                 # Megatron's pattern form: one entry per layer, 0 = dense FFN, 1 = MoE.
-                pattern = [0] * moe.first_dense_layers + [1] * (spec.num_layers - moe.first_dense_layers)
-                out.set("moe_layer_freq", pattern, "moe.first_dense_layers")
+                out.set("moe_layer_freq", pattern, "moe.first_dense_layers,moe.layer_interval")
             out.set("moe_aux_loss_coeff", moe.router_aux_loss_coef, "moe.router_aux_loss_coef")
+            self._routing(spec, out)
+        return out
+
+    @staticmethod
+    def _routing(spec: ModelSpec, out: NativeValues) -> None:
+        """megatron-core's router options for the MoE spec (all of them megatron-core's own)."""
+        moe = spec.moe
+        assert moe is not None
+        out.set("moe_router_score_function", moe.score_function, "moe.score_function")
+        if moe.score_function == "softmax":
             # top-k of the softmax over all experts, not renormalised (Qwen3-MoE's norm_topk_prob: false);
             # megatron's default (softmax over the top-k logits) is the renormalised form
             out.set("moe_router_pre_softmax", not moe.norm_topk_prob, "moe.norm_topk_prob")
-        return out
+        elif not moe.norm_topk_prob and moe.top_k > 1:
+            raise ConfigError("megatron-core's sigmoid router renormalises its top-k scores (norm_topk_prob: true)",
+                              key="moe.norm_topk_prob", fix="set moe.norm_topk_prob: true or use another backend")
+        if moe.expert_bias:
+            if moe.score_function != "sigmoid":
+                raise ConfigError("megatron-core adds the expert bias to sigmoid scores only",
+                                  key="moe.expert_bias", fix="set moe.score_function: sigmoid")
+            out.set("moe_router_enable_expert_bias", True, "moe.expert_bias")
+        if moe.groups is not None:
+            out.set("moe_router_num_groups", moe.groups, "moe.groups")
+            out.set("moe_router_group_topk", moe.top_k_groups, "moe.top_k_groups")
+        if moe.routed_scaling_factor != 1.0:
+            out.set("moe_router_topk_scaling_factor", moe.routed_scaling_factor, "moe.routed_scaling_factor")
+        if spec.family == "llama4":
+            # Llama 4 multiplies each token by its router score before the expert, not after
+            if moe.top_k != 1:
+                raise ConfigError("Llama 4's routing scales the expert input by the router score, which megatron-core "
+                                  "builds for top-1 only", key="moe.top_k", fix="set moe.top_k: 1")
+            out.set("moe_apply_probs_on_input", True, "family")
+
+    @staticmethod
+    def _llama4(spec: ModelSpec, out: NativeValues) -> None:
+        """Llama 4's attention: NoPE layers and the q/k L2 norm through megatron-core's options; chunked
+        attention and temperature tuning through Primus's SDPAttention (primus_megatron.layers)."""
+        out.set("rotary_interleaved", True, "family")  # Llama 4 rotates interleaved pairs
+        if spec.nope_layer_interval is not None:
+            out.set("no_rope_freq", [int(not spec.uses_rope(i)) for i in range(spec.num_layers)],
+                    "nope_layer_interval")
+        out.set("qk_l2_norm", spec.qk_l2_norm, "qk_l2_norm")
+        out.set("attention_chunk_size", spec.attention_chunk_size, "attention_chunk_size")
+        out.set("attn_temperature_tuning", spec.attn_temperature_tuning, "attn_temperature_tuning")
+        if spec.attn_temperature_tuning:
+            out.set("attn_floor_scale", spec.attn_floor_scale, "attn_floor_scale")
+            out.set("attn_scale", spec.attn_scale, "attn_scale")
+
+    @staticmethod
+    def _yarn(spec: ModelSpec, out: NativeValues) -> None:
+        """MLA's RoPE scaling: megatron-core's YaRN with mscale (its MLA's softmax scale follows)."""
+        scaling = spec.rope_scaling
+        assert scaling is not None
+        if scaling.type != "yarn":
+            raise ConfigError(f"rope_scaling type '{scaling.type}' with multi-latent attention: megatron-core's MLA "
+                              "builds yarn only", key="rope_scaling.type", fix="use rope_scaling type yarn")
+        out.set("rope_type", "yarn", "rope_scaling.type")
+        out.set("rotary_scaling_factor", scaling.factor, "rope_scaling.factor")
+        for name, native in (("mscale", "mscale"), ("mscale_all_dim", "mscale_all_dim"),
+                             ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
+                             ("original_max_positions", "original_max_position_embeddings")):
+            value = getattr(scaling, name)
+            if value is not None:
+                out.set(native, value, f"rope_scaling.{name}")
 
     # ------------------------------------------------------------------ neutral sections
 
