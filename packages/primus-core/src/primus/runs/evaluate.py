@@ -112,35 +112,12 @@ def run_eval_worker(eval_dir: Path, module_name: str) -> int:
 
     from loguru import logger
 
-    from primus.backends.adapter import RunContext
-    from primus.backends.discovery import discover
-    from primus.patches.registry import PatchContext, PatchSet
-    from primus.platform.detect import detect_platform
-    from primus.runs.logs import setup_logging
-    from primus.runs.metrics import MetricsWriter
-    from primus.runs.rundir import read_module
-    from primus.runs.worker import _int_env, _os_cause
+    from primus.runs.worker import _os_cause, worker_context
 
     eval_dir = eval_dir.resolve()
-    run_dir = eval_dir.parent.parent
-    resolved, _ = read_module(eval_dir, module_name)
+    ctx, backend, platform = worker_context(eval_dir, eval_dir.parent.parent, module_name, evaluating=True)
     request = EvalRequest.read(eval_dir)
-    rank = _int_env("RANK", _int_env("PRIMUS_PROCESS_ID", 0))
-    world_size = _int_env("WORLD_SIZE", _int_env("PRIMUS_NUM_PROCESSES", 1))
-    native = resolved.native
-    setup_logging(run_dir=eval_dir, module=module_name, rank=rank,
-                  stderr_level=native.get("stderr_sink_level") or "INFO",
-                  file_level=native.get("file_sink_level") or "DEBUG", sink_level=native.get("sink_level"))
-    platform = detect_platform()
-    backend = discover().get(resolved.framework)
-    patches = PatchSet(backend.spec.load_patches())
-    pctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
-                        framework_version=backend.framework_version, config=native, world_size=world_size)
-    metrics = MetricsWriter(eval_dir / "metrics.jsonl", total_steps=0, rank=rank, module=module_name,
-                            status_path=eval_dir / "logs" / module_name / f"rank-{rank}" / "status.json")
-    ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
-                     local_rank=_int_env("LOCAL_RANK", 0), world_size=world_size, patches=patches,
-                     patch_context=pctx, metrics=metrics)
+    rank, world_size, patches = ctx.rank, ctx.world_size, ctx.patches
     try:
         ctx.apply_patches("before_import")
         adapter = backend.spec.load_adapter_class()(ctx)

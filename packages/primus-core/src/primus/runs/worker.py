@@ -64,7 +64,10 @@ def _throughput(resolved, backend, world_size: int):
     return ThroughputModel(flops_per_token(resolved.model, seq_length), world_size, peak)
 
 
-def run_worker(run_dir: Path, module_name: str) -> int:
+def worker_context(record_dir: Path, run_dir: Path, module_name: str, *, evaluating: bool = False):
+    """(RunContext, backend, platform) of this process, from the resolved config recorded in
+    `record_dir` (the run directory, or an evaluation's folder inside it): rank and world from the
+    launcher's environment, logging, the backend's patches and the metrics writer."""
     from primus.backends.adapter import RunContext
     from primus.backends.discovery import discover
     from primus.patches.registry import PatchContext, PatchSet
@@ -73,14 +76,12 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     from primus.runs.metrics import MetricsWriter
     from primus.runs.rundir import read_module
 
-    run_dir = run_dir.resolve()
-    resolved, data = read_module(run_dir, module_name)
+    resolved, data = read_module(record_dir, module_name)
     # torchrun sets RANK/WORLD_SIZE; a per-host (JAX) launch sets PRIMUS_PROCESS_ID/PRIMUS_NUM_PROCESSES
     rank = _int_env("RANK", _int_env("PRIMUS_PROCESS_ID", 0))
-    local_rank = _int_env("LOCAL_RANK", 0)
     world_size = _int_env("WORLD_SIZE", _int_env("PRIMUS_NUM_PROCESSES", 1))
     native = resolved.native
-    setup_logging(run_dir=run_dir, module=module_name, rank=rank,
+    setup_logging(run_dir=record_dir, module=module_name, rank=rank,
                   stderr_level=native.get("stderr_sink_level") or "INFO",
                   file_level=native.get("file_sink_level") or "DEBUG",
                   sink_level=native.get("sink_level"))
@@ -89,13 +90,21 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     patches = PatchSet(backend.spec.load_patches())
     pctx = PatchContext(backend=backend.name, platform=platform.kind, arch=platform.arch,
                         framework_version=backend.framework_version, config=native, world_size=world_size)
-    total = resolved.total_steps
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", total_steps=total, rank=rank, module=module_name,
-                            attempt=int(data.get("attempt") or 1), throughput=_throughput(resolved, backend, world_size),
-                            status_path=run_dir / "logs" / module_name / f"rank-{rank}" / "status.json")
+    metrics = MetricsWriter(record_dir / "metrics.jsonl", total_steps=0 if evaluating else resolved.total_steps,
+                            rank=rank, module=module_name, attempt=int(data.get("attempt") or 1),
+                            throughput=None if evaluating else _throughput(resolved, backend, world_size),
+                            status_path=record_dir / "logs" / module_name / f"rank-{rank}" / "status.json")
     ctx = RunContext(module=resolved, run_dir=run_dir, platform=platform.kind, arch=platform.arch, rank=rank,
-                     local_rank=local_rank, world_size=world_size, patches=patches, patch_context=pctx,
-                     metrics=metrics)
+                     local_rank=_int_env("LOCAL_RANK", 0), world_size=world_size, patches=patches,
+                     patch_context=pctx, metrics=metrics)
+    return ctx, backend, platform
+
+
+def run_worker(run_dir: Path, module_name: str) -> int:
+    run_dir = run_dir.resolve()
+    ctx, backend, platform = worker_context(run_dir, run_dir, module_name)
+    metrics, patches, rank, world_size = ctx.metrics, ctx.patches, ctx.rank, ctx.world_size
+    total = ctx.module.total_steps
     if backend.spec.graceful_stop:
         ctx.stop.install()
     metrics.set_status("running")
