@@ -858,6 +858,9 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         check_dimensions(dims, spec, world_size)
         check_data(module)
         check_post_training(module, kind, translator.post_training, backend.name, model.hf_path)
+        if kind == "posttrain" and not module.finetune.is_lora and module.checkpoint.export is None \
+                and backend.spec.exporter is not None and spec is not None:
+            module.checkpoint.export = "hf"  # a full fine-tune ends as a Hugging Face model: <run dir>/hf/
         if module.checkpoint.export and (backend.spec.exporter is None or spec is None):
             why = f"the {backend.name} backend cannot export weights" if backend.spec.exporter is None else \
                 "the model is native keys, not a model spec, so no config.json can be written"
