@@ -27,6 +27,7 @@ NEW_FAMILIES = ("deepseek_v3", "deepseek_v2", "llama4")
 #: left wrong moves the loss by only 1e-5 to 1e-4; every backend measures 1e-7 or better.
 PARITY_RTOL = 1e-6
 SEQ_LENGTH = 32
+SHARPEN = 4.0  # NEW_FAMILIES' weights (see make_tiny_hf)
 EVAL_BLOCKS = 8
 
 _COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -60,11 +61,12 @@ CONFIGS.update({
                         norm_topk_prob=False, routed_scaling_factor=1.0,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     # Llama 4 text at toy size: MoE on layers 1 and 3 (a shared expert each), layer 3 without RoPE (and with
-    # attention temperature, floor_scale 8 so it moves within SEQ_LENGTH), chunks of 16 < SEQ_LENGTH, qk L2 norm
+    # attention temperature: floor_scale 4, attn_scale 1 so it moves within SEQ_LENGTH), chunks of 16 < SEQ_LENGTH,
+    # qk L2 norm
     "llama4": dict(model_type="llama4_text", num_hidden_layers=4, intermediate_size=64, intermediate_size_mlp=128,
                    num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layer_interval=4,
-                   attention_chunk_size=16, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8,
-                   attn_scale=0.1, router_aux_loss_coef=0.0,
+                   attention_chunk_size=16, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4,
+                   attn_scale=1.0, router_aux_loss_coef=0.0,
                    rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
 })
 
@@ -84,6 +86,11 @@ def make_tiny_hf(family: str, directory: Path, *, seed: int = 0) -> Path:
                 p.add_(torch.randn_like(p) * 0.1)
             elif name.endswith(".bias"):
                 p.copy_(torch.randn_like(p) * 0.02)
+            elif family in NEW_FAMILIES and "embed" not in name and "lm_head" not in name:
+                # weights at 0.02 leave attention near uniform and the routed experts faint, so a lost
+                # RoPE variant, temperature or router weighting would move the loss by less than
+                # PARITY_RTOL: sharper weights make each feature count (measured 1e-5 to 1e-3)
+                p.mul_(SHARPEN)
         for name, b in model.named_buffers():  # DeepSeek-V3's selection bias: zero would hide a lost one
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.1)

@@ -142,7 +142,7 @@ def test_new_family_facts_from_config_json():
     l4 = spec_from_hf(family_config("llama4"))
     assert [l4.moe.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
     assert [l4.uses_rope(i) for i in range(4)] == [True, True, True, False]
-    assert (l4.ffn_hidden_size, l4.moe.expert_ffn, l4.attention_chunk_size, l4.attn_floor_scale) == (128, 64, 16, 8)
+    assert (l4.ffn_hidden_size, l4.moe.expert_ffn, l4.attention_chunk_size, l4.attn_floor_scale) == (128, 64, 16, 4)
     assert l4.qk_l2_norm and l4.attn_temperature_tuning and not l4.moe.norm_topk_prob
     shapes = hf_tensor_shapes(v3)
     assert shapes["model.layers.1.mlp.gate.e_score_correction_bias"] == (8,)
