@@ -78,6 +78,14 @@ class LoopSettings:
 
 
 class HFAdapter(Adapter):
+    def __new__(cls, ctx: RunContext) -> HFAdapter:
+        # a post_trainer module (ctx.module.kind == "posttrain") runs this loop on core's SFT rows
+        if cls is HFAdapter and getattr(ctx.module, "kind", "pretrain") == "posttrain":
+            from primus_hf.posttrain import SFTAdapter
+
+            cls = SFTAdapter
+        return super().__new__(cls)
+
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.settings = LoopSettings.from_native(ctx.native)
@@ -103,9 +111,7 @@ class HFAdapter(Adapter):
         n, s = self.ctx.native, self.settings
         self._start()
         model = self.build_model()
-        self.blocks = load_blocks(n, getattr(model.config, "vocab_size", None))
-        self.shifted = n.get("data_blocks") == "eval"  # rows of seq_length + 1: inputs [:-1], labels [1:]
-        self.order = SampleOrder(len(self.blocks.train), s.seed, shuffle=not self.shifted)
+        self.load_data(model)
         model.to(self.device)
         if n.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable()
@@ -133,6 +139,13 @@ class HFAdapter(Adapter):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+    def load_data(self, model: torch.nn.Module) -> None:
+        """`self.blocks` (rows indexed by sample) and `self.order` (the read order)."""
+        n, s = self.ctx.native, self.settings
+        self.blocks = load_blocks(n, getattr(model.config, "vocab_size", None))
+        self.shifted = n.get("data_blocks") == "eval"  # rows of seq_length + 1: inputs [:-1], labels [1:]
+        self.order = SampleOrder(len(self.blocks.train), s.seed, shuffle=not self.shifted)
 
     # ======================================================================= primus eval
 
@@ -288,7 +301,7 @@ class HFAdapter(Adapter):
 
         unused = n.get("ddp_find_unused_parameters")
         if unused is None:  # routed experts that got no token in a step have no gradient
-            unused = any(k in model.config.to_dict() for k in ("num_local_experts", "num_experts"))
+            unused = any(k in model.config.to_dict() for k in ("num_local_experts", "num_experts", "n_routed_experts"))
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                        find_unused_parameters=bool(unused))
 
@@ -361,9 +374,7 @@ class HFAdapter(Adapter):
         for step in range(start + 1, s.max_steps + 1):
             loss_sum.zero_()
             for micro in range(s.accumulation):
-                rows = micro_batch(self.blocks.train, self.order, step=step - 1, micro_index=micro, rank=self.rank,
-                                   world_size=self.world_size, micro_batch_size=s.micro_batch_size,
-                                   accumulation=s.accumulation).to(self.device, non_blocking=True)
+                rows = self.micro_rows(step - 1, micro).to(self.device, non_blocking=True)
                 with self._grad_sync(last=micro == s.accumulation - 1), self.autocast():
                     loss = self._loss(rows) / s.accumulation
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -410,6 +421,13 @@ class HFAdapter(Adapter):
         if start < s.max_steps and (s.save_every and s.max_steps % s.save_every == 0 or export_at_end):
             self.save_checkpoint(s.max_steps)
         return True
+
+    def micro_rows(self, step: int, micro: int) -> torch.Tensor:
+        """The rows this rank trains on in micro step `micro` of 0-based `step`."""
+        s = self.settings
+        return micro_batch(self.blocks.train, self.order, step=step, micro_index=micro, rank=self.rank,
+                           world_size=self.world_size, micro_batch_size=s.micro_batch_size,
+                           accumulation=s.accumulation)
 
     def _loss(self, rows: torch.Tensor) -> torch.Tensor:
         """The model's mean token loss on `rows` (transformers' loss, so a MoE aux loss is kept)."""

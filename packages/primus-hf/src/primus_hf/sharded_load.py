@@ -72,7 +72,8 @@ class SafetensorsReader:
 
 
 def fill_shards(model: torch.nn.Module, reader: SafetensorsReader, family: str, rank: int, world: int) -> None:
-    """Copy every parameter's local rows (FSDP2 dim-0 shards, or whole tensors) from `reader`."""
+    """Copy every parameter's local rows (FSDP2 dim-0 shards, or whole tensors) from `reader`, and
+    every buffer the directory holds."""
     mixtral = family == "mixtral"
     experts = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     for name, param in model.named_parameters():
@@ -87,6 +88,10 @@ def fill_shards(model: torch.nn.Module, reader: SafetensorsReader, family: str, 
                 raise ConfigError(f"tensor {name}: rows {start}..{end} read as {list(value.shape)}, the model's "
                                   f"shard is {list(local.shape)}", key="model.hf_path")
             local.copy_(value.to(local.dtype))
+    for name, buffer in model.named_buffers():  # saved buffers (DeepSeek-V3's expert bias) are whole on every rank
+        if name in reader.index:
+            with torch.no_grad():
+                buffer.copy_(reader.rows(name, 0, buffer.shape[0]).to(buffer.dtype))
 
 
 def _read_rows(reader: SafetensorsReader, name: str, start: int, end: int, shape: tuple[int, ...], mixtral: bool,

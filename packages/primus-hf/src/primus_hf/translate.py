@@ -61,6 +61,10 @@ class HFTranslator(Translator):
         "push_to_hub": "runs write to the local run directory only",
     }
 
+    #: the post_trainer module (presets/sft_trainer.yaml, primus_hf.posttrain): full and LoRA (peft)
+    #: fine-tuning, packing with attention kept inside each packed sample
+    post_training = frozenset({"full", "lora", "packing", "isolated_packing"})
+
     def native_keys(self, preset: dict[str, Any]) -> set[str]:
         return super().native_keys(preset) | set(training_arguments())
 
@@ -78,7 +82,11 @@ class HFTranslator(Translator):
         config.pop("architectures", None)
         out = NativeValues()
         for key, value in config.items():
-            out.set(f"model_config.{key}", value, _MODEL_ORIGINS.get(key, key))
+            if value is None:  # meaningful here (DeepSeek-V2's q_lora_rank: no q LoRA), not "unset"
+                out.values.setdefault("model_config", {})[key] = None
+                out.origins[f"model_config.{key}"] = _MODEL_ORIGINS.get(key, key)
+            else:
+                out.set(f"model_config.{key}", value, _MODEL_ORIGINS.get(key, key))
         return out
 
     def translate_sections(self, module: ModuleConfig, model: ModelSpec | None) -> NativeValues:
@@ -148,7 +156,10 @@ class HFTranslator(Translator):
         n = resolved.native
         self._check_parallel(resolved)
         self._check_model(n)
-        self._check_data(n)
+        if resolved.kind == "posttrain":
+            _check_post_training(resolved)
+        else:
+            self._check_data(n)
         self._check_schedule(n)
         self._check_trackers(n)
 
@@ -254,6 +265,44 @@ _MODEL_ORIGINS = {
     "rms_norm_eps": "norm_eps", "tie_word_embeddings": "tie_embeddings", "rope_parameters": "rope_theta",
     "num_local_experts": "moe", "num_experts": "moe", "num_experts_per_tok": "moe", "moe_intermediate_size": "moe",
 }
+
+
+# --------------------------------------------------------------------------- post-training
+
+
+def _check_post_training(resolved: ResolvedModule) -> None:
+    """What the hf post_trainer needs beyond core's rules (primus.posttrain.rules): SFT records in data.path,
+    a tokenizer that fits the model, and for LoRA a pretrained model to adapt, replicated (DDP)."""
+    n, module = resolved.native, resolved.module
+    if n.get("stage", "sft") != "sft":
+        raise ConfigError(f"stage {n.get('stage')!r}: the hf post_trainer does supervised fine-tuning only",
+                          key="stage", fix="stage: sft")
+    if not module.data.path:
+        raise ConfigError("the hf post_trainer reads a local JSONL of records", key="data.path",
+                          fix="set data.path (formats: messages, alpaca, prompt_completion)")
+    tokenizer = module.data.tokenizer or resolved.hf_path or n.get("hf_path")
+    vocab = tokenizer_size(Path(tokenizer), "data.tokenizer") if tokenizer and Path(tokenizer).is_dir() else None
+    model_vocab = (n.get("model_config") or {}).get("vocab_size") or (resolved.model.vocab_size if resolved.model
+                                                                      else None)
+    if vocab and model_vocab and vocab > int(model_vocab):
+        raise ConfigError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is {model_vocab}",
+                          key="data.tokenizer", fix="fine-tune with the model's own tokenizer")
+    if n.get("disable_last_saving"):
+        raise ConfigError("a post_trainer run always writes its model (hf/) or adapter (adapter/)",
+                          key="disable_last_saving", fix="remove disable_last_saving")
+    if not module.finetune.is_lora:
+        return
+    base = resolved.hf_path or n.get("hf_path")
+    if not base or not Path(str(base)).is_dir():
+        raise ConfigError("LoRA adapts a pretrained model: the hf backend needs its local directory",
+                          key="finetune.method", fix="set model: {hf_path: DIR}, or finetune.method: full")
+    if n.get("fsdp"):
+        raise ConfigError("LoRA on the hf backend replicates the model (DDP); FSDP is for full fine-tuning",
+                          key="parallel.fsdp", fix="remove parallel.fsdp, or use finetune.method: full")
+    if module.checkpoint.export:
+        raise ConfigError("a LoRA run writes its adapter (and the merged model with lora.merge) itself",
+                          key="checkpoint.export", fix="remove checkpoint.export; set finetune.lora.merge: true "
+                                                       "for a merged Hugging Face model")
 
 
 # --------------------------------------------------------------------------- file checks (no heavy imports)
