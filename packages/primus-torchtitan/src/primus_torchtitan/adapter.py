@@ -164,9 +164,15 @@ def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir
         dataloader = HuggingFaceTextDataLoader.Config()
         tokenizer = HuggingFaceTokenizer.Config()
 
+    if native_get(native, "model.mtp_layers"):  # DeepSeek-V3's multi-token prediction: TorchTitan's own loss
+        from torchtitan.models.deepseek_v3 import MTPLoss
+
+        loss = MTPLoss.Config(global_vocab_size=vocab)
+    else:
+        loss = ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=vocab))
     config = Trainer.Config(
         model_spec=model_spec,
-        loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=vocab)),
+        loss=loss,
         optimizer=optimizer, dataloader=dataloader, tokenizer=tokenizer,
         activation_checkpoint=_activation_checkpoint(native_get(native, "activation_checkpoint.mode")),
     )
@@ -322,6 +328,10 @@ class TorchTitanAdapter(Adapter):
             ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             validate_corpora(ctx.native)
             config = build_trainer_config(ctx.native, run_dir=str(ctx.run_dir), checkpoint_dir=str(ctx.checkpoint_dir))
+            if ctx.module.kind == "posttrain":  # fine-tuning: core's masked rows are the batches
+                from primus_torchtitan.posttrain import feed_sft_rows
+
+                feed_sft_rows(config, ctx)
             # core's phase order: build_args (the config), then setup (torchtitan's modules), both
             # before config.build() creates the model
             ctx.apply_patches("build_args", titan_config=config)

@@ -130,6 +130,8 @@ def score(trainer: Any, request: EvalRequest) -> tuple[float, int]:
                     inputs, labels, extra = trainer.post_dataloading_process(
                         {"input": inputs, "positions": positions}, labels)
                     logits = model(inputs, **extra)
+                if isinstance(logits, list):  # DeepSeek-V3 with multi-token prediction: the main head's
+                    logits = logits[0]
                 if isinstance(logits, DTensor):
                     logits = logits.full_tensor()
                 if isinstance(labels, DTensor):

@@ -59,6 +59,7 @@ class Layout:
     shared_experts: bool = False
     expert_bias: bool = False
     q_lora: bool = False  # DeepSeek-V3's low-rank q projection (V2-Lite: one q projection)
+    mtp_layers: int = 0  # DeepSeek-V3's multi-token prediction modules (not part of transformers' model)
 
     @classmethod
     def from_native(cls, model: Mapping[str, Any]) -> Layout:
@@ -77,7 +78,8 @@ class Layout:
                    moe_layers=tuple(i for i in range(n_layers) if i >= dense and (i + 1) % interval == 0) if moe else (),
                    experts=int(moe.get("experts") or 0), shared_experts=bool(moe.get("shared_experts")),
                    expert_bias=bool(moe.get("expert_bias")),
-                   q_lora=bool((model.get("mla") or {}).get("q_lora_rank")))
+                   q_lora=bool((model.get("mla") or {}).get("q_lora_rank")),
+                   mtp_layers=int(model.get("mtp_layers") or 0))
 
     @property
     def permutes_rope(self) -> bool:
@@ -364,6 +366,9 @@ def load_into(model_parts: Iterable[Any], layout: Layout, hf_dir: Path) -> int:
     rank reading only its own shards. Returns the bytes read on this rank."""
     from primus.models.hf import read_weight_index
 
+    if layout.mtp_layers:
+        raise ConfigError("Hugging Face weights load into a model without multi-token prediction (transformers' "
+                          "DeepSeek-V3 has no MTP module)", key="mtp_layers", fix="set mtp_layers: 0")
     index = read_weight_index(hf_dir)
     hf, experts = stock_names(layout), expert_tensors(layout)
 

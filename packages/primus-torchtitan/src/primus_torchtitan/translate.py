@@ -93,7 +93,7 @@ def tokenizer_location(native: dict[str, Any]) -> Any:
     """TorchTitan 0.3's `hf_assets_path`, or upstream's `model.hf_assets_path` spelling of it."""
     return native_get(native, "hf_assets_path") or native_get(native, "model.hf_assets_path")
 PARALLEL_KEYS = ("data_parallel_replicate_degree", "data_parallel_shard_degree", "context_parallel_degree",
-                 "tensor_parallel_degree", "pipeline_parallel_degree")
+                 "tensor_parallel_degree", "pipeline_parallel_degree", "expert_parallel_degree")
 REPLICATE = "parallelism.data_parallel_replicate_degree"
 SHARD = "parallelism.data_parallel_shard_degree"
 #: the degrees that leave world / (their product) ranks to the two data-parallel degrees
@@ -178,16 +178,39 @@ def _check_deepseek(spec: ModelSpec) -> None:
                           "rotation", key="rope_scaling.mscale")
 
 
+#: `dataloader.dataset` of a post_trainer module: core's post-training rows (primus_torchtitan.posttrain)
+SFT_DATASET = "primus_sft"
+#: the attention backends that keep packed samples apart (TorchTitan's document masks)
+DOCUMENT_MASKED = ("flex", "varlen")
+
+
+def _check_posttrain(resolved: ResolvedModule) -> None:
+    data, backend = resolved.module.data, native_get(resolved.native, "model.attn_backend") or "flex"
+    if data.packing and data.packed_attention != "causal" and backend not in DOCUMENT_MASKED:
+        raise ConfigError(f"packed samples are kept apart by TorchTitan's document masks, which attention backend "
+                          f"'{backend}' does not build", key="model.attn_backend",
+                          fix="use model.attn_backend: flex (or varlen), or data.packed_attention: causal")
+
+
 def _check_llama4(spec: ModelSpec) -> None:
+    """Llama 4's MoE as this package's module builds it (transformers' Llama4TextMoe)."""
     moe = spec.moe
-    if moe is not None and (moe.score_function != "sigmoid" or moe.groups is not None or moe.expert_bias
-                            or moe.first_dense_layers or moe.shared_experts > 1):
-        raise ConfigError("Llama 4's MoE is sigmoid top-k with at most one shared expert, no groups, no expert bias "
-                          "and no leading dense layers", key="moe")
+    if moe is None:
+        return
+    if moe.score_function != "sigmoid" or moe.groups is not None or moe.expert_bias or moe.first_dense_layers \
+            or moe.shared_experts > 1 or moe.routed_scaling_factor != 1.0:
+        raise ConfigError("Llama 4's MoE is sigmoid top-k with at most one shared expert: no groups, expert bias, "
+                          "routed scaling or leading dense layers", key="moe")
+    if moe.norm_topk_prob:
+        raise ConfigError("Llama 4 weights each expert by the sigmoid of its score, without renormalising the top-k",
+                          key="moe.norm_topk_prob", fix="set moe.norm_topk_prob: false")
 
 
 class TorchTitanTranslator(Translator):
     steps_key = "training.steps"
+    #: the post_trainer (primus_torchtitan.posttrain): full fine-tuning; packed samples isolated by
+    #: TorchTitan's document masks (FlexAttention or varlen), or causal across them
+    post_training = frozenset({"full", "packing", "isolated_packing"})
     renamed_keys = UPSTREAM_ALIASES
     #: what core's neutral rules (primus.config.rules) judge, read from the resolved native keys so
     #: `parallelism.tensor_parallel_degree=3` is judged like `parallel.tensor=3`. Not named, so read
@@ -370,6 +393,8 @@ class TorchTitanTranslator(Translator):
         self._derive_renamed(resolved, out)
         self._derive_data_degree(resolved, out)
         self._derive_min_lr_factor(resolved, out)
+        if resolved.kind == "posttrain" and resolved.module.data.path:  # core's rows, not the text corpus loader
+            out.set("dataloader.dataset", SFT_DATASET, "data.path")
         return out
 
     @staticmethod
@@ -490,6 +515,9 @@ class TorchTitanTranslator(Translator):
         """A real corpus needs TorchTitan's tokenizer directory (hf_assets_path). Core checked the
         neutral `data.path` and `data.tokenizer`; a value written natively instead is checked here."""
         native, data = resolved.native, resolved.module.data
+        if resolved.kind == "posttrain":
+            _check_posttrain(resolved)
+            return  # core checked the records and the tokenizer
         if native_get(native, "training.mock_data"):
             return
         path = native_get(native, "dataloader.dataset_path")
