@@ -79,6 +79,7 @@ def test_a_finished_run_says_so_and_trains_nothing(toy_exp):
     more = run_primus("run", str(exp), "train.steps=16")
     assert more.returncode == 0, more.stderr
     assert "train.steps changed from 12 to 16" in more.stderr
+    assert "applies from step 13 (the newest checkpoint is step 12)" in more.stderr
     rows = read_metrics(_run_dir(ws) / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 17))
     assert {r["attempt"] for r in rows if r["step"] > 12} == {2}  # "already finished" was no attempt

@@ -109,9 +109,29 @@ def check_resume(m: ResolvedModule, run_dir: Path) -> ResumeCheck:
         return ResumeCheck(notices, complete=f"{m.name} already finished all {new_steps} steps in {run_dir}; "
                                              "raise train.steps to train further, or give exp_name=... for a new run")
     if old_steps and new_steps and old_steps != new_steps:
+        step = newest_checkpoint_step(checkpoints)
+        start = f"from step {step + 1} (the newest checkpoint is step {step})" if step is not None else \
+            "from the step this run resumes at"
         notices.append(f"train.steps changed from {old_steps} to {new_steps}: the learning-rate schedule is "
-                       f"recomputed for {new_steps} steps from the step this run resumes at")
+                       f"recomputed for {new_steps} steps and applies {start}")
     return ResumeCheck(notices)
+
+
+def newest_checkpoint_step(directory: Path) -> int | None:
+    """The highest step among a checkpoint folder's entries, read off their names as every backend
+    writes them (`step-40`, `iter_0000040`, `40`); partial saves (dot-files) are not counted."""
+    import re
+
+    steps = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        match = re.fullmatch(r"(?:step[-_]?|iter_?)?(\d+)(?:\.json)?", entry.name)
+        if match and not entry.name.startswith("."):
+            steps.append(int(match.group(1)))
+    return max(steps) if steps else None
 
 
 def _steps_of(module: dict[str, Any]) -> int | None:
