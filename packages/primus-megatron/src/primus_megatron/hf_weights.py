@@ -42,7 +42,33 @@ def _moe_prefix(spec: ModelSpec) -> tuple[str, str, tuple[str, str, str]]:
     """(router name, expert prefix, (gate, up, down) names) of a MoE layer in HF's naming."""
     if spec.family == "mixtral":
         return "block_sparse_moe.gate.weight", "block_sparse_moe.experts", ("w1", "w3", "w2")
+    if spec.family == "llama4":  # experts fused on disk: experts.gate_up_proj [E, H, 2F], down_proj [E, F, H]
+        return "feed_forward.router.weight", "feed_forward.experts", ("gate_up_proj", "gate_up_proj", "down_proj")
     return "mlp.gate.weight", "mlp.experts", ("gate_proj", "up_proj", "down_proj")
+
+
+def _mlp_prefix(spec: ModelSpec) -> str:
+    """A dense layer's MLP in HF's naming (Llama 4 calls it feed_forward)."""
+    return "feed_forward." if spec.family == "llama4" else "mlp."
+
+
+def _shared_prefix(spec: ModelSpec) -> str:
+    """The shared experts of a MoE layer (one MLP of shared_experts x their size) in HF's naming."""
+    return "feed_forward.shared_expert." if spec.family == "llama4" else "mlp.shared_experts."
+
+
+#: megatron's MLA parameters -> (HF tensor, how a tensor-parallel rank slices it: "rank" rows of a
+#: low-rank projection, "heads" rows per head, "cols" the output projection's columns, None whole)
+MLA_TENSORS: dict[str, tuple[str, str | None]] = {
+    "self_attention.linear_q_proj.weight": ("self_attn.q_proj.weight", "heads"),
+    "self_attention.linear_q_down_proj.weight": ("self_attn.q_a_proj.weight", "rank"),
+    "self_attention.linear_q_up_proj.weight": ("self_attn.q_b_proj.weight", "heads"),
+    "self_attention.linear_kv_down_proj.weight": ("self_attn.kv_a_proj_with_mqa.weight", "rank"),
+    "self_attention.linear_kv_up_proj.weight": ("self_attn.kv_b_proj.weight", "heads"),
+    "self_attention.q_layernorm.weight": ("self_attn.q_a_layernorm.weight", None),
+    "self_attention.kv_layernorm.weight": ("self_attn.kv_a_layernorm.weight", None),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", "cols"),
+}
 
 
 @dataclass(frozen=True)
@@ -165,6 +191,8 @@ class HfToMegatron:
             raise ConfigError(f"megatron parameter {name} has no Hugging Face tensor", key="model.hf_path")
         layer = f"model.layers.{layer_number(int(m.group(1)))}."
         rest = m.group(2)
+        if s.mla is not None and rest in MLA_TENSORS:
+            return self.mla(layer, rest, param)
         simple = {
             "input_layernorm.weight": "input_layernorm.weight",
             "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
@@ -180,25 +208,66 @@ class HfToMegatron:
         if rest == "self_attention.linear_proj.weight":
             a, b = _share(s.num_heads * s.head_size, r.tp_rank, r.tp, "the attention heads")
             return self.reader.cols(layer + "self_attn.o_proj.weight", a, b)
+        mlp = layer + _mlp_prefix(s)
         if rest == "mlp.linear_fc1.weight":
-            return self.gated_fc1(layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight", s.ffn_hidden_size,
-                                  r.tp_rank, r.tp)
+            return self.gated_fc1(mlp + "gate_proj.weight", mlp + "up_proj.weight", s.ffn_hidden_size, r.tp_rank, r.tp)
         if rest == "mlp.linear_fc2.weight":
-            return self.fc2(layer + "mlp.down_proj.weight", s.ffn_hidden_size, r.tp_rank, r.tp)
+            return self.fc2(mlp + "down_proj.weight", s.ffn_hidden_size, r.tp_rank, r.tp)
         if s.moe is not None:
             router, experts, (gate, up, down) = _moe_prefix(s)
             if rest == "mlp.router.weight":
                 return self.reader.whole(layer + router)
+            if rest == "mlp.router.expert_bias":
+                return self.reader.whole(layer + router.replace(".weight", ".e_score_correction_bias"))
+            shared = layer + _shared_prefix(s)
+            size = s.moe.shared_experts * (s.moe.shared_expert_ffn or s.moe.expert_ffn)
+            if rest == "mlp.shared_experts.linear_fc1.weight":
+                return self.gated_fc1(shared + "gate_proj.weight", shared + "up_proj.weight", size, r.tp_rank, r.tp)
+            if rest == "mlp.shared_experts.linear_fc2.weight":
+                return self.fc2(shared + "down_proj.weight", size, r.tp_rank, r.tp)
             e = EXPERT.match(rest)
             if e is not None:
                 local = s.moe.experts // r.ep
-                expert = f"{layer}{experts}.{r.ep_rank * local + int(e.group(1))}."
+                index = r.ep_rank * local + int(e.group(1))
+                if s.family == "llama4":
+                    return self.fused_expert(f"{layer}{experts}.", index, e.group(2))
+                expert = f"{layer}{experts}.{index}."
                 if e.group(2) == "linear_fc1":
                     return self.gated_fc1(expert + f"{gate}.weight", expert + f"{up}.weight", s.moe.expert_ffn,
                                           r.etp_rank, r.etp)
                 return self.fc2(expert + f"{down}.weight", s.moe.expert_ffn, r.etp_rank, r.etp)
         raise ConfigError(f"megatron parameter {name} has no Hugging Face tensor for a {s.family} model "
-                          "(moe_grouped_gemm, shared experts and dense MoE layers are not loaded)", key="model.hf_path")
+                          "(moe_grouped_gemm is not loaded)", key="model.hf_path")
+
+    def mla(self, layer: str, rest: str, param: torch.Tensor) -> torch.Tensor:
+        """A multi-latent attention tensor: low-rank projections split by rows over tensor-parallel
+        ranks (megatron gathers their outputs), per-head projections by heads, o_proj by columns."""
+        s, r = self.spec, self.ranks
+        assert s.mla is not None
+        hf, how = MLA_TENSORS[rest]
+        name = layer + hf
+        if how is None:
+            return self.reader.whole(name)
+        if how == "rank":
+            return self.reader.rows(name, *_share(param.shape[0] * r.tp, r.tp_rank, r.tp, hf))
+        h0, h1 = _share(s.num_heads, r.tp_rank, r.tp, "the attention heads")
+        per_head = param.shape[1 if how == "cols" else 0] // (h1 - h0)
+        if how == "cols":
+            return self.reader.cols(name, h0 * per_head, h1 * per_head)
+        return self.reader.rows(name, h0 * per_head, h1 * per_head)
+
+    def fused_expert(self, experts: str, index: int, which: str) -> torch.Tensor:
+        """Expert `index` of Llama 4's fused on-disk tensors, in megatron's [out, in] layout: fc1 is
+        [gate; up] (this expert-tensor-parallel rank's share of each), fc2 the down projection."""
+        s, r = self.spec, self.ranks
+        assert s.moe is not None
+        f = s.moe.expert_ffn
+        a, b = _share(f, r.etp_rank, r.etp, "the expert hidden size")
+        if which == "linear_fc1":
+            gate = self.reader._read(experts + "gate_up_proj", (index, slice(None), slice(a, b)))
+            up = self.reader._read(experts + "gate_up_proj", (index, slice(None), slice(f + a, f + b)))
+            return torch.cat([gate.t(), up.t()], dim=0)
+        return self.reader._read(experts + "down_proj", (index, slice(a, b), slice(None))).t()
 
 
 def _chunks(model: list[Any]) -> Iterator[Any]:
@@ -220,7 +289,9 @@ def load_hf_into(model: list[Any], spec: ModelSpec, directory: str | Path) -> in
             def global_layer(local: int, layers: Any = layers) -> int:
                 return int(layers[local].layer_number) - 1
 
-            for name, param in gpt.named_parameters():
+            tensors = [*gpt.named_parameters(),
+                       *((name, b) for name, b in gpt.named_buffers() if name.endswith("router.expert_bias"))]
+            for name, param in tensors:
                 value = convert.tensor(name, param, global_layer)
                 if tuple(value.shape) != tuple(param.shape):
                     raise ConfigError(f"{directory}: megatron parameter {name} is {list(param.shape)} on this rank, "

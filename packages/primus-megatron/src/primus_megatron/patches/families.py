@@ -94,7 +94,49 @@ def _llama3_rope_shape(ctx: PatchContext) -> Undo:
     return replace_attr(RotaryEmbedding, "_apply_scaling", apply_scaling)
 
 
+def _no_jit_fuser(ctx: PatchContext) -> Undo:
+    from megatron.core import jit
+
+    return replace_attr(jit, "jit_fuser", jit.noop_decorator)
+
+
+def _torch_norm_sequence_parallel(ctx: PatchContext) -> Undo:
+    import copy
+
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls: Any, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, eps, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original(cls, plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            # each tensor-parallel rank sees its part of the sequence: megatron-core all-reduces the
+            # gradients of parameters marked so (finalize_model_grads), as TE's and apex's norms mark theirs
+            param.sequence_parallel = True
+        return norm
+
+    return replace_attr(torch_norm.WrappedTorchNorm, "__new__", staticmethod(new))
+
+
 FAMILY_PATCHES = [
+    Patch(id="megatron.layers.torch_norm_sequence_parallel", backend="megatron", phase="setup",
+          versions=FRAMEWORK_RANGE, target="megatron.core.transformer.torch_norm.WrappedTorchNorm",
+          enabled_by="sequence_parallel", enabled_by_default=False,
+          description="Sequence parallel with torch's norms (no TransformerEngine or apex): megatron-core's torch "
+                      "norm wrapper refuses it; here its weights are marked sequence_parallel so their gradients "
+                      "are all-reduced over the tensor-parallel ranks, as TE's and apex's norms are. megatron-core's "
+                      "MoE layer trains under tensor parallel only with sequence parallel.",
+          apply=_torch_norm_sequence_parallel),
+    Patch(id="megatron.cpu.no_jit_fuser", backend="megatron", phase="before_import", versions=FRAMEWORK_RANGE,
+          platforms=frozenset({"cpu"}), target="megatron.core.jit.jit_fuser",
+          description="megatron-core's fused helpers (MoE routing scores, the q/k L2 norm) run eagerly on the CPU: "
+                      "its jit_fuser is torch.compile, whose inductor build took 15-30 s at the first step of a "
+                      "tiny DeepSeek or Llama 4 run, longer than the run.",
+          notes="Applies before megatron-core is imported (the decorator runs at import).", apply=_no_jit_fuser),
     Patch(id="megatron.rope.llama3_shape", backend="megatron", phase="setup", versions=FRAMEWORK_RANGE,
           target="megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding._apply_scaling",
           predicate=lambda ctx: any(ctx.config.get(key) is not None for key in _SHAPE_KEYS),
