@@ -300,6 +300,10 @@ class MegatronTranslator(Translator):
             # megatron-core builds the expert groups inside data x context parallel ranks
             raise ConfigError(f"expert_model_parallel_size {ep} does not divide data x context parallel {dp * cp}",
                               key="expert_model_parallel_size")
+        if experts and tp > 1 and not n.get("sequence_parallel"):
+            # megatron-core's MoE layer raises this at the first training step
+            raise ConfigError(f"an MoE model over tensor parallel {tp} needs sequence parallel", key="sequence_parallel",
+                              fix="set sequence_parallel: true")
         self._check_pipeline_schedule(n, pp, layers)
         if experts and n.get("moe_layer_freq") is not None:
             moe_layer_pattern(n["moe_layer_freq"], layers)
