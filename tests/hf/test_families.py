@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from primus.models.hf import check_tensors, hf_config, hf_tensor_shapes, read_hf_config, spec_from_hf
+from tests.core.test_model_families import (  # noqa: F401  (collected here too: the Llama 4 case needs hf)
+    test_impossible_model_families_input_is_one_line_exit_2_nothing_created,
+)
 from tests.hf_models import (
     NEW_FAMILIES,
     PARITY_RTOL,
