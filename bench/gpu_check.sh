@@ -18,7 +18,7 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
-BACKENDS="megatron,torchtitan,hf,maxtext"
+BACKENDS="megatron,megatron_mla,torchtitan,hf,maxtext"
 STEPS=20
 SEQ=4096
 MBS=2
@@ -57,10 +57,22 @@ MODEL='{family: llama, vocab_size: 128256, hidden_size: 4096, num_layers: 2, num
         rope_scaling: {type: llama3, factor: 8.0, original_max_positions: 8192, low_freq_factor: 1.0,
                        high_freq_factor: 4.0}}'
 
+# megatron_mla: DeepSeek-V3's layers (MLA at full size, YaRN, sigmoid routing with the selection bias,
+# group-limited top-8) with 2 layers (1 dense, 1 MoE) and 16 of its 256 experts: with TransformerEngine
+# installed megatron-core's TE spec builds MLA (primus_megatron.layers; CPU tests cover only the SDPA path)
+MODEL_MLA='{family: deepseek, vocab_size: 129280, hidden_size: 7168, num_layers: 2, num_heads: 128,
+        ffn_hidden_size: 18432, max_position_embeddings: 163840, norm_eps: 1.0e-6,
+        rope_scaling: {type: yarn, factor: 40.0, original_max_positions: 4096, beta_fast: 32.0, beta_slow: 1.0,
+                       mscale: 1.0, mscale_all_dim: 1.0},
+        moe: {experts: 16, top_k: 8, expert_ffn: 2048, shared_experts: 1, first_dense_layers: 1,
+              score_function: sigmoid, expert_bias: true, groups: 8, top_k_groups: 4, routed_scaling_factor: 2.5},
+        mla: {q_lora_rank: 1536, kv_lora_rank: 512, qk_nope_head_dim: 128, qk_rope_head_dim: 64, v_head_dim: 128}}'
+
 write_exp() {  # write_exp BACKEND -> the experiment file's path
-  local backend="$1" file="$OUT/$1.yaml" overrides
+  local backend="$1" file="$OUT/$1.yaml" overrides model="$MODEL"
+  if [ "$backend" = megatron_mla ]; then model="$MODEL_MLA"; fi
   case "$backend" in
-    megatron) overrides='{log_interval: 1, disable_last_saving: true, save_interval: 100000}' ;;
+    megatron|megatron_mla) overrides='{log_interval: 1, disable_last_saving: true, save_interval: 100000}' ;;
     torchtitan) overrides='{compile: {enable: false}, activation_checkpoint: {mode: none}}' ;;
     hf) overrides='{optim: adamw_torch_fused}' ;;
     maxtext) overrides='{enable_checkpointing: false, dataset_type: synthetic}' ;;
@@ -68,13 +80,13 @@ write_exp() {  # write_exp BACKEND -> the experiment file's path
   cat > "$file" <<EOF
 work_group: gpu-check
 user_name: bench
-exp_name: $backend-llama3.1_8B-2layers
+exp_name: $backend-2layers
 workspace: $OUT/ws
 modules:
   pre_trainer:
-    framework: $backend
+    framework: ${backend%_mla}
     config: pre_trainer.yaml
-    model: $MODEL
+    model: $model
     train: {steps: $STEPS, lr: 1.0e-5, warmup_steps: 2, micro_batch_size: $MBS, global_batch_size: $MBS,
             seq_length: $SEQ, seed: 1234, precision: bf16, log_interval: 1}
     data: {mock: true}
@@ -145,7 +157,7 @@ for backend in "${LIST[@]}"; do
     cmd="$PRIMUS_MAXTEXT"
   fi
   # shellcheck disable=SC2086
-  if ! $cmd backends 2>/dev/null | grep -qE "^$backend +[a-z]"; then
+  if ! $cmd backends 2>/dev/null | grep -qE "^${backend%_mla} +[a-z]"; then
     echo "$backend     skipped: not installed for $cmd"; continue
   fi
   exp="$(write_exp "$backend")"
@@ -169,7 +181,7 @@ for backend in "${LIST[@]}"; do
   code=$?
   kill "$poller" 2>/dev/null; wait "$poller" 2>/dev/null
   peak="$(sort -n "$OUT/$backend.mem" 2>/dev/null | tail -1)"
-  run_dir="$OUT/ws/gpu-check/bench/$backend-llama3.1_8B-2layers"
+  run_dir="$OUT/ws/gpu-check/bench/$backend-2layers"
   if [ "$code" != 0 ]; then
     echo "$backend     FAILED: exit $code after $((SECONDS - start)) s; last lines:"; tail -15 "$OUT/$backend.out"
     status=1

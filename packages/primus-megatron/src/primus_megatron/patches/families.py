@@ -51,18 +51,19 @@ def _mla_without_te(ctx: PatchContext) -> Undo:
 
 def _group_score_top2(ctx: PatchContext) -> Undo:
     # megatron-core scores a group by the sum of its top (topk / group_topk) expert scores; DeepSeek-V3
-    # (and transformers' DeepseekV3) by the sum of its top 2. The two agree at DeepSeek-V3's own size
-    # (topk 8, 4 groups of 8); this makes them agree at every size, so a tiny model routes as
-    # transformers does.
+    # (sigmoid scores; transformers' DeepseekV3) by the sum of its top 2, DeepSeek-V2 (softmax scores,
+    # group_limited_greedy) by its best one. They agree at DeepSeek-V3's own size (topk 8 of 4 groups);
+    # this makes them agree at every size, so a model routes as transformers does.
     import torch
     from megatron.core.transformer.moe import moe_utils
 
     original = moe_utils.group_limited_topk
+    best = 2 if ctx.config.get("moe_router_score_function") == "sigmoid" else 1
 
     def group_limited_topk(scores: Any, topk: int, num_tokens: int, num_experts: int, num_groups: int,
                            group_topk: int) -> Any:
         per_group = num_experts // num_groups
-        group_scores = scores.view(num_tokens, num_groups, -1).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
+        group_scores = scores.view(num_tokens, num_groups, -1).topk(min(best, per_group), dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(num_tokens, num_groups, per_group).reshape(num_tokens, -1)
@@ -169,8 +170,8 @@ FAMILY_PATCHES = [
           target="megatron.core.transformer.moe.moe_utils.group_limited_topk",
           predicate=lambda ctx: bool(ctx.config.get("moe_router_group_topk")),
           predicate_doc="moe_router_group_topk is set (group-limited routing)",
-          description="Group-limited routing scores each expert group by the sum of its top 2 expert scores, as "
-                      "DeepSeek-V3 does; megatron-core sums the top (topk / group_topk), which is the same at "
-                      "DeepSeek-V3's own size but not at others.",
+          description="Group-limited routing scores each expert group as DeepSeek does: the sum of its top 2 "
+                      "expert scores with sigmoid scores (V3), its best score with softmax scores (V2); "
+                      "megatron-core sums the top (topk / group_topk), the same at DeepSeek-V3's own size only.",
           apply=_group_score_top2),
 ]
