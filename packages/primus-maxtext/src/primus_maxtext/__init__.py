@@ -23,7 +23,7 @@ BACKEND = BackendSpec(
     patches="primus_maxtext.patches:PATCHES",
     env="primus_maxtext.env:ENV",
     exporter="primus_maxtext.export:export_hf",
-    model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek"),
+    model_families=("llama", "qwen2", "qwen3", "mixtral", "deepseek", "llama4"),
     # MaxText's loop checkpoints on preemption only through JAX's own preemption notifier; Primus
     # cannot ask it to stop after a step yet, so SIGTERM keeps its default action (the process ends;
     # resume: auto continues from the last interval checkpoint)

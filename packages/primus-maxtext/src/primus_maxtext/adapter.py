@@ -25,6 +25,7 @@ from primus.runs.evaluate import EvalRequest, EvalResult
 from primus_maxtext.base_config import base_defaults
 from primus_maxtext.checkpoint import resolve_damaged
 from primus_maxtext.data import validate_corpora
+from primus_maxtext.translate import DEEPSEEK_V3_MODEL_KEYS, DEEPSEEK_V3_MODEL_NAME
 
 TRAIN_ENTRY = "maxtext.trainers.pre_train.train"
 CONFIG_DIR = "maxtext"
@@ -98,10 +99,21 @@ def write_maxtext_config(run_dir: Path, module: str, config: Mapping[str, Any], 
         "base_config: base.yml  # MaxText's own, next to its configs",
     ]
     body = yaml.safe_dump(dict(config), sort_keys=True, default_flow_style=None, width=120)
-    tmp = path.with_suffix(".yml.tmp")
-    tmp.write_text("\n".join(header) + "\n" + body, encoding="utf-8")
-    tmp.replace(path)
+    if config.get("model_name") == DEEPSEEK_V3_MODEL_NAME:
+        _write_atomic(path.parent / "models" / f"{DEEPSEEK_V3_MODEL_NAME}.yml", "\n".join([
+            f"# The model's own values for MaxText's model name {DEEPSEEK_V3_MODEL_NAME} (MaxText reads models/<name>.yml",
+            "# next to the config first; the name selects its DeepSeek-V3 routing). Written by Primus.",
+            yaml.safe_dump({k: config[k] for k in DEEPSEEK_V3_MODEL_KEYS if k in config}, sort_keys=True,
+                           default_flow_style=None, width=120)]))
+    _write_atomic(path, "\n".join(header) + "\n" + body)
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- the process environment
@@ -203,7 +215,7 @@ class MaxTextAdapter(Adapter):
 
             write_init_checkpoint(config_file, hf_init, Path(ctx.module.hf_path or ""), ctx.module.model,
                                   {**base_defaults(), **config})
-        ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config)
+        ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model)
         ctx.apply_patches("before_train")
         train.main(["primus-maxtext", str(config_file)])
         ctx.apply_patches("after_train")
@@ -227,6 +239,9 @@ class MaxTextAdapter(Adapter):
             prepare_process_environment(os.environ, platform=ctx.platform, topology=topology)
             jax = start_jax(topology)
             check_devices(jax.device_count(), topology)
+            # the model patches (Llama 4's values MaxText hard-codes) build the model evaluation scores
+            ctx.apply_patches("build_args", maxtext_config=config)
+            ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model)
             from primus_maxtext.loading import evaluate
 
             return evaluate(config_file, {**base_defaults(), **config}, request, spec=ctx.module.model,

@@ -78,9 +78,8 @@ def export_hf(module: ResolvedModule, run_dir: Path, step: int | None, out_dir: 
     checkpoint_dir = Path(configured).expanduser().resolve() if configured else run_dir / "checkpoints"
     items = find_step(checkpoint_dir, step)
     state = read_checkpoint(items, ("params", "step"))
-    params = state["params"].get("params", state["params"])
     layout = Layout.from_config({**base_defaults(), **module.native})
-    tensors = to_hf(params, spec, layout)
+    tensors = to_hf(state["params"], spec, layout)
     check_tensors(((n, tuple(t.shape)) for n, t in tensors.items()), spec, f"checkpoint {items.parent}")
     from safetensors.numpy import save_file
 

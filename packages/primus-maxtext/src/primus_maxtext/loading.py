@@ -44,11 +44,20 @@ def _rule_index(spec: Any, layout: Layout) -> dict[tuple[str, ...], Rule]:
     return {r.path: r for r in rules(spec, layout)}
 
 
+def _weight_types() -> tuple[type, ...]:
+    """The variables a checkpoint's weights fill: parameters and DeepSeek's selection bias (a
+    MoEBiasVar: not trained by the optimizer; MaxText restores it from the `params` collection)."""
+    from flax import nnx
+    from maxtext.layers.moe import MoEBiasVar
+
+    return (nnx.Param, MoEBiasVar)
+
+
 def _param_leaves(state: Any) -> list[tuple[tuple[str, ...], Any]]:
     from flax import nnx
 
     return [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)
-            if isinstance(var, nnx.Param)]
+            if isinstance(var, _weight_types())]
 
 
 def hf_arrays(abstract_state: Any, spec: Any, layout: Layout, hf_dir: Path) -> dict[tuple[str, ...], Any]:
@@ -87,7 +96,7 @@ def hf_arrays(abstract_state: Any, spec: Any, layout: Layout, hf_dir: Path) -> d
 def set_params(model: Any, arrays: Mapping[tuple[str, ...], Any]) -> None:
     from flax import nnx
 
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, _weight_types())
     for path, var in nnx.to_flat_state(state):
         key = tuple(str(p) for p in path)
         if key in arrays:

@@ -4,6 +4,11 @@ MaxText trains on CPU as released, so there are no platform patches. One feature
 MaxText's per-step metrics to Primus's common `metrics.jsonl` and progress line: MaxText already
 gathers loss, learning rate, grad norm and step time into `MetricLogger.write_metrics`, once per
 step after the step finished, so wrapping that method reports them without copying its loop.
+
+Two model patches give MaxText's Llama 4 block values it hard-codes (Llama 4 Maverick's and the tiny
+preset's): the Llama 3 RoPE scaling (MaxText fixes Llama 3.1's factor 8, Scout has 16) and the
+attention temperature's floor scale and scale. Both read the module's `ModelSpec` (state
+`model_spec`) and apply only when the model's values differ from MaxText's.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from typing import Any
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
 from primus_maxtext import FRAMEWORK_RANGE
+from primus_maxtext.translate import LLAMA4_TEMPERATURE, llama3_rope_differs
 
 METRIC_LOGGER = "maxtext.common.metric_logger.MetricLogger"
+LLAMA_ROPE = "maxtext.layers.embeddings.LLaMARotaryEmbedding"
 
 
 def _scalar(scalars: dict[str, Any], key: str) -> float | None:
@@ -52,6 +59,57 @@ def report_metrics_to_primus(ctx: PatchContext) -> Undo:
     return replace_attr(MetricLogger, "write_metrics", write_metrics)
 
 
+def _llama4(ctx: PatchContext) -> Any:
+    spec = ctx.state.get("model_spec")
+    return spec if spec is not None and spec.family == "llama4" else None
+
+
+def _rope_differs(ctx: PatchContext) -> bool:
+    spec = _llama4(ctx)
+    return spec is not None and bool(llama3_rope_differs(spec))
+
+
+def llama3_rope_scaling(ctx: PatchContext) -> Undo:
+    """Llama 3 RoPE frequency scaling with the model's factor, original length and band factors."""
+    import jax.numpy as jnp
+    from maxtext.layers.embeddings import LLaMARotaryEmbedding
+
+    s = ctx.state["model_spec"].rope_scaling
+    factor, low, high = float(s.factor), float(s.low_freq_factor or 1.0), float(s.high_freq_factor or 4.0)
+    original = float(s.original_max_positions or 8192)
+
+    def scaled(self: Any, freq: Any) -> Any:
+        wavelen = 2 * jnp.pi / freq
+        # the band between the two wavelengths blends the scaled and the original frequency (empty when
+        # low == high, where the denominator would be 0)
+        smooth = (original / wavelen - low) / (high - low) if high != low else jnp.zeros_like(freq)
+        blended = (1 - smooth) * freq / factor + smooth * freq
+        return jnp.where(wavelen < original / high, freq, jnp.where(wavelen > original / low, freq / factor, blended))
+
+    return replace_attr(LLaMARotaryEmbedding, "_apply_scaling_factor", scaled)
+
+
+def _temperature_differs(ctx: PatchContext) -> bool:
+    spec = _llama4(ctx)
+    return spec is not None and spec.attn_temperature_tuning and (
+        spec.attn_floor_scale, spec.attn_scale) != tuple(LLAMA4_TEMPERATURE.values())
+
+
+def llama4_attention_temperature(ctx: PatchContext) -> Undo:
+    """The attention MaxText's Llama 4 layer builds, with the model's temperature floor scale and scale."""
+    from maxtext.models import llama4
+
+    spec = ctx.state["model_spec"]
+    original = llama4.Attention
+
+    def attention(*args: Any, **kwargs: Any) -> Any:
+        kwargs.update(temperature_tuning_floor_scale=float(spec.attn_floor_scale),
+                      temperature_tuning_scale=float(spec.attn_scale))
+        return original(*args, **kwargs)
+
+    return replace_attr(llama4, "Attention", attention)
+
+
 PATCHES: list[Patch] = [
     Patch(
         id="maxtext.metrics_to_primus",
@@ -64,5 +122,33 @@ PATCHES: list[Patch] = [
         versions=FRAMEWORK_RANGE,
         kind="feature",
         needs=("metrics",),
+    ),
+    Patch(
+        id="maxtext.llama4_rope_scaling",
+        backend="maxtext",
+        target=f"{LLAMA_ROPE}._apply_scaling_factor",
+        phase="setup",
+        description="Llama 4's Llama 3 RoPE scaling with the model's values (MaxText fixes Llama 3.1's factor 8, "
+                    "low 1, high 4, 8192; Llama 4 Scout has factor 16, high 1).",
+        apply=llama3_rope_scaling,
+        versions=FRAMEWORK_RANGE,
+        kind="feature",
+        predicate=_rope_differs,
+        predicate_doc="a llama4 model whose rope_scaling differs from Llama 3.1's",
+        needs=("model_spec",),
+    ),
+    Patch(
+        id="maxtext.llama4_attention_temperature",
+        backend="maxtext",
+        target="maxtext.models.llama4.Attention",
+        phase="setup",
+        description="Llama 4's attention temperature tuning with the model's attn_floor_scale and attn_scale "
+                    "(MaxText's Llama 4 layer passes 8192 and 0.1).",
+        apply=llama4_attention_temperature,
+        versions=FRAMEWORK_RANGE,
+        kind="feature",
+        predicate=_temperature_differs,
+        predicate_doc="a llama4 model with attn_temperature_tuning and other attn_floor_scale / attn_scale",
+        needs=("model_spec",),
     ),
 ]

@@ -32,7 +32,26 @@ DECODER_BLOCKS: dict[str, tuple[str | None, str | None]] = {
     "qwen3": ("qwen3", "qwen3_moe"),
     "mixtral": (None, "mixtral"),
     "deepseek": ("deepseek", "deepseek"),
+    "llama4": (None, "llama4"),
 }
+
+# MaxText keys DeepSeek-V3's routing (selection by the biased scores, weights from the unbiased ones,
+# group-limited top-k) on the model name's prefix, not on a key, and accepts only its own model names.
+# A named model's file is read from `models/<name>.yml` next to the config file first, and its values
+# win over the config file's: the adapter writes that file with the model's own values of
+# DEEPSEEK_V3_MODEL_KEYS (every key MaxText's file of that name sets, checked by the tests), so the
+# base_* keys below still define the model.
+DEEPSEEK_V3_MODEL_NAME = "deepseek3-test"
+DEEPSEEK_V3_MODEL_KEYS = (
+    "base_emb_dim", "base_num_query_heads", "base_num_kv_heads", "base_mlp_dim", "base_moe_mlp_dim",
+    "base_num_decoder_layers", "first_num_dense_layers", "mlp_activations", "vocab_size", "enable_dropout",
+    "logits_via_embedding", "normalization_layer_epsilon", "num_experts", "num_experts_per_tok", "shared_experts",
+    "routed_scaling_factor", "routed_score_func", "routed_bias", "decoder_block", "attention_type", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "mscale", "rope_type",
+    "rope_max_timescale", "max_position_embeddings", "original_max_position_embeddings", "rope_factor", "beta_fast",
+)
+#: what MaxText's Llama 4 block passes its attention for temperature tuning (`models/llama4.py`)
+LLAMA4_TEMPERATURE = {"attn_floor_scale": 8192, "attn_scale": 0.1}
 
 # MaxText's "llama3.1" RoPE hard-codes Llama 3.1's scaling; any other values cannot be expressed.
 LLAMA31_ROPE = {"factor": 8.0, "original_max_positions": 8192, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -65,6 +84,8 @@ def translate_model_spec(spec: ModelSpec) -> NativeValues:
         raise ConfigError(f"a {spec.family} model {kind} a moe: block is {UNSUPPORTED}", key="model.moe")
     out.set("decoder_block", block, "family")
     out.set("model_name", "default", "family")  # the base_* keys below define the model, not a MaxText preset
+    if spec.family == "llama4":
+        _translate_llama4(spec, out)
     out.set("vocab_size", spec.vocab_size, "vocab_size")
     out.set("base_emb_dim", spec.hidden_size, "hidden_size")
     out.set("base_num_decoder_layers", spec.num_layers, "num_layers")
@@ -80,6 +101,12 @@ def translate_model_spec(spec: ModelSpec) -> NativeValues:
         # 3.2 with tied embeddings, as transformers builds them) do not
         out.set("normalize_embedding_logits", False, "tie_embeddings")
     out.set("rope_max_timescale", _whole(spec.rope_theta), "rope_theta")
+    if spec.family == "deepseek" and spec.rope_scaling is None:
+        # DeepSeek's checkpoints rotate interleaved pairs; MaxText's YaRN RoPE does (rope_interleave), and
+        # with factor 1 it is plain RoPE
+        out.set("rope_type", "yarn", "family")
+        out.set("rope_factor", 1, "family")
+        out.set("original_max_position_embeddings", spec.max_position_embeddings, "max_position_embeddings")
     out.set("max_position_embeddings", spec.max_position_embeddings, "max_position_embeddings")
     out.set("enable_dropout", False, "family")
     if spec.qk_norm:
@@ -101,7 +128,49 @@ def translate_model_spec(spec: ModelSpec) -> NativeValues:
         out.set("v_head_dim", m.v_head_dim, "mla.v_head_dim")
     elif spec.family == "deepseek":
         raise ConfigError(f"a deepseek model without an mla: block is {UNSUPPORTED}", key="model.mla")
+    if spec.mtp_layers:
+        out.set("mtp_num_layers", spec.mtp_layers, "mtp_layers")
+    if out.values.get("model_name") == DEEPSEEK_V3_MODEL_NAME:
+        defaults = base_defaults()
+        for key in DEEPSEEK_V3_MODEL_KEYS:  # none of the model file's values is used
+            if key not in out.values:
+                out.set(key, defaults[key], "family")
     return out
+
+
+def _translate_llama4(spec: ModelSpec, out: NativeValues) -> None:
+    """MaxText's Llama 4 block: RoPE (interleaved pairs, as Llama 4's checkpoints) on all but every
+    nope_layer_interval-th layer, chunked attention on the RoPE layers, L2-normalised q and k there."""
+    if spec.qk_norm:
+        raise ConfigError(f"qk_norm (RMSNorm on q and k) on a llama4 model is {UNSUPPORTED} (MaxText's Llama 4 "
+                          "block applies qk_l2_norm)", key="model.qk_norm")
+    assert spec.moe is not None  # DECODER_BLOCKS refuses a llama4 model without one
+    out.set("rope_type", "llama3.1", "family")
+    out.set("rope_use_scale", spec.rope_scaling is not None, "rope_scaling")
+    nope = spec.nope_layer_interval or -1
+    out.set("nope_layer_interval", nope, "nope_layer_interval")
+    out.set("interleave_moe_layer_step", spec.moe.layer_interval, "moe.layer_interval")
+    # scanned layers repeat in blocks holding one whole pattern of NoPE and MoE layers
+    cycle = math.lcm(max(nope, 1), spec.moe.layer_interval)
+    if spec.num_layers % cycle:
+        raise ConfigError(f"num_layers ({spec.num_layers}) must be a multiple of {cycle}: MaxText scans Llama 4 "
+                          "layers in blocks of lcm(nope_layer_interval, moe.layer_interval)", key="model.num_layers")
+    out.set("inhomogeneous_layer_cycle_interval", cycle, "nope_layer_interval,moe.layer_interval")
+    # every RoPE layer of MaxText's block is chunked; no chunk size means one chunk of every position
+    out.set("chunk_attn_window_size", spec.attention_chunk_size or spec.max_position_embeddings,
+            "attention_chunk_size")
+    out.set("use_qk_norm", spec.qk_l2_norm, "qk_l2_norm")
+    out.set("temperature_tuning", spec.attn_temperature_tuning, "attn_temperature_tuning")
+
+
+def llama3_rope_differs(spec: ModelSpec) -> dict[str, float]:
+    """The Llama 3 RoPE scaling values of `spec` that differ from the Llama 3.1 constants MaxText has."""
+    s = spec.rope_scaling
+    if s is None or s.type != "llama3":
+        return {}
+    given = {"factor": s.factor, "original_max_positions": s.original_max_positions,
+             "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
+    return {k: v for k, v in given.items() if v is not None and float(v) != float(LLAMA31_ROPE[k])}
 
 
 def _translate_rope_scaling(spec: ModelSpec, out: NativeValues) -> None:
@@ -109,10 +178,8 @@ def _translate_rope_scaling(spec: ModelSpec, out: NativeValues) -> None:
     if s is None:
         return
     if s.type == "llama3":
-        given = {"factor": s.factor, "original_max_positions": s.original_max_positions,
-                 "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
-        differs = {k: v for k, v in given.items() if v is not None and float(v) != float(LLAMA31_ROPE[k])}
-        if differs:
+        differs = llama3_rope_differs(spec)
+        if differs and spec.family != "llama4":  # Llama 4's values: the patch maxtext.llama4_rope_scaling
             raise ConfigError(f"llama3 rope scaling other than Llama 3.1's {LLAMA31_ROPE} is {UNSUPPORTED} "
                               f"(MaxText fixes it); got {differs}", key="model.rope_scaling")
         out.set("rope_type", "llama3.1", "rope_scaling.type")
@@ -123,7 +190,13 @@ def _translate_rope_scaling(spec: ModelSpec, out: NativeValues) -> None:
         out.set("original_max_position_embeddings", s.original_max_positions, "rope_scaling.original_max_positions")
         out.set("beta_fast", None if s.beta_fast is None else _whole(s.beta_fast), "rope_scaling.beta_fast")
         out.set("beta_slow", None if s.beta_slow is None else _whole(s.beta_slow), "rope_scaling.beta_slow")
-        out.set("mscale", s.mscale, "rope_scaling.mscale")
+        # MaxText's MLA scales the softmax by YaRN's mscale of `mscale` (DeepSeek's mscale_all_dim)
+        all_dim = s.mscale_all_dim if s.mscale_all_dim is not None else s.mscale
+        out.set("mscale", all_dim, "rope_scaling.mscale_all_dim" if s.mscale_all_dim is not None
+                else "rope_scaling.mscale")
+        if spec.family == "deepseek" and s.mscale not in (None, s.mscale_all_dim) and s.mscale_all_dim is not None:
+            raise ConfigError(f"rope_scaling.mscale ({s.mscale}) different from mscale_all_dim ({s.mscale_all_dim}) "
+                              f"is {UNSUPPORTED} (MaxText's YaRN applies one mscale)", key="model.rope_scaling.mscale")
     elif s.type == "linear":
         out.set("rope_type", "default", "rope_scaling.type")
         out.set("rope_linear_scaling_factor", s.factor, "rope_scaling.factor")
@@ -144,9 +217,50 @@ def _translate_moe(spec: ModelSpec, out: NativeValues) -> None:
     out.set("first_num_dense_layers", e.first_dense_layers, "moe.first_dense_layers")
     out.set("load_balance_loss_weight", e.router_aux_loss_coef, "moe.router_aux_loss_coef")
     out.set("norm_topk_prob", e.norm_topk_prob, "moe.norm_topk_prob")
+    if e.layer_interval != 1 and spec.family != "llama4":
+        raise ConfigError(f"moe.layer_interval on a {spec.family} model is {UNSUPPORTED} (MaxText interleaves dense "
+                          "and MoE layers in its Llama 4 block only)", key="model.moe.layer_interval")
+    if spec.family == "deepseek":
+        _translate_deepseek_routing(spec, out)
+    elif spec.family == "llama4":
+        # MaxText's Llama 4 block scales the chosen expert's input by the sigmoid of its router logit
+        if e.score_function != "sigmoid" or e.top_k != 1:
+            raise ConfigError(f"a llama4 MoE with {e.score_function} scores and top_k {e.top_k} is {UNSUPPORTED} "
+                              "(MaxText's Llama 4 block routes each token to one expert by sigmoid score)",
+                              key="model.moe.top_k" if e.top_k != 1 else "model.moe.score_function")
+        out.set("norm_topk_prob", False, "family")  # renormalising one sigmoid weight would make it 1
+    if spec.family != "deepseek" and (e.expert_bias or e.groups or e.routed_scaling_factor != 1.0
+                                      or (e.score_function != "softmax" and spec.family != "llama4")):
+        raise ConfigError(f"sigmoid scores, expert bias, group routing and routed scaling on a {spec.family} model "
+                          f"are {UNSUPPORTED} (MaxText routes that way in its DeepSeek block)",
+                          key="model.moe.score_function")
     # Megablox and sparse matmul kernels target TPUs and GPUs; the dense path runs everywhere.
     out.set("megablox", False, "moe")
     out.set("sparse_matmul", False, "moe")
+
+
+def _translate_deepseek_routing(spec: ModelSpec, out: NativeValues) -> None:
+    """MaxText's DeepSeek block scores experts with routed_score_func, scales the top-k weights by
+    routed_scaling_factor and renormalises them for sigmoid scores only (DeepSeek-V3 always, V2 never)."""
+    e = spec.moe
+    assert e is not None
+    sigmoid = e.score_function == "sigmoid"
+    if e.norm_topk_prob != sigmoid:
+        raise ConfigError(f"moe.norm_topk_prob {str(e.norm_topk_prob).lower()} with {e.score_function} scores is "
+                          f"{UNSUPPORTED} (MaxText's DeepSeek block renormalises sigmoid top-k weights and never "
+                          "softmax ones)", key="model.moe.norm_topk_prob")
+    if e.groups and not sigmoid:
+        raise ConfigError(f"group-limited routing with softmax scores (DeepSeek-V2's group max) is {UNSUPPORTED} "
+                          "(MaxText ranks groups by their top-2 sum, DeepSeek-V3's rule)", key="model.moe.groups")
+    out.set("routed_score_func", e.score_function, "moe.score_function")
+    out.set("routed_bias", e.expert_bias, "moe.expert_bias")
+    out.set("routed_scaling_factor", e.routed_scaling_factor, "moe.routed_scaling_factor")
+    if e.groups:
+        out.set("n_routing_groups", e.groups, "moe.groups")
+        out.set("topk_routing_group", e.top_k_groups, "moe.top_k_groups")
+    if sigmoid or e.expert_bias:
+        origin = "moe.score_function" if sigmoid else "moe.expert_bias"
+        out.set("model_name", DEEPSEEK_V3_MODEL_NAME, origin)
 
 
 # --------------------------------------------------------------------------- neutral sections
@@ -470,7 +584,8 @@ class MaxTextTranslator(Translator):
         check_neutral_support(module)
         check_mesh(native, resolved.world_size)
         check_data(native)
-        if resolved.model is not None and native.get("model_name", "default") != "default":
+        if resolved.model is not None and native.get("model_name", "default") not in ("default",
+                                                                                     DEEPSEEK_V3_MODEL_NAME):
             raise ConfigError(f"model_name {native['model_name']!r} and a Primus model preset both define the "
                               "model", key="model_name", fix="drop one of them")
         given = [k for k in ("load_parameters_path", "load_full_state_path") if native.get(k)]
