@@ -27,7 +27,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from primus.backends.discovery import discover
     from primus.config.resolve import load_experiment, resolve
     from primus.config.rules import resolved_dimension
-    from primus.launch.plan import EVALUATE, LaunchOptions, plan_launch
+    from primus.launch.plan import EVALUATE, LaunchOptions, config_fingerprint, plan_launch
     from primus.platform.detect import detect_platform
     from primus.platform.env import core_entries, plan_env
     from primus.runs.evaluate import EVAL_LOG, RESULT_FILE, EvalRequest, EvalResult
@@ -83,7 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                           "modules": {name: module.to_dict()}})
     request.write(eval_dir)
     os.environ.update(env_changes)
-    plan = plan_launch(backend.spec.process_model, eval_dir, name, opts, entry=EVALUATE)
+    plan = plan_launch(backend.spec.process_model, eval_dir, name, opts, entry=EVALUATE, job_dir=run_dir,
+                       fingerprint=config_fingerprint(module) + "-eval")
     if plan.kind == "in-process":
         from primus.runs.evaluate import run_eval_worker
 

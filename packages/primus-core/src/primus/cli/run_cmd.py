@@ -24,7 +24,7 @@ def _warn(text: str) -> None:
 def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     from primus.backends.discovery import discover
     from primus.config.resolve import load_experiment, resolve
-    from primus.launch.plan import PREFLIGHT, WORKER, LaunchOptions, plan_launch
+    from primus.launch.plan import PREFLIGHT, WORKER, LaunchOptions, config_fingerprint, plan_launch
     from primus.launch.target import check_target, planned_marker, platform_env, resolve_target
     from primus.platform.detect import detect_platform
 
@@ -77,7 +77,8 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     if preflight:
         names = names[:1]  # one check per job, whatever module it names
     if launcher == "local":
-        plans = {n: plan_launch(process_models[n], run_dir, n, opts, entry=entry) for n in names}
+        plans = {n: plan_launch(process_models[n], run_dir, n, opts, entry=entry,
+                                fingerprint=config_fingerprint(resolved.modules[n])) for n in names}
         rendered = {n: p.render() for n, p in plans.items()}
     else:
         name = names[0]

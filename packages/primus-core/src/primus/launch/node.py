@@ -82,7 +82,7 @@ def _module_config(run_dir: Path, module: str) -> tuple[object | None, dict[str,
 def plan_node(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan:
     """This node's command and environment; ConfigError (exit 2) for what it cannot run."""
     from primus.launch.network import socket_ifname_env
-    from primus.launch.plan import LaunchOptions, plan_launch
+    from primus.launch.plan import LaunchOptions, config_fingerprint, plan_launch
     from primus.launch.target import GPU_KINDS, platform_env, strip_planned
     from primus.platform.detect import detect_platform
 
@@ -123,7 +123,8 @@ def plan_node(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan:
 
     opts = LaunchOptions(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=rank,
                          master_addr=master, master_port=args.master_port, max_restarts=args.max_restarts)
-    plan = plan_launch(args.process_model, run_dir, args.module, opts, entry=args.entry)
+    plan = plan_launch(args.process_model, run_dir, args.module, opts, entry=args.entry,
+                       fingerprint=config_fingerprint(module) if module is not None else None)
     contract = {"NODE_RANK": str(rank), "MASTER_ADDR": master, "MASTER_PORT": str(args.master_port),
                 "NNODES": str(args.nnodes)}
     env = {**base, **planned, **plan.env, **contract}

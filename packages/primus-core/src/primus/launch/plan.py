@@ -99,20 +99,39 @@ def rendezvous_timeout() -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else RDZV_TIMEOUT_S
 
 
-def rendezvous_id(run_dir: Path) -> str:
+def config_fingerprint(module) -> str:
+    """What every node of one job must agree on, hashed: the backend, the model, the tokenizer's
+    contents and the training, parallel and fine-tuning settings (not paths, which may be node-local)."""
+    import hashlib
+    import json
+
+    from primus.runs.resume import run_shape
+
+    shape = {k: v for k, v in run_shape(module).items() if k != "data"}
+    settings = {s: getattr(module.module, s).model_dump(exclude_none=True) for s in ("train", "parallel", "finetune")}
+    text = json.dumps({"shape": shape, "settings": settings, "steps": module.total_steps}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def rendezvous_id(run_dir: Path, fingerprint: str | None = None) -> str:
     """One id per job, the same on every node: Slurm's job id when there is one, else derived from
     what every node of one job shares — the experiment's name (the run directory's last part), not
-    its full path, which differs between node-local workspaces."""
+    its full path, which differs between node-local workspaces. `fingerprint` (`config_fingerprint`)
+    is appended, so nodes started with different configurations never meet: they fail at the join
+    timeout with one line instead of training different models together."""
     job = os.environ.get("SLURM_JOB_ID")
+    suffix = f"-{fingerprint}" if fingerprint else ""
     if job:
-        return f"slurm-{job}"
+        return f"slurm-{job}{suffix}"
     import hashlib
 
-    return "primus-" + hashlib.sha1(Path(run_dir).name.encode()).hexdigest()[:12]
+    return "primus-" + hashlib.sha1(Path(run_dir).name.encode()).hexdigest()[:12] + suffix
 
 
 def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOptions,
-                entry: str = WORKER) -> LaunchPlan:
+                entry: str = WORKER, fingerprint: str | None = None, job_dir: Path | None = None) -> LaunchPlan:
+    """`job_dir`: the run directory the rendezvous id is derived from when it is not `run_dir` (an
+    evaluation's own folder is named by the time each node started it)."""
     if opts.world_size == 1 and opts.nnodes == 1 and entry in (WORKER, EVALUATE):
         return LaunchPlan("in-process")
     if process_model == "torchrun":
@@ -122,7 +141,7 @@ def plan_launch(process_model: str, run_dir: Path, module: str, opts: LaunchOpti
         if opts.nnodes > 1:
             # c10d rendezvous: nodes may start in any order; the store lives at the first node
             argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{opts.master_addr}:{opts.master_port}",
-                     "--rdzv-id", rendezvous_id(run_dir), "--node-rank", str(opts.node_rank),
+                     "--rdzv-id", rendezvous_id(job_dir or run_dir, fingerprint), "--node-rank", str(opts.node_rank),
                      "--rdzv-conf", f"join_timeout={rendezvous_timeout()}"]
         else:
             argv += ["--node-rank", "0", "--master-addr", opts.master_addr, "--master-port", str(opts.master_port)]

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if type(exc).__name__ == "RendezvousTimeoutError":
             print(f"primus: error: the nodes did not all join the rendezvous ({_arg(args, '--rdzv-id')} at "
                   f"{_arg(args, '--rdzv-endpoint')}) within {_arg(args, '--rdzv-conf')}: start every node with "
-                  "the same experiment, exp_name, --nnodes and --master-addr/--master-port "
+                  "the same experiment, exp_name, --nnodes and --master-addr/--master-port; nodes whose "
+                  "model or training settings differ never meet, since the id carries their fingerprint "
                   "(PRIMUS_RDZV_TIMEOUT sets the wait)", file=sys.stderr)
             return 1
         if not _received and "config-error" in _stopped_ranks(_run_dir_of(args), started):
