@@ -142,3 +142,11 @@ def test_hostile_values_never_steer_the_batch_script(case: str, tmp_path: Path):
         r = run_primus("run", str(exp), "--launcher", "slurm", *extra, cwd=tmp_path, env=env)
         assert_config_error(r, needle)
     assert not log.exists() and not ws.exists() and not any(tmp_path.rglob("PWNED*"))
+
+
+def test_preflight_measures_the_fabric_with_a_payload_sized_for_gpus(monkeypatch):
+    from primus.preflight.worker import payload
+
+    assert payload("cuda") == (256, 20) and payload("cpu") == (16, 3)
+    monkeypatch.setenv("PRIMUS_PREFLIGHT_PAYLOAD_MB", "1024")
+    assert payload("cuda") == (1024, 20)

@@ -45,6 +45,9 @@ def test_preflight_names_failing_nodes(tmp_path: Path):
     assert "GB free in the workspace" in r.stdout and socket.gethostname() in r.stdout, r.stdout + r.stderr
     report = json.loads((run_dir_for(tmp_path / "ws", "hf-llama3-tiny") / "preflight.json").read_text())
     assert report["world_size"] == 2 and all(rank["collective"]["ok"] for rank in report["ranks"])
+    # gloo on CPUs: the smoke-test payload; a GPU job measures 256 MB x 20 with device events
+    assert {(r["collective"]["payload_mb"], r["collective"]["iterations"]) for r in report["ranks"]} == {(16, 3)}
+    assert all("network" in r for r in report["ranks"]) and "| network |" in r.stdout
     assert "GB free in the workspace" in report["failing_nodes"][socket.gethostname()][0]
 
 

@@ -18,7 +18,20 @@ import time
 from pathlib import Path
 
 MIN_FREE_GB = float(os.environ.get("PRIMUS_PREFLIGHT_MIN_FREE_GB", "10"))
-PAYLOAD_MB = 16
+# all-reduce payload and timed iterations: on GPUs large enough that the fabric, not launch latency,
+# sets the figure (nccl-tests' bus bandwidth flattens out from a few hundred MB); on CPUs (gloo) a
+# smoke test. PRIMUS_PREFLIGHT_PAYLOAD_MB overrides the size.
+GPU_PAYLOAD_MB, GPU_ITERS = 256, 20
+CPU_PAYLOAD_MB, CPU_ITERS = 16, 3
+NETWORK_VARS = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_DISABLE")
+
+
+def payload(device_type: str) -> tuple[int, int]:
+    """(MB, timed iterations) of the all-reduce on this device type."""
+    gpu = device_type == "cuda"  # torch names ROCm devices cuda too
+    raw = os.environ.get("PRIMUS_PREFLIGHT_PAYLOAD_MB", "")
+    mb = int(raw) if raw.isdigit() and int(raw) > 0 else (GPU_PAYLOAD_MB if gpu else CPU_PAYLOAD_MB)
+    return mb, GPU_ITERS if gpu else CPU_ITERS
 
 
 def _accelerators() -> dict[str, object]:
@@ -48,6 +61,8 @@ def node_facts(run_dir: Path, frameworks: list[str]) -> dict[str, object]:
         "env_ok": all(os.environ.get(k) == v for k, v in env_set.items()),
         "versions": versions(frameworks),
         "free_gb": round(usage.free / 2**30, 1),
+        # the interface each node talks to the others through (primus.launch.network chose it)
+        "network": {k: os.environ[k] for k in NETWORK_VARS if k in os.environ},
     }
 
 
@@ -66,23 +81,31 @@ def torch_process_group(torch) -> tuple[object, object, object]:
 
 
 def collective_test(torch, dist, device) -> dict[str, object]:
-    numel = PAYLOAD_MB * 2**20 // 4
+    mb, iters = payload(device.type)
+    numel = mb * 2**20 // 4
     t = torch.ones(numel, dtype=torch.float32, device=device)
-    dist.all_reduce(t)  # warm-up
+    dist.all_reduce(t)  # warm-up (and the check: every rank contributed ones)
     world = dist.get_world_size()
     ok = bool(torch.allclose(t[:8].cpu(), torch.full((8,), float(world))))
-    iters = 3
     if device.type == "cuda":
+        # device events time the collectives themselves, not the host's launch of them
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce(t)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / iters
+        start.record()
+        for _ in range(iters):
+            dist.all_reduce(t)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000 / iters
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            dist.all_reduce(t)
+        seconds = (time.perf_counter() - t0) / iters
     # bus bandwidth as nccl-tests reports it for all-reduce
     busbw = (numel * 4) * 2 * (world - 1) / world / seconds / 1e9 if world > 1 else 0.0
-    return {"ok": ok, "seconds": round(seconds, 5), "busbw_gbps": round(busbw, 3), "payload_mb": PAYLOAD_MB}
+    return {"ok": ok, "seconds": round(seconds, 5), "busbw_gbps": round(busbw, 3), "payload_mb": mb,
+            "iterations": iters}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +177,16 @@ def _report(ranks: list[dict]) -> dict[str, object]:
 
 def _markdown(report: dict) -> str:
     lines = ["# Preflight", "", f"world size {report['world_size']}", "",
-             "| rank | host | platform | accelerators | free GB | all-reduce s | bus GB/s | versions |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| rank | host | platform | accelerators | network | free GB | all-reduce s (MB x iters) | bus GB/s "
+             "| versions |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(report["ranks"]):
         c = r.get("collective", {})
         v = ", ".join(f"{k} {val}" for k, val in r["versions"].items() if val)
-        lines.append(f"| {i} | {r['host']} | {r['platform']} | {r['accelerators']['tool'] or 'none'} | "
-                     f"{r['free_gb']} | {c.get('seconds', '-')} | {c.get('busbw_gbps', '-')} | {v} |")
+        net = ", ".join(f"{k}={val}" for k, val in (r.get("network") or {}).items()) or "-"
+        size = f" ({c['payload_mb']} x {c['iterations']})" if "iterations" in c else ""
+        lines.append(f"| {i} | {r['host']} | {r['platform']} | {r['accelerators']['tool'] or 'none'} | {net} | "
+                     f"{r['free_gb']} | {c.get('seconds', '-')}{size} | {c.get('busbw_gbps', '-')} | {v} |")
     lines.append("")
     if report["failing_nodes"]:
         lines.append("FAILING NODES:")
