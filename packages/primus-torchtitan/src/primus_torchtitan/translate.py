@@ -186,6 +186,10 @@ DOCUMENT_MASKED = ("flex", "varlen")
 
 def _check_posttrain(resolved: ResolvedModule) -> None:
     data, backend = resolved.module.data, native_get(resolved.native, "model.attn_backend") or "flex"
+    if native_get(resolved.native, "validator.enable"):
+        raise ConfigError("the torchtitan post_trainer has no validation set (its validator would read TorchTitan's "
+                          "default corpus from the hub)", key="validator.enable",
+                          fix="remove train.eval_interval; score the exported model with `primus eval`")
     if data.packing and data.packed_attention != "causal" and backend not in DOCUMENT_MASKED:
         raise ConfigError(f"packed samples are kept apart by TorchTitan's document masks, which attention backend "
                           f"'{backend}' does not build", key="model.attn_backend",
