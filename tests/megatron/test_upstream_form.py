@@ -114,11 +114,6 @@ def test_a_diffusion_experiment_is_refused_as_its_family():
     assert "model family 'flux' (upstream's diffusion/flux_12b.yaml)" in msg and "diffusion" in msg
 
 
-def test_a_post_training_experiment_is_refused():
-    msg = _error("llama3_8B-BF16-sft.yaml")
-    assert "modules.post_trainer.config: post-training is not installed yet (issue 14)" in msg
-
-
 def test_a_users_upstream_form_native_model_file_works():
     m = _resolve("my_llama-pretrain.yaml")["pre_trainer"]
     n = m.native

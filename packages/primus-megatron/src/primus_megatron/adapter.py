@@ -37,11 +37,23 @@ class MegatronAdapter(Adapter):
 
     def run(self) -> None:
         ctx = self.ctx
+        sft = None
+        if ctx.module.kind == "posttrain":  # SFT / LoRA (primus_megatron.posttrain): refusals before any import
+            from primus_megatron.posttrain.settings import read_settings
+
+            sft = read_settings(ctx.module, ctx.native)
         args, device = self._prepare()
 
         from primus_megatron.trainer import PretrainLoop
 
-        loop = PretrainLoop(
+        make_loop: Any = PretrainLoop
+        if sft is not None:
+            from functools import partial
+
+            from primus_megatron.posttrain.loop import PostTrainLoop
+
+            make_loop = partial(PostTrainLoop, ctx=ctx, sft=sft)
+        loop = make_loop(
             args, checkpoint_dir=ctx.checkpoint_dir, device=device,
             on_step=lambda r: ctx.metrics.train_step(r.step, loss=r.loss, lr=r.lr, grad_norm=r.grad_norm,
                                                      tokens=r.tokens, step_time_s=r.step_time_s),
@@ -58,6 +70,8 @@ class MegatronAdapter(Adapter):
             if loop.stopped_early:
                 ctx.stop.request("another rank received SIGTERM; all ranks stopped after the same step")
             ctx.apply_patches("after_train", loop=loop)
+            if sft is not None and not loop.stopped_early:
+                loop.finish()
         finally:
             loop.close()
         logger.info(f"trained {loop.step} steps")

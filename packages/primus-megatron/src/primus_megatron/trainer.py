@@ -355,6 +355,7 @@ class PretrainLoop:
             from primus_megatron.hf_weights import load_and_describe
 
             logger.info(load_and_describe(model, self.model_spec, self.hf_path))
+        model = self.adapt_model(model)
         self.model = wrap_ddp(a, self.config, model)
         self.optimizer, self.scheduler = build_optimizer(a, self.model)
         # megatron-core's schedules find these hooks on the model config
@@ -366,7 +367,7 @@ class PretrainLoop:
         self.dp_rank = mpu.get_data_parallel_rank()
         self.dp_size = mpu.get_data_parallel_world_size()
         self.microbatches_per_step = a.global_batch_size // (a.micro_batch_size * self.dp_size)
-        self.train_data, self.valid_data = build_datasets(a, padded_vocab_size(a))
+        self.train_data, self.valid_data = self.build_data()
         if a.load:
             self.step = ckpt.load(Path(a.load), self, finetune=bool(a.finetune) and not a.auto_continue_train,
                                   on_damaged=self.on_damaged)
@@ -374,6 +375,14 @@ class PretrainLoop:
                     f"rank; tp {a.tensor_model_parallel_size} pp {a.pipeline_model_parallel_size} dp {self.dp_size}; "
                     f"{self.microbatches_per_step} microbatches per step; starting after step {self.step}")
         logger.info(f"decoder layers on this pipeline rank: {self.layer_ranges()}")
+
+    def adapt_model(self, model: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        """The model chunks between the weights' load and the DDP wrapper (post-training adds LoRA here)."""
+        return model
+
+    def build_data(self) -> tuple[Any, Any]:
+        """(train, valid) datasets: indexable, each item a dict of one sample's tensors (data.microbatches)."""
+        return build_datasets(self.args, padded_vocab_size(self.args))
 
     def _resuming(self) -> bool:
         """Whether setup will load a checkpoint (whose weights replace an init)."""

@@ -60,6 +60,9 @@ class MegatronTranslator(Translator):
     # upstream's Megatron argument handling takes 0/1 for its flags (`sequence_parallel: 1`)
     int_bools = True
     trainer_classes = frozenset({"MegatronPretrainTrainer"})
+    # post_trainer modules (presets/sft_trainer.yaml, primus_megatron.posttrain): isolated packing through
+    # the local attention's mask
+    post_training = frozenset({"full", "lora", "packing", "isolated_packing"})
     steps_key = "train_iters"
     # Core's neutral rules (primus.config.rules) read these resolved native values, so the neutral
     # sections, `overrides:` and a native (upstream-form) model file are judged by the same rules.
@@ -222,6 +225,9 @@ class MegatronTranslator(Translator):
     # ------------------------------------------------------------------ neutral sections
 
     def translate_sections(self, module: ModuleConfig, model: ModelSpec | None) -> NativeValues:
+        from primus_megatron.posttrain.settings import native_lora_to_neutral
+
+        native_lora_to_neutral(module)  # upstream's `lora: {enabled: true, ...}` override is finetune.lora
         out = NativeValues()
         for neutral, native in _TRAIN.items():
             out.set(native, getattr(module.train, neutral), f"train.{neutral}")
@@ -319,6 +325,8 @@ class MegatronTranslator(Translator):
         """This trainer's data rules. The neutral `data:` section (a corpus that exists with the
         text key, a tokenizer directory) is core's; a data_path or tokenizer_model written natively,
         which core does not see, is checked here the same way."""
+        if resolved.kind == "posttrain":
+            return  # records, judged by core (primus.posttrain.rules) and primus_megatron.posttrain.settings
         n, data = resolved.native, resolved.module.data
         data_path, tokenizer = n.get("data_path"), n.get("tokenizer_model")
         if n.get("mock_data"):

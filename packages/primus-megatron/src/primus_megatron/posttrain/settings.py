@@ -1,0 +1,149 @@
+"""What one megatron post-training run does, read from the neutral sections or upstream's native keys.
+
+The neutral form (`model: {hf_path}`, `data: {path, format, chat_template, packing, packed_attention}`,
+`finetune: {method, lora}`) wins; where a neutral field is unset, upstream Primus's keys of
+presets/sft_trainer.yaml fill it, so upstream's SFT experiment files run unchanged:
+
+- `hf_path` -> the weights to start from; `sft_dataset_name` -> data.path (a local JSONL only: a hub id
+  cannot be downloaded by a training job, and is refused when the run starts, in one line);
+- `sft_conversation_format`: `alpaca` -> plain text (the Alpaca prompt for alpaca records, the prompt as written
+  for prompt_completion; messages records take the tokenizer's template); `chatml`, `openai` and `messages` ->
+  the records rendered with the ChatML template, as upstream's formatters write them;
+- `enable_packed_sequences` -> data.packing; `use_packed_attention` true -> isolated, false -> causal;
+- `lora: {enabled, dim, alpha, dropout, target_modules: [linear_qkv, linear_proj, linear_fc1, linear_fc2]}`
+  -> finetune.lora (megatron's fused layers name the Hugging Face projections they hold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from primus.config.schema import LoraSection
+from primus.errors import ConfigError
+from primus.posttrain.data import SFTData
+
+#: megatron-core's linear layers <-> the Hugging Face projections each holds (fused: one A shared)
+MEGATRON_TARGETS = {"linear_qkv": ("q_proj", "k_proj", "v_proj"), "linear_proj": ("o_proj",),
+                    "linear_fc1": ("gate_proj", "up_proj"), "linear_fc2": ("down_proj",)}
+#: upstream's sft_conversation_format -> the chat template (the records' format is read off the records):
+#: alpaca renders plain text (the Alpaca prompt for alpaca records), the others ChatML as upstream writes them
+CONVERSATION_FORMATS: dict[str, str | None] = {"alpaca": None, "chatml": "chatml", "openai": "chatml",
+                                               "messages": "chatml"}
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    hf_path: str | None  # the weights to start from (a local Hugging Face directory)
+    tokenizer_dir: str
+    data: SFTData
+    isolated: bool  # packed samples attend only to themselves
+    lora: LoraSection | None
+
+    @property
+    def method(self) -> str:
+        return "lora" if self.lora is not None else "full"
+
+
+def _local_dir(value: str, key: str, what: str) -> str:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{value!r} is not a local directory: {what} cannot be downloaded by a training job",
+                          key=key, fix="download it first (e.g. `hf download ID --local-dir DIR`) and set "
+                                       f"{key} to that directory")
+    return str(path.resolve())
+
+
+def lora_from_native(lora: Any) -> LoraSection | None:
+    """Upstream's `lora:` block as the neutral LoRA settings (None when it is not enabled)."""
+    if not isinstance(lora, dict) or not lora.get("enabled"):
+        return None
+    targets: list[str] = []
+    for name in lora.get("target_modules") or list(MEGATRON_TARGETS):
+        if name not in MEGATRON_TARGETS:
+            from primus.suggest import did_you_mean
+
+            raise ConfigError(f"unknown LoRA target module {name!r}", key="lora.target_modules",
+                              fix=did_you_mean(name, list(MEGATRON_TARGETS))
+                              or "megatron's linear layers: " + ", ".join(MEGATRON_TARGETS))
+        targets += MEGATRON_TARGETS[name]
+    if lora.get("dropout_position", "pre") != "pre":
+        raise ConfigError("lora.dropout_position: post is not built (the dropout acts on the adapter's input)",
+                          key="lora.dropout_position", fix="use pre")
+    try:
+        return LoraSection(rank=lora.get("dim", 32), alpha=lora.get("alpha", 32), dropout=lora.get("dropout") or 0.0,
+                           target_modules=targets)
+    except ValueError as exc:
+        raise ConfigError(f"lora: {exc}".splitlines()[0], key="lora") from None
+
+
+def native_lora_to_neutral(module: Any) -> None:
+    """Upstream's `overrides: {lora: {enabled: true, ...}}` as the neutral `finetune.lora` (before core's checks,
+    which then judge and record a LoRA run as one); a neutral `finetune:` wins."""
+    lora = module.overrides.get("lora") if isinstance(module.overrides, dict) else None
+    if module.finetune.method is None and module.finetune.lora is None:
+        module.finetune.lora = lora_from_native(lora)
+
+
+def read_settings(module: Any, native: dict[str, Any]) -> SFTSettings:
+    """`module`: the resolved module (ResolvedModule); `native`: its resolved Megatron arguments."""
+    config = module.module
+    stage = native.get("stage") or "sft"
+    if stage != "sft":
+        raise ConfigError(f"{stage!r}: the megatron post_trainer runs supervised fine-tuning only",
+                          key="stage", fix="stage: sft")
+    data = config.data
+    records = None if data.path else _native_records(native)  # the data first: the most common refusal
+    hf_path = module.hf_path or native.get("hf_path")
+    if hf_path:
+        hf_path = _local_dir(str(hf_path), "hf_path" if not module.hf_path else "model.hf_path", "a model hub id")
+    tokenizer = data.tokenizer or native.get("tokenizer_model") or hf_path
+    if not tokenizer:
+        raise ConfigError("post-training needs a tokenizer", key="data.tokenizer",
+                          fix="set data.tokenizer, or model: {hf_path: DIR} with the tokenizer beside the weights")
+    tokenizer = _local_dir(str(tokenizer), "data.tokenizer" if data.tokenizer else
+                           "tokenizer_model" if native.get("tokenizer_model") else "hf_path", "a tokenizer hub id")
+    seq_length = int(native["seq_length"])
+    if data.path:
+        request = SFTData.from_module(config, seq_length, tokenizer)
+        packing = bool(data.packing)
+        isolated = packing and data.packed_attention != "causal"  # isolated where the backend can: here
+    else:
+        request, packing, isolated = _native_data(records, native, seq_length, tokenizer, data)
+    lora = config.finetune.lora_settings if config.finetune.is_lora else None
+    return SFTSettings(hf_path=hf_path, tokenizer_dir=tokenizer, data=request, isolated=isolated, lora=lora)
+
+
+def _native_records(native: dict[str, Any]) -> Path:
+    name = native.get("sft_dataset_name")
+    if not name:
+        raise ConfigError("post-training needs a local JSONL of records", key="data.path",
+                          fix="set data.path (or upstream's sft_dataset_name) to a .jsonl file")
+    path = Path(str(name)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name!r} is not a local file: a hub dataset cannot be downloaded by a "
+                          "training job", key="sft_dataset_name",
+                          fix="export it to JSONL (messages, alpaca or prompt_completion records) and set data.path")
+    return path
+
+
+def _native_data(path: Path, native: dict[str, Any], seq_length: int, tokenizer: str,
+                 data: Any) -> tuple[SFTData, bool, bool]:
+    conv = str(native.get("sft_conversation_format") or "alpaca")
+    if conv not in CONVERSATION_FORMATS:
+        from primus.suggest import did_you_mean
+
+        raise ConfigError(f"{conv!r} is not built", key="sft_conversation_format",
+                          fix=did_you_mean(conv, list(CONVERSATION_FORMATS)) or "use one of: "
+                          + ", ".join(CONVERSATION_FORMATS))
+    template = CONVERSATION_FORMATS[conv]
+    from primus.posttrain.data import check_records
+
+    fmt = check_records(path, data.format)
+    packing = bool(native.get("enable_packed_sequences")) if data.packing is None else bool(data.packing)
+    isolated = packing and bool(native.get("use_packed_attention"))
+    request = SFTData(path=str(path.resolve()), format=fmt, chat_template=data.chat_template or template,
+                      seq_length=seq_length, packing=packing, truncation=data.truncation or "right",
+                      tokenizer_dir=tokenizer)
+    return request, packing, isolated
