@@ -163,7 +163,7 @@ def test_every_upstream_name_resolves_or_is_refused_naming_its_family(tmp_path):
     for name, alias in tables.models.items():
         exp = tmp_path / "exp.yaml"
         exp.write_text(f"exp_name: x\nworkspace: {tmp_path}\nmodules:\n  pre_trainer:\n    framework: torchtitan\n"
-                       f"    model: {name}.yaml\n    overrides: {{training: {{seq_len: 128}}}}\n")
+                       f"    model: {name}.yaml\n    overrides: {{training: {{seq_len: 8192}}}}\n")
         try:
             m = resolve(exp, world_size=8).modules["pre_trainer"]
         except ConfigError as err:
