@@ -32,6 +32,7 @@ from tests.hf_models import (
 )
 from tests.support import assert_ok, free_port, read_metrics, run_primus
 
+from .conftest import run_dir, train_records, write_experiment
 from .test_translate import model_config, preset
 from .test_weights import experiment, primus_eval
 
@@ -138,6 +139,19 @@ def test_export_names_of_the_new_families_are_transformers_on_disk_names_exactly
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_the_neutral_preset_trains_on_one_process(family: str, tmp_path: Path):
+    """`model: <tiny preset>` through the translator's model_config: the family's class, loss falls."""
+    workspace = tmp_path / "ws"
+    exp = write_experiment(tmp_path, model=TINY_PRESETS[family], steps=10, overrides="{disable_last_saving: true}")
+    result = run_primus("run", str(exp), f"workspace={workspace}", "train.lr=1.0e-2")
+    assert_ok(result)
+    assert CLASSES[family] in result.stderr
+    records = train_records(run_dir(workspace) / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]  # Llama 4: 0.16
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_eval_of_the_hf_init_matches_transformers(family: str, blocks, tmp_path: Path):
     exp, _ = experiment(tmp_path, family, tiny_hf(family))
     record = primus_eval(exp)
@@ -168,6 +182,8 @@ def test_two_processes_from_the_hf_weights_train_and_export(family: str, blocks,
     assert sorted(exported) == sorted(saved) == sorted(hf_tensor_shapes(spec_from_hf(read_hf_config(run / "hf"))))
     assert all(torch.equal(exported[n], saved[n]) for n in saved)
     assert json.loads((run / "hf" / "config.json").read_text())["architectures"] == [CLASSES[family]]
+    # core's config.json of the export (hf_config) loads in transformers as the run's own does
+    assert reference_eval(run / "hf", blocks[:4]) == reference_eval(run / "model", blocks[:4])
     if family == "deepseek_v3":  # the bias is kept, not trained (transformers has no balancing update)
         bias = "model.layers.1.mlp.gate.e_score_correction_bias"
         assert torch.equal(exported[bias], hf_tensors(tiny_hf(family))[bias])

@@ -9,8 +9,9 @@ two places:
 - transformers 5 keeps the routed experts of a MoE layer fused in memory
   (`mlp.experts.gate_up_proj` [E, 2F, H], gate rows first, and `mlp.experts.down_proj` [E, H, F]);
   on disk every expert has its own matrices (`mlp.experts.<e>.gate_proj/up_proj/down_proj` for
-  qwen3_moe, `block_sparse_moe.experts.<e>.w1/w3/w2` for mixtral, whose router is
-  `block_sparse_moe.gate` on disk and `mlp.gate` in memory);
+  qwen3_moe and deepseek, `block_sparse_moe.experts.<e>.w1/w3/w2` for mixtral, whose router is
+  `block_sparse_moe.gate` on disk and `mlp.gate` in memory); Llama 4's fused
+  `feed_forward.experts.*` are fused on disk too and keep their names;
 - a model with tied embeddings has no `lm_head.weight` on disk.
 
 Runs in one process on the CPU; imports torch and safetensors, never builds the model.

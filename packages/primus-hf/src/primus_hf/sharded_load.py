@@ -8,7 +8,9 @@ dim 0 in `torch.chunk` pieces, so rank r of w keeps rows [r*c, min((r+1)*c, n)) 
 
 The names on disk are `primus.models.hf.hf_tensor_shapes`'s (see `primus_hf.export`): a fused
 transformers 5 expert tensor (`mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj`)
-is sharded over experts and filled from each local expert's own matrices.
+is sharded over experts and filled from each local expert's own matrices (Llama 4's fused experts
+are fused on disk too: their rows are read directly). Buffers saved with the weights (DeepSeek-V3's
+expert bias) are read whole.
 """
 
 from __future__ import annotations
