@@ -120,7 +120,8 @@ def test_repo_root_is_where_tests_expect() -> None:
 def _module(experiment, *items: str, world_size: int = 1):
     from primus.config.resolve import resolve
 
-    return resolve(experiment, list(items), world_size=world_size).modules["pre_trainer"]
+    (module,) = resolve(experiment, list(items), world_size=world_size).modules.values()
+    return module
 
 
 def test_explain_train_steps_names_torchtitans_step_key(tmp_path) -> None:
