@@ -84,12 +84,12 @@ def write_yaml(path: Path, text: str) -> Path:
     return path
 
 
-def experiment_template(framework: str, module_body: str) -> str:
+def experiment_template(framework: str, module_body: str, module: str = "pre_trainer") -> str:
     """A one-module experiment as a `str.format` template: the identity every test run uses
-    (team/me, `{name}`, `{workspace}`), module `pre_trainer` of `framework`, then `module_body` (the
+    (team/me, `{name}`, `{workspace}`), module `module` of `framework`, then `module_body` (the
     module's other lines, indented four spaces, braces doubled where they are YAML)."""
     head = ("\nwork_group: team\nuser_name: me\nexp_name: {name}\nworkspace: {workspace}\nmodules:\n"
-            "  pre_trainer:\n    framework: " + framework + "\n")
+            f"  {module}:\n    framework: " + framework + "\n")
     return head + module_body
 
 

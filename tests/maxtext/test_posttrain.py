@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, assert_config_error, assert_ok, run_dir_for, session_cache, write_yaml
+from tests.support import (
+    ROOT,
+    assert_config_error,
+    assert_ok,
+    experiment_template,
+    run_dir_for,
+    session_cache,
+    write_yaml,
+)
 
 from .conftest import read_metrics, run_primus
 from .test_weights import torch_python
@@ -28,21 +36,14 @@ pytestmark = pytest.mark.slow
 INSTRUCTIONS = ROOT / "examples" / "data" / "instructions.jsonl"  # 32 prompt_completion records
 SEQ = 32
 STEPS = 12
-EXPERIMENT = """
-work_group: team
-user_name: me
-exp_name: {name}
-workspace: {workspace}
-modules:
-  post_trainer:
-    framework: maxtext
+EXPERIMENT = experiment_template("maxtext", """\
     config: sft_trainer.yaml
-    model: {{hf_path: {model}}}
-    train: {{steps: {steps}, lr: 1.0e-2, micro_batch_size: {micro}, seq_length: {seq}, seed: 1234, log_interval: 1,
-             precision: fp32}}
-    data: {{path: {data}, packing: {packing}}}
+    model: {model}
+    {settings}
+    data: {data}
     overrides: {{attention: dot_product}}
-"""
+""", module="post_trainer")
+TRAIN = "train: {steps: %d, lr: 1.0e-2, micro_batch_size: %d, seq_length: %d, seed: 1234, log_interval: 1, precision: fp32}"
 
 # Run by a Python with torch + transformers (and primus-core): make the base model, or score model
 # directories on core's unpacked rows of the records: mean loss over trained labels, and over every label
@@ -98,8 +99,8 @@ def base() -> tuple[Path, dict]:
 def fine_tune(tmp: Path, model: Path, *, name: str, devices: int, packing: bool) -> Path:
     micro = 32 // devices  # one step's batch: the 32 unpacked rows, or the 16 packed rows twice
     exp = write_yaml(tmp / f"{name}.yaml", EXPERIMENT.format(
-        name=name, workspace=tmp / "ws", model=model, steps=STEPS, micro=micro, seq=SEQ, data=INSTRUCTIONS,
-        packing=str(packing).lower()))
+        name=name, workspace=tmp / "ws", model=f"{{hf_path: {model}}}", settings=TRAIN % (STEPS, micro, SEQ),
+        data=json.dumps({"path": str(INSTRUCTIONS), "packing": packing})))  # the tokenizer: hf_path's
     assert_ok(run_primus("train", "posttrain", "--config", str(exp), "--nproc-per-node", str(devices)))
     return run_dir_for(tmp / "ws", name)
 
@@ -139,18 +140,39 @@ def test_sft_example_validates_and_dry_runs(tmp_path):
     ("train: {eval_interval: 5}", "no held-out evaluation"),
 ], ids=["lora", "eval"])
 def test_what_maxtext_post_training_cannot_do_is_refused(tmp_path, setting, needle):
-    exp = write_yaml(tmp_path / "exp.yaml", f"""
-        work_group: team
-        user_name: me
-        exp_name: bad
-        workspace: {tmp_path / 'ws'}
-        modules:
-          post_trainer:
-            framework: maxtext
-            config: sft_trainer.yaml
-            model: llama3_tiny.yaml
-            {setting}
-            data: {{path: {INSTRUCTIONS}, tokenizer: {ROOT / 'examples' / 'data' / 'tokenizer'}}}
-        """)
+    exp = write_yaml(tmp_path / "exp.yaml", EXPERIMENT.format(
+        name="bad", workspace=tmp_path / "ws", model="llama3_tiny.yaml", settings=setting,
+        data=json.dumps({"path": str(INSTRUCTIONS), "tokenizer": str(ROOT / "examples" / "data" / "tokenizer")})))
     assert_config_error(run_primus("train", "posttrain", "--config", str(exp)), needle)
     assert not (tmp_path / "ws").exists()
+
+
+def test_rows_become_maxtexts_batch_arrays():
+    from primus.posttrain.data import IGNORE_INDEX, build_rows
+    from primus_maxtext.posttrain import maxtext_arrays
+
+    # two samples packed into one row of 8 (+1): prompt tokens untrained, completions trained
+    samples = [([5, 6, 7, 8], [False, False, True, True]), ([9, 10, 11], [False, True, True])]
+    rows = build_rows(samples, 8, pad_id=1, packing=True)
+    row = rows.row(0)
+    isolated, causal = maxtext_arrays(rows, isolated=True), maxtext_arrays(rows, isolated=False)
+    assert isolated["inputs"][0].tolist() == row["input_ids"] == [5, 6, 7, 8, 9, 10, 11, 1]
+    assert isolated["inputs_position"][0].tolist() == row["position_ids"] == [0, 1, 2, 3, 0, 1, 2, 7]
+    assert isolated["inputs_segmentation"][0].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
+    assert causal["inputs_segmentation"][0].tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
+    trained = [label != IGNORE_INDEX for label in row["labels"]]
+    assert trained == [False, True, True, False, True, True, False, False]
+    # the loss weight: the sample's segment where the label is trained, 0 elsewhere (the label itself is 0 there)
+    assert isolated["targets_segmentation"][0].tolist() == [0, 1, 1, 0, 2, 2, 0, 0]
+    assert isolated["targets"][0].tolist() == [0, 7, 8, 0, 10, 11, 0, 0]
+
+
+def test_batches_visit_every_row_once_per_epoch_and_resume_where_they_stopped():
+    from primus_maxtext.posttrain import batch_order
+
+    batches = batch_order(10, 4, 0, shuffle=True, seed=3)
+    seen = [i for _ in range(5) for i in next(batches)]  # two epochs
+    assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10)) and seen[:10] != seen[10:]
+    resumed = batch_order(10, 4, 3, shuffle=True, seed=3)  # a run resumed after 3 steps
+    assert next(resumed) == seen[12:16]
+    assert next(batch_order(10, 4, 0, shuffle=False, seed=3)) == [0, 1, 2, 3]

@@ -25,6 +25,7 @@ from primus.runs.evaluate import EvalRequest, EvalResult
 from primus_maxtext.base_config import base_defaults
 from primus_maxtext.checkpoint import resolve_damaged
 from primus_maxtext.data import validate_corpora
+from primus_maxtext.posttrain import prepare as prepare_posttrain
 from primus_maxtext.translate import DEEPSEEK_V3_MODEL_KEYS, DEEPSEEK_V3_MODEL_NAME
 
 TRAIN_ENTRY = "maxtext.trainers.pre_train.train"
@@ -192,7 +193,10 @@ class MaxTextAdapter(Adapter):
         if config.get("enable_checkpointing"):
             # MaxText restores the newest step with no fallback: check it whole before JAX starts
             resolve_damaged(ctx.checkpoint_dir, ctx.module.module.checkpoint.on_damaged, process_id=topology.process_id)
-        validate_corpora(config)  # a bad line: one error naming file:line, not a pyarrow traceback mid-run
+        posttrain = ctx.module.kind == "posttrain"  # records: core checked them at resolve
+        if not posttrain:
+            validate_corpora(config)  # a bad line: one error naming file:line, not a pyarrow traceback mid-run
+        sft_rows = prepare_posttrain(ctx, config, topology.process_id) if posttrain else None  # core's, cached
         ctx.apply_patches("build_args", maxtext_config=config)
         config_file = write_maxtext_config(ctx.run_dir, ctx.module.name, config, ctx.run_dir / "env.json")
         logger.info(f"MaxText config: {config_file}")
@@ -215,7 +219,8 @@ class MaxTextAdapter(Adapter):
 
             write_init_checkpoint(config_file, hf_init, Path(ctx.module.hf_path or ""), ctx.module.model,
                                   {**base_defaults(), **config})
-        ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model)
+        ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model,
+                          sft_rows=sft_rows)
         ctx.apply_patches("before_train")
         train.main(["primus-maxtext", str(config_file)])
         ctx.apply_patches("after_train")
@@ -241,7 +246,8 @@ class MaxTextAdapter(Adapter):
             check_devices(jax.device_count(), topology)
             # the model patches (Llama 4's values MaxText hard-codes) build the model evaluation scores
             ctx.apply_patches("build_args", maxtext_config=config)
-            ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model)
+            ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model,
+                              sft_rows=None)  # evaluation reads core's blocks, never post-training rows
             from primus_maxtext.loading import evaluate
 
             return evaluate(config_file, {**base_defaults(), **config}, request, spec=ctx.module.model,

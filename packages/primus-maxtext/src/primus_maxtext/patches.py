@@ -17,6 +17,7 @@ from typing import Any
 
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
 from primus_maxtext import FRAMEWORK_RANGE
+from primus_maxtext.posttrain import SFT_PATCHES
 from primus_maxtext.translate import LLAMA4_TEMPERATURE, llama3_rope_differs
 
 METRIC_LOGGER = "maxtext.common.metric_logger.MetricLogger"
@@ -152,3 +153,6 @@ PATCHES: list[Patch] = [
         needs=("model_spec",),
     ),
 ]
+
+# post_trainer modules: core's rows in place of MaxText's data pipeline (primus_maxtext.posttrain)
+PATCHES += SFT_PATCHES

@@ -199,7 +199,7 @@ SFT_PATCHES: list[Patch] = [
         apply=feed_rows,
         versions=FRAMEWORK_RANGE,
         kind="feature",
-        predicate=lambda ctx: "sft_rows" in ctx.state,
+        predicate=lambda ctx: ctx.state.get("sft_rows") is not None,
         predicate_doc="a post_trainer module (config: sft_trainer.yaml)",
         needs=("sft_rows",),
     ),
@@ -209,8 +209,9 @@ SFT_PATCHES: list[Patch] = [
 # --------------------------------------------------------------------------- the adapter's part
 
 
-def prepare(ctx: RunContext, config: Mapping[str, Any], process_id: int) -> dict[str, Any]:
-    """The setup-phase state of a post_trainer module: its rows, and whether packed samples are kept apart."""
+def prepare(ctx: RunContext, config: Mapping[str, Any], process_id: int) -> tuple[Rows, bool]:
+    """The setup-phase state `sft_rows` of a post_trainer module: its rows, and whether packed samples are
+    kept apart."""
     rows = load_rows(ctx, int(config["max_target_length"]), process_id)
     data = ctx.module.module.data
-    return {"sft_rows": (rows, not (data.packing and data.packed_attention == "causal"))}
+    return rows, not (data.packing and data.packed_attention == "causal")

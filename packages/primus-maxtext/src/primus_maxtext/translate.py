@@ -17,6 +17,7 @@ from primus.backends.translator import NativeValues, Translator
 from primus.config.rules import check_first_record
 from primus.errors import ConfigError
 from primus_maxtext.base_config import base_defaults
+from primus_maxtext.posttrain import check_posttrain, derive_posttrain
 
 if TYPE_CHECKING:
     from primus.config.resolve import ResolvedModule
@@ -529,6 +530,8 @@ def check_data(native: dict[str, Any]) -> None:
 
 class MaxTextTranslator(Translator):
     default_module_preset = "pre_trainer.yaml"
+    # post_trainer modules: full SFT on core's rows, packed samples kept apart by MaxText's segment ids
+    post_training = frozenset({"full", "packing", "isolated_packing"})
     steps_key = "steps"
     # per_device_batch_size is not named for micro_batch_size: MaxText takes fractions (0.5) and
     # floats (4.0) there, which core's positive-integer rule would refuse; core reads the neutral
@@ -577,13 +580,18 @@ class MaxTextTranslator(Translator):
         out = NativeValues()
         derive_mesh(resolved, out)
         derive_accumulation(resolved, out)
+        if resolved.kind == "posttrain":
+            derive_posttrain(resolved, out)
         return out
 
     def check(self, resolved: ResolvedModule) -> None:
         native, module = resolved.native, resolved.module
         check_neutral_support(module)
         check_mesh(native, resolved.world_size)
-        check_data(native)
+        if resolved.kind == "posttrain":
+            check_posttrain(resolved)  # the records and tokenizer: core checked them (primus.posttrain)
+        else:
+            check_data(native)
         if resolved.model is not None and native.get("model_name", "default") not in ("default",
                                                                                      DEEPSEEK_V3_MODEL_NAME):
             raise ConfigError(f"model_name {native['model_name']!r} and a Primus model preset both define the "
