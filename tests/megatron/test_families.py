@@ -12,7 +12,8 @@ import pytest
 from mg_helpers import assert_trained, train
 from test_weights import evaluate, experiment, two
 
-from tests.hf_models import NEW_FAMILIES, assert_parity, eval_blocks, reference_eval, tiny_hf
+from tests.hf_models import NEW_FAMILIES, assert_parity, eval_blocks, hf_tensors, reference_eval, tiny_hf
+from tests.support import assert_ok, run_dir_for, run_primus
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +34,8 @@ def test_tiny_family_trains_in_one_process(family: str, tmp_path: Path) -> None:
     assert_trained(_train(tmp_path, PRESETS[family]), tmp_path)
 
 
-# the one-process runs' losses of the two presets below (same seed, same global batch)
-REFERENCE = {"deepseek_v3": {1: 6.2719, 2: 6.2819, 3: 6.1932, 4: 6.0593, 5: 5.7610, 6: 5.7748},
-             "llama4": {1: 6.2348, 2: 6.2422, 3: 6.1734, 4: 6.0648, 5: 5.7288, 6: 5.7724}}
+# llama4_tiny's one-process losses (same seed, same global batch): tensor parallel reproduces them
+REFERENCE = {"llama4": {1: 6.2348, 2: 6.2422, 3: 6.1734, 4: 6.0648, 5: 5.7288, 6: 5.7724}}
 
 
 @pytest.mark.parametrize(("family", "layout"), [
@@ -46,7 +46,8 @@ REFERENCE = {"deepseek_v3": {1: 6.2719, 2: 6.2819, 3: 6.1932, 4: 6.0593, 5: 5.76
 ])
 def test_tiny_family_trains_in_two_processes(family: str, layout: list[str], tmp_path: Path) -> None:
     losses = assert_trained(_train(tmp_path, PRESETS[family], *layout, nproc=2), tmp_path)
-    assert losses == pytest.approx(REFERENCE[family], abs=2e-4)
+    if family in REFERENCE:  # expert parallel draws each rank's experts from its own RNG: another init
+        assert losses == pytest.approx(REFERENCE[family], abs=2e-4)
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -59,11 +60,26 @@ def test_eval_of_the_hf_init_matches_transformers(family: str, tmp_path: Path) -
     assert_parity(record, reference_eval(tiny_hf(family), eval_blocks()), f"megatron {family}")
 
 
-@pytest.mark.parametrize(("family", "layout"), [("deepseek_v3", "parallel.expert=2"),
-                                                ("llama4", "parallel.tensor=2")])
-def test_eval_matches_transformers_in_two_processes(family: str, layout: str, tmp_path: Path) -> None:
-    # EP=2: each rank loads 4 of DeepSeek-V3's 8 routed experts (and the selection bias of all 8);
-    # TP=2: each rank its heads and half of every fused Llama 4 expert's hidden size
-    record = evaluate(experiment(tmp_path, family), *two(layout))
+@pytest.mark.parametrize("family", ["deepseek_v2", "llama4"])
+def test_eval_matches_transformers_at_tp2(family: str, tmp_path: Path) -> None:
+    # each rank loads its rows of MLA's low-rank down projections, its heads of the up projections,
+    # half of every (fused, for Llama 4) expert's hidden size; expert parallel loads as for Qwen 3 MoE
+    # (test_weights.py)
+    layout = ["parallel.tensor=2", "sequence_parallel=true"]
+    record = evaluate(experiment(tmp_path, family), *two(*layout))
     assert record["world_size"] == 2
-    assert_parity(record, reference_eval(tiny_hf(family), eval_blocks()), f"megatron {family} {layout}")
+    assert_parity(record, reference_eval(tiny_hf(family), eval_blocks()), f"megatron {family} {' '.join(layout)}")
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_export_of_the_loaded_weights_is_exact(family: str, tmp_path: Path) -> None:
+    # one step at learning rate 0 (and no selection-bias update) saves the loaded weights; the export
+    # undoes every fusion: MLA's per-head projections, the router bias, shared experts, dense first
+    # layers saved under their own keys, Llama 4's fused on-disk experts
+    exp = experiment(tmp_path, family, steps=1)
+    assert_ok(run_primus("run", str(exp), "lr=0", "min_lr=0", "moe_router_bias_update_rate=0"))
+    out = tmp_path / "export"
+    assert_ok(run_primus("export", str(run_dir_for(tmp_path / "ws", "exp")), str(out)))
+    original, exported = hf_tensors(tiny_hf(family)), hf_tensors(out)
+    assert sorted(exported) == sorted(original)
+    assert [name for name in original if not original[name].equal(exported[name])] == []

@@ -345,51 +345,83 @@ class MegatronToHf:
         raise ConfigError(f"{self.what} has no tensor {keys[0]}: not a checkpoint of this model",
                           fix="export a checkpoint of this run")
 
+    def layer(self, i: int, *keys: str) -> torch.Tensor:
+        """Layer `i`'s tensor under the first of `keys` found: its own key (`decoder.layers.<i>.<key>`,
+        as megatron saves layers that differ, e.g. dense and MoE), else row i of the stacked one."""
+        for key in keys:
+            if f"decoder.layers.{i}.{key}" in self.tensors:
+                return self.tensors[f"decoder.layers.{i}.{key}"]
+        return self.get(*(f"decoder.layers.{key}" for key in keys))[i]
+
     def tensors_hf(self) -> Iterator[tuple[str, torch.Tensor]]:
         s = self.spec
-        d, groups = s.head_size, s.kv_heads
-        per_group = s.num_heads // groups
         vocab = s.vocab_size
         yield "model.embed_tokens.weight", self.get("embedding.word_embeddings.weight")[:vocab]
         yield "model.norm.weight", self.get("decoder.final_layernorm.weight")
         if not s.tie_embeddings:
             yield "lm_head.weight", self.get("output_layer.weight")[:vocab]
-        stacked = "decoder.layers."
-        qkv = self.get(stacked + "self_attention.linear_qkv.weight")
-        qkv_bias = self.get(stacked + "self_attention.linear_qkv.bias") if s.qkv_bias else None
-        names = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight"]
-        if s.qk_norm:
-            names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-        loaded = {hf: self.get(*(stacked + k for k in CHECKPOINT_KEYS[hf])) for hf in names}
-        if s.moe is None:
-            fc1, fc2 = self.get(stacked + "mlp.linear_fc1.weight"), self.get(stacked + "mlp.linear_fc2.weight")
-        else:
-            router = self.get(stacked + "mlp.router.weight")
-            fc1 = self.get(stacked + "mlp.experts.experts.linear_fc1.weight")
-            fc2 = self.get(stacked + "mlp.experts.experts.linear_fc2.weight")
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
-            for hf in names:
-                yield p + hf, loaded[hf][i]
-            for kind, fused in (("weight", qkv), ("bias", qkv_bias)):
-                if fused is None:
+            for hf in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+                yield p + hf, self.layer(i, *CHECKPOINT_KEYS[hf])
+            yield from self._attention(i, p)
+            if s.moe is not None and s.moe.is_moe_layer(i):
+                yield from self._moe(i, p)
+            else:
+                mlp, f = p + _mlp_prefix(s), s.ffn_hidden_size
+                fc1 = self.layer(i, "mlp.linear_fc1.weight")
+                yield mlp + "gate_proj.weight", fc1[:f]
+                yield mlp + "up_proj.weight", fc1[f:]
+                yield mlp + "down_proj.weight", self.layer(i, "mlp.linear_fc2.weight")
+
+    def _attention(self, i: int, p: str) -> Iterator[tuple[str, torch.Tensor]]:
+        s = self.spec
+        if s.mla is not None:
+            lora = s.mla.q_lora_rank is not None
+            for megatron, (hf, _) in MLA_TENSORS.items():
+                if megatron == "self_attention.linear_q_proj.weight" and lora:
                     continue
-                tail = fused.shape[2:]
-                grouped = fused[i].reshape(groups, (per_group + 2) * d, *tail)
-                yield p + f"self_attn.q_proj.{kind}", grouped[:, : per_group * d].reshape(-1, *tail)
-                yield p + f"self_attn.k_proj.{kind}", grouped[:, per_group * d: (per_group + 1) * d].reshape(-1, *tail)
-                yield p + f"self_attn.v_proj.{kind}", grouped[:, (per_group + 1) * d:].reshape(-1, *tail)
-            if s.moe is None:
-                f = s.ffn_hidden_size
-                yield p + "mlp.gate_proj.weight", fc1[i][:f]
-                yield p + "mlp.up_proj.weight", fc1[i][f:]
-                yield p + "mlp.down_proj.weight", fc2[i]
-                continue
-            router_name, experts, (gate, up, down) = _moe_prefix(s)
-            yield p + router_name, router[i]
-            f = s.moe.expert_ffn
-            for e in range(s.moe.experts):
-                x = f"{p}{experts}.{e}."
-                yield x + f"{gate}.weight", fc1[i][e][:f]
-                yield x + f"{up}.weight", fc1[i][e][f:]
-                yield x + f"{down}.weight", fc2[i][e]
+                if megatron.split(".")[1] in ("linear_q_down_proj", "linear_q_up_proj", "q_layernorm") and not lora:
+                    continue
+                yield p + hf, self.layer(i, megatron)
+            return
+        yield p + "self_attn.o_proj.weight", self.layer(i, *CHECKPOINT_KEYS["self_attn.o_proj.weight"])
+        if s.qk_norm:
+            for hf in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+                yield p + hf, self.layer(i, *CHECKPOINT_KEYS[hf])
+        d, groups = s.head_size, s.kv_heads
+        per_group = s.num_heads // groups
+        for kind in ("weight", "bias") if s.qkv_bias else ("weight",):
+            fused = self.layer(i, f"self_attention.linear_qkv.{kind}")
+            tail = fused.shape[1:]
+            grouped = fused.reshape(groups, (per_group + 2) * d, *tail)
+            yield p + f"self_attn.q_proj.{kind}", grouped[:, : per_group * d].reshape(-1, *tail)
+            yield p + f"self_attn.k_proj.{kind}", grouped[:, per_group * d: (per_group + 1) * d].reshape(-1, *tail)
+            yield p + f"self_attn.v_proj.{kind}", grouped[:, (per_group + 1) * d:].reshape(-1, *tail)
+
+    def _moe(self, i: int, p: str) -> Iterator[tuple[str, torch.Tensor]]:
+        s = self.spec
+        moe = s.moe
+        assert moe is not None
+        router_name, experts, (gate, up, down) = _moe_prefix(s)
+        yield p + router_name, self.layer(i, "mlp.router.weight")
+        if moe.expert_bias:
+            yield p + router_name.replace(".weight", ".e_score_correction_bias"), self.layer(i, "mlp.router.expert_bias")
+        if moe.shared_experts:
+            shared, f = p + _shared_prefix(s), moe.shared_experts * (moe.shared_expert_ffn or moe.expert_ffn)
+            fc1 = self.layer(i, "mlp.shared_experts.linear_fc1.weight")
+            yield shared + "gate_proj.weight", fc1[:f]
+            yield shared + "up_proj.weight", fc1[f:]
+            yield shared + "down_proj.weight", self.layer(i, "mlp.shared_experts.linear_fc2.weight")
+        fc1 = self.layer(i, "mlp.experts.experts.linear_fc1.weight")  # [experts, 2F, H]
+        fc2 = self.layer(i, "mlp.experts.experts.linear_fc2.weight")  # [experts, H, F]
+        if s.family == "llama4":  # fused on disk: gate_up_proj [E, H, 2F], down_proj [E, F, H]
+            yield f"{p}{experts}.gate_up_proj", fc1.transpose(1, 2)
+            yield f"{p}{experts}.down_proj", fc2.transpose(1, 2)
+            return
+        f = moe.expert_ffn
+        for e in range(moe.experts):
+            x = f"{p}{experts}.{e}."
+            yield x + f"{gate}.weight", fc1[e][:f]
+            yield x + f"{up}.weight", fc1[e][f:]
+            yield x + f"{down}.weight", fc2[e]
