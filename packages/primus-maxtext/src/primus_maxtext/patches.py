@@ -7,8 +7,8 @@ step after the step finished, so wrapping that method reports them without copyi
 
 Two model patches give MaxText's Llama 4 block values it hard-codes (Llama 4 Maverick's and the tiny
 preset's): the Llama 3 RoPE scaling (MaxText fixes Llama 3.1's factor 8, Scout has 16) and the
-attention temperature's floor scale and scale. Both read the module's `ModelSpec` (state
-`model_spec`) and apply only when the model's values differ from MaxText's.
+attention temperature's floor scale and scale. Both apply to every Llama 4 model using the feature
+(the values may equal MaxText's) and read them from the module's `ModelSpec` (state `model_spec`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any
 from primus.patches.registry import Patch, PatchContext, Undo, replace_attr
 from primus_maxtext import FRAMEWORK_RANGE
 from primus_maxtext.posttrain import SFT_PATCHES
-from primus_maxtext.translate import LLAMA4_TEMPERATURE, llama3_rope_differs
 
 METRIC_LOGGER = "maxtext.common.metric_logger.MetricLogger"
 LLAMA_ROPE = "maxtext.layers.embeddings.LLaMARotaryEmbedding"
@@ -60,14 +59,8 @@ def report_metrics_to_primus(ctx: PatchContext) -> Undo:
     return replace_attr(MetricLogger, "write_metrics", write_metrics)
 
 
-def _llama4(ctx: PatchContext) -> Any:
-    spec = ctx.state.get("model_spec")
-    return spec if spec is not None and spec.family == "llama4" else None
-
-
-def _rope_differs(ctx: PatchContext) -> bool:
-    spec = _llama4(ctx)
-    return spec is not None and bool(llama3_rope_differs(spec))
+def _llama4_rope_scaled(ctx: PatchContext) -> bool:
+    return ctx.config_value("decoder_block") == "llama4" and bool(ctx.config_value("rope_use_scale"))
 
 
 def llama3_rope_scaling(ctx: PatchContext) -> Undo:
@@ -90,10 +83,8 @@ def llama3_rope_scaling(ctx: PatchContext) -> Undo:
     return replace_attr(LLaMARotaryEmbedding, "_apply_scaling_factor", scaled)
 
 
-def _temperature_differs(ctx: PatchContext) -> bool:
-    spec = _llama4(ctx)
-    return spec is not None and spec.attn_temperature_tuning and (
-        spec.attn_floor_scale, spec.attn_scale) != tuple(LLAMA4_TEMPERATURE.values())
+def _llama4_temperature(ctx: PatchContext) -> bool:
+    return ctx.config_value("decoder_block") == "llama4" and bool(ctx.config_value("temperature_tuning"))
 
 
 def llama4_attention_temperature(ctx: PatchContext) -> Undo:
@@ -134,8 +125,8 @@ PATCHES: list[Patch] = [
         apply=llama3_rope_scaling,
         versions=FRAMEWORK_RANGE,
         kind="feature",
-        predicate=_rope_differs,
-        predicate_doc="a llama4 model whose rope_scaling differs from Llama 3.1's",
+        predicate=_llama4_rope_scaled,
+        predicate_doc="decoder_block llama4 with rope_use_scale (a llama4 model with rope_scaling)",
         needs=("model_spec",),
     ),
     Patch(
@@ -148,8 +139,8 @@ PATCHES: list[Patch] = [
         apply=llama4_attention_temperature,
         versions=FRAMEWORK_RANGE,
         kind="feature",
-        predicate=_temperature_differs,
-        predicate_doc="a llama4 model with attn_temperature_tuning and other attn_floor_scale / attn_scale",
+        predicate=_llama4_temperature,
+        predicate_doc="decoder_block llama4 with temperature_tuning (a llama4 model with attn_temperature_tuning)",
         needs=("model_spec",),
     ),
 ]

@@ -51,8 +51,6 @@ DEEPSEEK_V3_MODEL_KEYS = (
     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "mscale", "rope_type",
     "rope_max_timescale", "max_position_embeddings", "original_max_position_embeddings", "rope_factor", "beta_fast",
 )
-#: what MaxText's Llama 4 block passes its attention for temperature tuning (`models/llama4.py`)
-LLAMA4_TEMPERATURE = {"attn_floor_scale": 8192, "attn_scale": 0.1}
 
 # MaxText's "llama3.1" RoPE hard-codes Llama 3.1's scaling; any other values cannot be expressed.
 LLAMA31_ROPE = {"factor": 8.0, "original_max_positions": 8192, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -180,7 +178,7 @@ def _translate_rope_scaling(spec: ModelSpec, out: NativeValues) -> None:
         return
     if s.type == "llama3":
         differs = llama3_rope_differs(spec)
-        if differs and spec.family != "llama4":  # Llama 4's values: the patch maxtext.llama4_rope_scaling
+        if differs and spec.family != "llama4":  # Llama 4's: patch maxtext.llama4_rope_scaling gives its values
             raise ConfigError(f"llama3 rope scaling other than Llama 3.1's {LLAMA31_ROPE} is {UNSUPPORTED} "
                               f"(MaxText fixes it); got {differs}", key="model.rope_scaling")
         out.set("rope_type", "llama3.1", "rope_scaling.type")
@@ -596,6 +594,11 @@ class MaxTextTranslator(Translator):
                                                                                      DEEPSEEK_V3_MODEL_NAME):
             raise ConfigError(f"model_name {native['model_name']!r} and a Primus model preset both define the "
                               "model", key="model_name", fix="drop one of them")
+        if resolved.hf_path and resolved.model is not None and resolved.model.mtp_layers:
+            raise ConfigError(f"Hugging Face weights of a model with multi-token prediction (mtp_layers "
+                              f"{resolved.model.mtp_layers}) are {UNSUPPORTED}: its MTP weights are not mapped into "
+                              "MaxText's MTP block", key="model.hf_path",
+                              fix="train it from its presets (MaxText's MTP trains), or load a model without MTP layers")
         given = [k for k in ("load_parameters_path", "load_full_state_path") if native.get(k)]
         if resolved.hf_path and given:
             raise ConfigError(f"model.hf_path and MaxText's {given[0]} both give the initial weights", key=given[0],
