@@ -31,7 +31,9 @@ def _train(tmp_path: Path, preset: str, *args: str, nproc: int = 1):
 
 @pytest.mark.parametrize("family", list(PRESETS))
 def test_tiny_family_trains_in_one_process(family: str, tmp_path: Path) -> None:
-    assert_trained(_train(tmp_path, PRESETS[family]), tmp_path)
+    # DeepSeek-V3 with its multi-token prediction module (megatron-core's, mtp_num_layers)
+    mtp = ["mtp_num_layers=1"] if family == "deepseek_v3" else []
+    assert_trained(_train(tmp_path, PRESETS[family], *mtp), tmp_path)
 
 
 # llama4_tiny's one-process losses (same seed, same global batch): tensor parallel reproduces them
@@ -83,3 +85,19 @@ def test_export_of_the_loaded_weights_is_exact(family: str, tmp_path: Path) -> N
     original, exported = hf_tensors(tiny_hf(family)), hf_tensors(out)
     assert sorted(exported) == sorted(original)
     assert [name for name in original if not original[name].equal(exported[name])] == []
+
+
+@pytest.mark.parametrize(("items", "world", "message"), [
+    (["modules.pre_trainer.model=llama4_tiny.yaml", "train.seq_length=8", "train.micro_batch_size=1"], 1,
+     "attention_chunk_size 16 is larger than seq_length 8"),
+    (["modules.pre_trainer.model=deepseek_v3_tiny.yaml", "parallel.expert=3"], 3, "does not divide the model.s 8 experts"),
+    (["modules.pre_trainer.model=llama4_tiny.yaml", "parallel.tensor=2"], 2, "needs sequence parallel"),
+])
+def test_bad_family_settings_are_refused_before_anything_runs(items: list[str], world: int, message: str) -> None:
+    from mg_helpers import EXAMPLE
+
+    from primus.config.resolve import resolve
+    from primus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        resolve(EXAMPLE, items, world_size=world)

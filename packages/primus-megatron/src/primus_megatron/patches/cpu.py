@@ -165,6 +165,7 @@ CUDA_CALL_SITES: dict[str, str] = {
     "megatron.core.transformer.moe.router": "the MoE router keeps its token counts on CUDA",
     "megatron.core.tensor_parallel.mappings": "expert-parallel all-gathers and all-to-alls allocate on CUDA",
     "megatron.core.tensor_parallel.layers": "sequence-parallel backward reduce-scatters into a CUDA tensor",
+    "megatron.core.transformer.multi_token_prediction": "the MTP loss tracker is a CUDA tensor",
     "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "YaRN RoPE (MLA) frequencies on CUDA",
     "megatron.core.transformer.multi_latent_attention": "MLA builds its rotary tables on CUDA",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "the checkpoint writer synchronizes CUDA "
