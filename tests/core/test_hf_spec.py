@@ -166,6 +166,10 @@ def test_a_llama4_multimodal_config_gives_its_text_model():
     config = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "text_config": text,
               "vision_config": {"hidden_size": 88}}
     assert spec_from_hf(config) == spec_from_hf(family_config("llama4"))
+    from primus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantization_config"):  # FP8 Maverick says so outside text_config
+        spec_from_hf({**config, "quantization_config": {"quant_method": "fbgemm_fp8"}})
 
 
 UNBUILT_CONFIGS = {  # config.json values no ModelSpec field can say: one line naming the key

@@ -123,7 +123,8 @@ def spec_from_hf(config: dict[str, Any], *, file: str = CONFIG_FILE) -> ModelSpe
         text = config.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError("llama4 config has no text_config", file=file, key="text_config")
-        return spec_from_hf({**text, "model_type": "llama4_text"}, file=file)
+        quantised = {"quantization_config": config["quantization_config"]} if "quantization_config" in config else {}
+        return spec_from_hf({**text, **quantised, "model_type": "llama4_text"}, file=file)
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"model_type {model_type!r} is not a family Primus builds", file=file, key="model_type",
                           fix=f"supported: {SUPPORTED}")
@@ -147,18 +148,11 @@ def spec_from_hf(config: dict[str, Any], *, file: str = CONFIG_FILE) -> ModelSpe
             return ModelSpec(**_deepseek_values(config, model_type, refuse))
         if model_type == "llama4_text":
             return ModelSpec(**_llama4_values(config, refuse))
-        theta, scaling = _rope(config)
         heads = config["num_attention_heads"]
-        hidden = config["hidden_size"]
         values: dict[str, Any] = dict(
-            family=family, vocab_size=config["vocab_size"], hidden_size=hidden,
-            num_layers=config["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or hidden // heads,
+            _base_values(config, family), num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             ffn_hidden_size=config["intermediate_size"],
-            max_position_embeddings=config["max_position_embeddings"],
-            rope_theta=theta, rope_scaling=scaling, norm_eps=config.get("rms_norm_eps", 1e-6),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2", qk_norm=model_type in ("qwen3", "qwen3_moe"))
         if model_type == "qwen3_moe":
             if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
