@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from primus.config.resolve import core_preset_dir
+from primus.config.resolve import core_preset_dir, resolve
+from primus.errors import ConfigError
 from tests.hf_models import NEW_FAMILIES, last_eval
 from tests.support import (
     assert_config_error,
@@ -30,7 +31,7 @@ from tests.support import (
     write_yaml,
 )
 
-from .conftest import assert_trained, run_primus
+from .conftest import EXAMPLES, assert_trained, run_primus
 from .test_weights import assert_close, evaluate, experiment, helper, tensors
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,37 @@ def test_primus_writes_every_key_of_the_model_file_it_names():
 
     file = Path(maxtext.__file__).parent / "configs" / "models" / f"{DEEPSEEK_V3_MODEL_NAME}.yml"
     assert set(yaml.safe_load(file.read_text())) == set(DEEPSEEK_V3_MODEL_KEYS)
+
+
+@pytest.mark.parametrize(("family", "changes", "needle"), [
+    ("deepseek_v2", {"moe": {"experts": 8, "top_k": 2, "expert_ffn": 32, "norm_topk_prob": True}},
+     "model.moe.norm_topk_prob: moe.norm_topk_prob true with softmax scores is not supported"),
+    ("deepseek_v2", {"moe": {"experts": 8, "top_k": 2, "expert_ffn": 32, "norm_topk_prob": False, "groups": 4,
+                             "top_k_groups": 2}}, "model.moe.groups: group-limited routing with softmax scores"),
+    ("llama4", {"moe": {"experts": 4, "top_k": 2, "expert_ffn": 64, "shared_experts": 1, "score_function": "sigmoid",
+                        "layer_interval": 2, "norm_topk_prob": False}}, "model.moe.top_k: a llama4 MoE"),
+    ("llama4", {"num_layers": 6}, "model.num_layers: num_layers (6) must be a multiple of 4"),
+])
+def test_what_maxtexts_blocks_cannot_express_is_refused_naming_the_key(tmp_path, family, changes, needle):
+    exp = write_yaml(tmp_path / "exp.yaml", TRAIN.format(name="exp", workspace=tmp_path / "ws", parallel="{}",
+                                                         model=tiny_model(family, **changes)))
+    with pytest.raises(ConfigError) as err:
+        resolve(exp)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(("example", "family", "patches"), [
+    ("deepseek_v3", "deepseek, 671,025.4M parameters", ()),
+    ("deepseek_v2_lite", "deepseek, 15,706.4M parameters", ()),
+    ("llama4_scout", "llama4, 107,769.4M parameters", ("maxtext.llama4_rope_scaling",
+                                                      "maxtext.llama4_attention_temperature")),
+])
+def test_real_size_example_dry_runs_on_8_devices(example, family, patches):
+    r = run_primus("run", str(EXAMPLES / "maxtext" / f"{example}-pretrain.yaml"), "--dry-run", "--nproc-per-node", "8",
+                   timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert family in r.stdout and "ici_expert=8" in r.stdout
+    assert all(p in r.stdout for p in patches)
 
 
 # --------------------------------------------------------------------------- training
