@@ -115,34 +115,18 @@ PATCHES: list[Patch] = [
         kind="feature",
         needs=("metrics",),
     ),
-    Patch(
-        id="maxtext.llama4_rope_scaling",
-        backend="maxtext",
-        target=f"{LLAMA_ROPE}._apply_scaling_factor",
-        phase="setup",
-        description="Llama 4's Llama 3 RoPE scaling with the model's values (MaxText fixes Llama 3.1's factor 8, "
-                    "low 1, high 4, 8192; Llama 4 Scout has factor 16, high 1).",
-        apply=llama3_rope_scaling,
-        versions=FRAMEWORK_RANGE,
-        kind="feature",
-        predicate=_llama4_rope_scaled,
-        predicate_doc="decoder_block llama4 with rope_use_scale (a llama4 model with rope_scaling)",
-        needs=("model_spec",),
-    ),
-    Patch(
-        id="maxtext.llama4_attention_temperature",
-        backend="maxtext",
-        target="maxtext.models.llama4.Attention",
-        phase="setup",
-        description="Llama 4's attention temperature tuning with the model's attn_floor_scale and attn_scale "
-                    "(MaxText's Llama 4 layer passes 8192 and 0.1).",
-        apply=llama4_attention_temperature,
-        versions=FRAMEWORK_RANGE,
-        kind="feature",
-        predicate=_llama4_temperature,
-        predicate_doc="decoder_block llama4 with temperature_tuning (a llama4 model with attn_temperature_tuning)",
-        needs=("model_spec",),
-    ),
+    *(Patch(id=f"maxtext.{name}", backend="maxtext", target=target, phase="setup", description=description,
+            apply=apply, versions=FRAMEWORK_RANGE, kind="feature", predicate=predicate, predicate_doc=when,
+            needs=("model_spec",))
+      for name, target, apply, predicate, when, description in (
+          ("llama4_rope_scaling", f"{LLAMA_ROPE}._apply_scaling_factor", llama3_rope_scaling, _llama4_rope_scaled,
+           "decoder_block llama4 with rope_use_scale (a llama4 model with rope_scaling)",
+           "Llama 4's Llama 3 RoPE scaling with the model's values (MaxText fixes Llama 3.1's factor 8, low 1, "
+           "high 4, 8192; Llama 4 Scout has factor 16, high 1)."),
+          ("llama4_attention_temperature", "maxtext.models.llama4.Attention", llama4_attention_temperature,
+           _llama4_temperature, "decoder_block llama4 with temperature_tuning (a llama4 model with "
+           "attn_temperature_tuning)", "Llama 4's attention temperature tuning with the model's attn_floor_scale "
+           "and attn_scale (MaxText's Llama 4 layer passes 8192 and 0.1)."))),
 ]
 
 # post_trainer modules: core's rows in place of MaxText's data pipeline (primus_maxtext.posttrain)
