@@ -160,14 +160,11 @@ def transformer_config(args: SimpleNamespace, device: torch.device) -> Transform
             moe_grouped_gemm=bool(args.moe_grouped_gemm),
             # megatron-core >= 0.13 has upstream Primus's benchmark switch: random router logits
             moe_router_force_load_balancing=bool(args.moe_router_force_load_balancing),
-            # DeepSeek-V3 / Llama 4 routing (megatron-core's own options)
-            moe_router_score_function=args.moe_router_score_function,
-            moe_router_enable_expert_bias=bool(args.moe_router_enable_expert_bias),
-            moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-            moe_router_num_groups=args.moe_router_num_groups,
-            moe_router_group_topk=args.moe_router_group_topk,
-            moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-            moe_apply_probs_on_input=bool(args.moe_apply_probs_on_input),
+            # DeepSeek-V3 / Llama 4 routing (megatron-core's own options, same names)
+            **{key: getattr(args, key) for key in (
+                "moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_bias_update_rate",
+                "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor",
+                "moe_apply_probs_on_input")},
         )
     # Llama 4: RoPE-free layers and the q/k L2 norm (megatron-core's options)
     if args.no_rope_freq is not None:

@@ -117,13 +117,11 @@ class MegatronTranslator(Translator):
         else:
             # megatron-core's MLA; its core attention is Primus's SDPAttention (primus_megatron.layers),
             # or TransformerEngine's on a GPU where TE is installed
-            mla = spec.mla
             out.set("multi_latent_attention", True, "mla")
-            out.set("q_lora_rank", mla.q_lora_rank, "mla.q_lora_rank")
-            out.set("kv_lora_rank", mla.kv_lora_rank, "mla.kv_lora_rank")
-            out.set("qk_head_dim", mla.qk_nope_head_dim, "mla.qk_nope_head_dim")
-            out.set("qk_pos_emb_head_dim", mla.qk_rope_head_dim, "mla.qk_rope_head_dim")
-            out.set("v_head_dim", mla.v_head_dim, "mla.v_head_dim")
+            for native, field in (("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"),
+                                  ("qk_head_dim", "qk_nope_head_dim"), ("qk_pos_emb_head_dim", "qk_rope_head_dim"),
+                                  ("v_head_dim", "v_head_dim")):
+                out.set(native, getattr(spec.mla, field), f"mla.{field}")
             out.set("rope_type", "rope", "family")
         if spec.family == "llama4":
             self._llama4(spec, out)
@@ -198,12 +196,12 @@ class MegatronTranslator(Translator):
         if spec.nope_layer_interval is not None:
             out.set("no_rope_freq", [int(not spec.uses_rope(i)) for i in range(spec.num_layers)],
                     "nope_layer_interval")
-        out.set("qk_l2_norm", spec.qk_l2_norm, "qk_l2_norm")
-        out.set("attention_chunk_size", spec.attention_chunk_size, "attention_chunk_size")
-        out.set("attn_temperature_tuning", spec.attn_temperature_tuning, "attn_temperature_tuning")
+        # same names in ModelSpec and in this package's native keys
+        names = ["qk_l2_norm", "attention_chunk_size", "attn_temperature_tuning"]
         if spec.attn_temperature_tuning:
-            out.set("attn_floor_scale", spec.attn_floor_scale, "attn_floor_scale")
-            out.set("attn_scale", spec.attn_scale, "attn_scale")
+            names += ["attn_floor_scale", "attn_scale"]
+        for name in names:
+            out.set(name, getattr(spec, name), name)
 
     @staticmethod
     def _yarn(spec: ModelSpec, out: NativeValues) -> None:
