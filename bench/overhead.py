@@ -59,9 +59,9 @@ def run_child(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
     return text, usage.ru_maxrss
 
 
-def primus_loop_seconds(workspace: Path, steps: int) -> float:
+def primus_loop_seconds(workspace: Path, steps: int, module: str = "pre_trainer") -> float:
     """Seconds from the end of step 1 to the end of step N, from the rank-0 log of the run in `workspace`."""
-    log = next(workspace.rglob("logs/pre_trainer/rank-0/primus.log"))
+    log = next(workspace.rglob(f"logs/{module}/rank-0/primus.log"))
     stamps = {}
     for line in log.read_text().splitlines():
         m = LOG_LINE.match(line)

@@ -1,0 +1,172 @@
+"""Post-training's overhead on the hf backend: SFT through `primus train posttrain` and through a plain script.
+
+    python bench/sft_overhead.py [--rounds 3 --steps 300]
+    python bench/sft_overhead.py --plain --steps 300      (one run of the plain side, what the bench starts)
+
+Both sides fine-tune the same tiny Llama (llama3_tiny.yaml: random init, fp32, CPU) on the bundled toy
+instruction set (examples/data/instructions.jsonl), one sample per row of 16 tokens, 8 rows a step, with the
+same masking (labels -100 on the prompt and the padding; the completion and EOS trained), AdamW, warmup +
+cosine and gradient clipping. The plain script tokenizes the records itself with the tokenizer and imports
+nothing from Primus. Compared, as bench/overhead.py does: the wall time from the end of step 1 to the end of
+step N (Primus's rank-0 log timestamps; the script's own clock), median steps/s over rounds, and their ratio
+(target >= 0.97). Then Primus packed vs unpacked: trained samples/s and real (non-padding) tokens/s of the
+same records, one sample per row of 16 tokens vs packed rows of 64. Not run by the tests; OMP_NUM_THREADS=1.
+
+Measured on the 2-core development machine (shared with other jobs, so +-5%), 300 steps, 3 rounds:
+see the figures printed; docs/guide/posttrain.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "examples" / "data" / "instructions.jsonl"
+TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
+BATCH = 8
+
+EXPERIMENT = """
+work_group: bench
+user_name: bench
+exp_name: sft
+workspace: {workspace}
+modules:
+  post_trainer:
+    framework: hf
+    config: sft_trainer.yaml
+    model: llama3_tiny.yaml
+    train: {{steps: {steps}, lr: 3.0e-3, warmup_steps: 2, lr_schedule: cosine, micro_batch_size: {batch},
+             global_batch_size: {batch}, seq_length: {seq}, seed: 1234, weight_decay: 0.1, grad_clip: 1.0,
+             log_interval: 1}}
+    data: {{path: {data}, tokenizer: {tokenizer}, packing: {packing}}}
+    overrides: {{save_strategy: "no"}}
+"""
+
+
+# --------------------------------------------------------------------------- the plain side
+
+
+def plain(steps: int, seq_length: int = 16, seed: int = 1234) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from plain_hf import CONFIG  # llama3_tiny.yaml as the hf backend translates it
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    rows, labels = [], []
+    for line in DATA.read_text().splitlines():
+        record = json.loads(line)
+        prompt = tokenizer.encode(record["prompt"])
+        answer = tokenizer.encode(record["completion"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids = (prompt + answer)[:seq_length + 1]
+        pad = seq_length + 1 - len(ids)
+        rows.append(ids + [tokenizer.pad_token_id] * pad)
+        labels.append([-100] * len(prompt) + answer[:len(ids) - len(prompt)] + [-100] * pad)
+    tokens, targets = torch.tensor(rows), torch.tensor(labels)
+    inputs, targets = tokens[:, :-1], targets[:, 1:]  # labels of the next token, as core's rows
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(inputs), generator=generator) for _ in range(steps * BATCH // len(inputs) + 1)])
+    model.train()
+    first_step_done = 0.0
+    for step in range(steps):
+        pick = order[step * BATCH:(step + 1) * BATCH]
+        batch, target = inputs[pick], targets[pick]
+        count = (target != -100).sum()
+        loss = model(input_ids=batch, labels=target, shift_labels=target, num_items_in_batch=count,
+                     use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last = loss.item()
+        if step == 0:
+            first_step_done = time.perf_counter()
+    print(f"plain_sft steps={steps} loss={last:.4f} loop_s={time.perf_counter() - first_step_done:.4f}")
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def primus_side(steps: int, workdir: Path, env: dict[str, str], *, packing: bool) -> tuple[float, int]:
+    from overhead import primus_loop_seconds, run_child
+
+    workspace = Path(tempfile.mkdtemp(dir=workdir))
+    exp = workspace / "sft.yaml"
+    exp.write_text(textwrap.dedent(EXPERIMENT).format(
+        workspace=workspace, steps=steps, batch=BATCH if not packing else 2, seq=64 if packing else 16,
+        data=DATA, tokenizer=TOKENIZER, packing=str(packing).lower()).lstrip())
+    _, rss = run_child([sys.executable, "-m", "primus", "train", "posttrain", "--config", str(exp)], env)
+    return primus_loop_seconds(workspace, steps, module="post_trainer"), rss
+
+
+def row_contents(packing: bool) -> tuple[float, float]:
+    """(samples, real tokens) per row of the Primus side's rows."""
+    from transformers import AutoTokenizer
+
+    from primus.posttrain.data import SFTData, tokenize
+
+    request = SFTData(path=str(DATA), format=None, chat_template=None, seq_length=64 if packing else 16,
+                      packing=packing, truncation="right", tokenizer_dir=str(TOKENIZER))
+    rows = tokenize(request, AutoTokenizer.from_pretrained(str(TOKENIZER)))
+    real = sum(1 for s in rows.segments if s > 0)
+    return rows.stats["samples"] / rows.count, real / rows.count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--plain", action="store_true", help="run the plain side once and print its loop time")
+    args = parser.parse_args()
+    if args.plain:
+        plain(args.steps)
+        return
+    sys.path.insert(0, str(ROOT / "bench"))
+    from overhead import run_child
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    rates: dict[str, list[float]] = {"primus": [], "plain": [], "packed": []}
+    with tempfile.TemporaryDirectory(prefix="primus-bench-") as tmp:
+        for round_index in range(args.rounds):
+            sides = ["primus", "plain", "packed"] if round_index % 2 == 0 else ["packed", "plain", "primus"]
+            for side in sides:
+                if side == "plain":
+                    import re
+
+                    text, _ = run_child([sys.executable, __file__, "--plain", "--steps", str(args.steps)], env)
+                    seconds = float(re.search(r"loop_s=(\S+)", text).group(1))
+                else:
+                    seconds, _ = primus_side(args.steps, Path(tmp), env, packing=side == "packed")
+                rates[side].append((args.steps - 1) / seconds)
+                print(f"round {round_index + 1} {side:>6}: {rates[side][-1]:7.2f} steps/s", flush=True)
+    primus, plain_rate, packed = (statistics.median(rates[k]) for k in ("primus", "plain", "packed"))
+    print(f"\nhf SFT: primus {primus:.2f} steps/s, plain {plain_rate:.2f} steps/s, ratio {primus / plain_rate:.3f} "
+          f"(target >= 0.97)")
+    (s_unpacked, t_unpacked), (s_packed, t_packed) = row_contents(False), row_contents(True)
+    unpacked_rows, packed_rows = BATCH, 2
+    print(f"unpacked (8 rows x 16): {primus * unpacked_rows * s_unpacked:.0f} samples/s, "
+          f"{primus * unpacked_rows * t_unpacked:.0f} real tokens/s")
+    print(f"packed   (2 rows x 64): {packed * packed_rows * s_packed:.0f} samples/s, "
+          f"{packed * packed_rows * t_packed:.0f} real tokens/s "
+          f"({packed * packed_rows * t_packed / (primus * unpacked_rows * t_unpacked):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
