@@ -223,9 +223,9 @@ class MegatronTranslator(Translator):
     # ------------------------------------------------------------------ neutral sections
 
     def translate_sections(self, module: ModuleConfig, model: ModelSpec | None) -> NativeValues:
-        from primus_megatron.posttrain.settings import native_lora_to_neutral
+        from primus_megatron.posttrain.settings import native_to_neutral
 
-        native_lora_to_neutral(module)  # upstream's `lora: {enabled: true, ...}` override is finetune.lora
+        native_to_neutral(module)  # upstream's post-training keys (lora, sft_dataset_name, ...) as neutral fields
         out = NativeValues()
         for neutral, native in _TRAIN.items():
             out.set(native, getattr(module.train, neutral), f"train.{neutral}")

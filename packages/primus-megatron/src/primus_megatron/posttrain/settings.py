@@ -12,6 +12,10 @@ presets/sft_trainer.yaml fill it, so upstream's SFT experiment files run unchang
 - `enable_packed_sequences` -> data.packing; `use_packed_attention` true -> isolated, false -> causal;
 - `lora: {enabled, dim, alpha, dropout, target_modules: [linear_qkv, linear_proj, linear_fc1, linear_fc2]}`
   -> finetune.lora (megatron's fused layers name the Hugging Face projections they hold).
+
+`native_to_neutral` writes the experiment's `overrides:` of these keys into the neutral fields while the module
+resolves (the translator calls it first), so core checks the records and knows a LoRA run; `read_settings`
+reads the result when the run starts, and refuses there what only a run can (a hub id, a missing directory).
 """
 
 from __future__ import annotations
@@ -78,12 +82,36 @@ def lora_from_native(lora: Any) -> LoraSection | None:
         raise ConfigError(f"lora: {exc}".splitlines()[0], key="lora") from None
 
 
-def native_lora_to_neutral(module: Any) -> None:
-    """Upstream's `overrides: {lora: {enabled: true, ...}}` as the neutral `finetune.lora` (before core's checks,
-    which then judge and record a LoRA run as one); a neutral `finetune:` wins."""
-    lora = module.overrides.get("lora") if isinstance(module.overrides, dict) else None
-    if module.finetune.method is None and module.finetune.lora is None:
-        module.finetune.lora = lora_from_native(lora)
+def native_to_neutral(module: Any) -> None:
+    """Upstream's post-training overrides as the neutral fields they mean, before core's checks (which then judge
+    the run as what it is: LoRA, these records, this packing) and so that `primus generate` renders prompts as
+    the run did. `lora: {enabled: true, ...}` -> finetune.lora; `sft_dataset_name` naming a local file ->
+    data.path, with `sft_conversation_format`, `enable_packed_sequences` and `use_packed_attention`. A neutral
+    field that is set wins; a hub dataset stays native and is refused when the run starts (`read_settings`)."""
+    o = module.overrides if isinstance(module.overrides, dict) else {}
+    finetune, data = module.finetune, module.data
+    if finetune.method is None and finetune.lora is None:
+        finetune.lora = lora_from_native(o.get("lora"))
+    name = o.get("sft_dataset_name")
+    if data.path is not None or not isinstance(name, str) or not Path(name).expanduser().is_file():
+        return
+    data.path = str(Path(name).expanduser().resolve())
+    if data.chat_template is None:
+        data.chat_template = conversation_template(o.get("sft_conversation_format") or "alpaca")
+    if data.packing is None and "enable_packed_sequences" in o:
+        data.packing = bool(o["enable_packed_sequences"])
+    if data.packing and data.packed_attention is None and "use_packed_attention" in o:
+        data.packed_attention = "isolated" if o["use_packed_attention"] else "causal"
+
+
+def conversation_template(conv: str) -> str | None:
+    if conv not in CONVERSATION_FORMATS:
+        from primus.suggest import did_you_mean
+
+        raise ConfigError(f"{conv!r} is not built", key="sft_conversation_format",
+                          fix=did_you_mean(conv, list(CONVERSATION_FORMATS)) or "use one of: "
+                          + ", ".join(CONVERSATION_FORMATS))
+    return CONVERSATION_FORMATS[conv]
 
 
 def read_settings(module: Any, native: dict[str, Any]) -> SFTSettings:
@@ -130,14 +158,7 @@ def _native_records(native: dict[str, Any]) -> Path:
 
 def _native_data(path: Path, native: dict[str, Any], seq_length: int, tokenizer: str,
                  data: Any) -> tuple[SFTData, bool, bool]:
-    conv = str(native.get("sft_conversation_format") or "alpaca")
-    if conv not in CONVERSATION_FORMATS:
-        from primus.suggest import did_you_mean
-
-        raise ConfigError(f"{conv!r} is not built", key="sft_conversation_format",
-                          fix=did_you_mean(conv, list(CONVERSATION_FORMATS)) or "use one of: "
-                          + ", ".join(CONVERSATION_FORMATS))
-    template = CONVERSATION_FORMATS[conv]
+    template = conversation_template(str(native.get("sft_conversation_format") or "alpaca"))
     from primus.posttrain.data import check_records
 
     fmt = check_records(path, data.format)
