@@ -162,7 +162,7 @@ def test_masked_labels_contribute_nothing(toy: Path) -> None:
         pred = logits.clone().requires_grad_(True)
         loss, _ = loss_fn(pred, labels[None], (labels != -100).sum())
         loss.backward()
-        return batch, labels, float(loss), pred.grad
+        return batch, labels, float(loss.detach()), pred.grad
 
     batch, labels, loss, grad = loss_and_grad(data)
     other_batch, _, other_loss, other_grad = loss_and_grad(changed)
