@@ -29,7 +29,8 @@ BACKEND = BackendSpec(
         "Pretraining through TorchTitan's own Trainer (FSDP2, tensor parallel, distributed "
         "checkpointing): Llama 3, Qwen 3, DeepSeek-V3 (and V2-Lite) and Llama 4 models from a neutral "
         "preset or a TorchTitan flavor, "
-        "synthetic or local JSONL data, with a registered patch layer that also trains on CPU."
+        "synthetic or local JSONL data, and full supervised fine-tuning with loss masking (post_trainer), "
+        "with a registered patch layer that also trains on CPU."
     ),
     install_hint="pip install primus-torchtitan",
 )
