@@ -309,17 +309,21 @@ class SliceReader:
         self._stack = ExitStack()
         self._open.clear()
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.index[name][2]
-
-    def read(self, name: str, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-        """Rows `rows` (and columns `cols`) of tensor `name`: the span they cover is read, no more."""
+    def _slice(self, name: str) -> Any:
+        """safetensors' lazy view of tensor `name` (its file opened once until `release`)."""
         from safetensors import safe_open
 
         path = self.index[name][0]
         if path not in self._open:
             self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-        view = self._open[path].get_slice(name)
+        return self._open[path].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.index[name][2]
+
+    def read(self, name: str, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """Rows `rows` (and columns `cols`) of tensor `name`: the span they cover is read, no more."""
+        view = self._slice(name)
         lo, hi = int(rows.min()), int(rows.max()) + 1
         if cols is None:
             block = view[lo:hi]
@@ -337,14 +341,8 @@ class SliceReader:
         """`[experts, rows, cols]` of a stacked TorchTitan expert tensor from its transformers tensors."""
         if not spec.fused:
             return torch.stack([self.read(spec.names[int(e)], rows, cols) for e in experts])
-        from safetensors import safe_open
-
-        name = spec.names[0]
-        path = self.index[name][0]
-        if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
         lo, hi = int(experts.min()), int(experts.max()) + 1
-        block = self._open[path].get_slice(name)[lo:hi]  # [e, in, parts x out]
+        block = self._slice(spec.names[0])[lo:hi]  # [e, in, parts x out]
         self.bytes_read += block.numel() * block.element_size()
         width = block.shape[-1] // spec.parts
         block = block[experts - lo][:, :, spec.part * width:(spec.part + 1) * width]
