@@ -111,13 +111,18 @@ def _interleaved_deepseek(tmp: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("model,needle", [
+@pytest.mark.parametrize("model,args,needle", [
     # DeepSeek-V2's group-limited routing ranks groups by their best expert (softmax scores)
-    ("deepseek_v2.yaml", "moe.groups: group-limited routing with softmax scores"),
+    ("deepseek_v2.yaml", [], "moe.groups: group-limited routing with softmax scores"),
     # interleaved dense/MoE layers are Llama 4's, not expressible in TorchTitan's DeepSeek-V3 module
-    (_interleaved_deepseek, "moe.layer_interval: TorchTitan's DeepSeek-V3 module puts routed experts"),
+    (_interleaved_deepseek, [], "moe.layer_interval: TorchTitan's DeepSeek-V3 module puts routed experts"),
+    # expert parallel must divide the experts (8 in the tiny preset)
+    (PRESETS["deepseek_v3"], ["parallel.expert=3", "--nproc-per-node", "3"], "does not divide the model's 8 experts"),
+    # the Llama 4 module is this package's: no TorchTitan flavor names it
+    (PRESETS["llama4"], ["model.flavor=17Bx16E"], "has no named flavors"),
 ])
-def test_what_the_modules_cannot_build_is_refused_in_one_line(tmp_path: Path, model, needle: str) -> None:
+def test_what_the_modules_cannot_build_is_refused_in_one_line(tmp_path: Path, model, args: list[str],
+                                                              needle: str) -> None:
     exp = experiment(tmp_path, model(tmp_path) if callable(model) else model)
-    assert_config_error(run_primus("run", str(exp), "--dry-run"), needle)
+    assert_config_error(run_primus("run", str(exp), *args, "--dry-run"), needle)
     assert not (tmp_path / "ws").exists()

@@ -489,6 +489,9 @@ class TorchTitanTranslator(Translator):
         if model_name not in flavors:
             raise ConfigError(f"TorchTitan model '{model_name}' is not known", key="model.name",
                               fix=did_you_mean(str(model_name), flavors) or "one of: " + ", ".join(flavors))
+        if flavor != "custom" and model_name in OWN_MODULES:
+            raise ConfigError(f"TorchTitan model '{model_name}' is primus-torchtitan's and has no named flavors",
+                              key="model.flavor", fix=f"use a neutral {model_name} model preset (flavor custom)")
         if flavor != "custom" and flavor not in flavors[model_name]:
             raise ConfigError(f"flavor '{flavor}' does not exist for TorchTitan model '{model_name}'",
                               key="model.flavor",
