@@ -134,7 +134,7 @@ def _deepseek_v3(model: dict[str, Any], attn_backend: str) -> Any:
         n_heads=int(model["n_heads"]), q_lora_rank=int(mla.get("q_lora_rank") or 0),
         kv_lora_rank=int(mla["kv_lora_rank"]), qk_nope_head_dim=int(mla["qk_nope_head_dim"]),
         qk_rope_head_dim=int(mla["qk_rope_head_dim"]), v_head_dim=int(mla["v_head_dim"]),
-        mscale=float((scaling or {}).get("mscale_all_dim") or 1.0),
+        mscale=float((scaling or {}).get("mscale_all_dim") or 0.0),  # 0: no YaRN factor on the softmax scale
         dense_hidden_dim=int(model["hidden_dim"]), moe_hidden_dim=int(moe["expert_ffn"]),
         num_experts=int(moe["experts"]), num_shared_experts=int(moe.get("shared_experts") or 0),
         router_top_k=int(moe["top_k"]), router_score_func=moe.get("score_function") or "softmax",

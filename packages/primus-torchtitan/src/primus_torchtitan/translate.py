@@ -172,10 +172,12 @@ def _check_deepseek(spec: ModelSpec) -> None:
                           f"(moe.shared_expert_ffn {moe.shared_expert_ffn} differs)", key="moe.shared_expert_ffn")
     if moe.expert_bias and moe.score_function != "sigmoid":
         raise ConfigError("the per-expert selection bias goes with sigmoid scores (DeepSeek-V3)", key="moe.expert_bias")
-    if scaling is not None and scaling.mscale not in (None, scaling.mscale_all_dim):
-        raise ConfigError(f"YaRN with mscale ({scaling.mscale}) different from mscale_all_dim "
-                          f"({scaling.mscale_all_dim}) rescales the rotary cache, which TorchTitan's RoPE keeps a pure "
-                          "rotation", key="rope_scaling.mscale")
+    if scaling is not None and (not scaling.mscale or scaling.mscale != scaling.mscale_all_dim):
+        # transformers multiplies cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim), or by
+        # mscale(factor) when either is unset; TorchTitan folds YaRN's scale into the softmax scale only
+        raise ConfigError(f"YaRN with mscale {scaling.mscale} and mscale_all_dim {scaling.mscale_all_dim} rescales "
+                          "the rotary cache, which TorchTitan's RoPE keeps a pure rotation (DeepSeek sets both, equal)",
+                          key="rope_scaling.mscale", fix="set rope_scaling.mscale and mscale_all_dim to one value")
 
 
 #: `dataloader.dataset` of a post_trainer module: core's post-training rows (primus_torchtitan.posttrain)
