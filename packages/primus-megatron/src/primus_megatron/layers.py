@@ -94,16 +94,16 @@ class SDPAttention(MegatronModule):
 def _core_attention(chunk_size: int | None, temperature: tuple[int, float] | None) -> type[SDPAttention]:
     if chunk_size is None and temperature is None:
         return SDPAttention
-    name = f"SDPAttention_chunk{chunk_size}_temp{temperature}".replace(" ", "")
+    name = "SDPAttention" + (f"_chunk{chunk_size}" if chunk_size else "") + ("_tuned" if temperature else "")
     return type(name, (SDPAttention,), {"chunk_size": chunk_size, "temperature": temperature})
 
 
 def decoder_block_spec(config: TransformerConfig, args: Any, *, vp_stage: int | None,
                        use_te: bool = False) -> TransformerBlockSubmodules:
     """megatron-core's decoder block spec (dense/MoE layers by `moe_layer_freq`, MLA when
-    `multi_latent_attention`) for this pipeline stage, with per-layer attention where a model
-    needs it (multi-latent attention, Llama 4): SDPAttention as core attention, chunked on RoPE layers and temperature-tuned on
-    NoPE layers (Llama 4), and the q/k L2 norm on RoPE layers only (Llama 4's rule)."""
+    `multi_latent_attention`) for this pipeline stage, with SDPAttention as core attention in every
+    layer: chunked on RoPE layers and temperature-tuned on NoPE layers (Llama 4), and the q/k L2 norm
+    on RoPE layers only (Llama 4's rule)."""
     chunk = getattr(args, "attention_chunk_size", None)
     tuning = bool(getattr(args, "attn_temperature_tuning", False))
     l2_norm = bool(getattr(args, "qk_l2_norm", False))
