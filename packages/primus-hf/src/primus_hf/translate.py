@@ -287,6 +287,9 @@ def _check_post_training(resolved: ResolvedModule) -> None:
     if vocab and model_vocab and vocab > int(model_vocab):
         raise ConfigError(f"tokenizer {tokenizer} has {vocab} tokens but the model's vocab_size is {model_vocab}",
                           key="data.tokenizer", fix="fine-tune with the model's own tokenizer")
+    if n.get("eval_strategy") == "steps":
+        raise ConfigError("the hf post_trainer holds no records out to evaluate on", key="train.eval_interval",
+                          fix="remove train.eval_interval (the training loss is the mean over the trained tokens)")
     if n.get("disable_last_saving"):
         raise ConfigError("a post_trainer run always writes its model (hf/) or adapter (adapter/)",
                           key="disable_last_saving", fix="remove disable_last_saving")
