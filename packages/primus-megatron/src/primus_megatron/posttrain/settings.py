@@ -86,8 +86,10 @@ def native_to_neutral(module: Any) -> None:
     """Upstream's post-training overrides as the neutral fields they mean, before core's checks (which then judge
     the run as what it is: LoRA, these records, this packing) and so that `primus generate` renders prompts as
     the run did. `lora: {enabled: true, ...}` -> finetune.lora; `sft_dataset_name` naming a local file ->
-    data.path, with `sft_conversation_format`, `enable_packed_sequences` and `use_packed_attention`. A neutral
-    field that is set wins; a hub dataset stays native and is refused when the run starts (`read_settings`)."""
+    data.path (a local `tokenizer_model` or `hf_path` as data.tokenizer), with `sft_conversation_format`,
+    `enable_packed_sequences` and `use_packed_attention`. A neutral field that is set wins; a hub dataset or
+    tokenizer stays native and is refused when the run starts (`read_settings`); so do keys given on the
+    command line, which resolve after this."""
     o = module.overrides if isinstance(module.overrides, dict) else {}
     finetune, data = module.finetune, module.data
     if finetune.method is None and finetune.lora is None:
@@ -95,6 +97,12 @@ def native_to_neutral(module: Any) -> None:
     name = o.get("sft_dataset_name")
     if data.path is not None or not isinstance(name, str) or not Path(name).expanduser().is_file():
         return
+    if data.tokenizer is None and not (isinstance(module.model, dict) and module.model.get("hf_path")):
+        tokenizer = next((t for t in (o.get("tokenizer_model"), o.get("hf_path"))
+                          if isinstance(t, str) and Path(t).expanduser().is_dir()), None)
+        if tokenizer is None:
+            return  # a hub tokenizer: refused when the run starts
+        data.tokenizer = str(Path(tokenizer).expanduser().resolve())
     data.path = str(Path(name).expanduser().resolve())
     if data.chat_template is None:
         data.chat_template = conversation_template(o.get("sft_conversation_format") or "alpaca")
