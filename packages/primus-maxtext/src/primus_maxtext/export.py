@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from primus.config.resolve import ResolvedModule
 
 
-def read_checkpoint(items: Path, keys: Iterable[str]) -> dict[str, Any]:
-    """The top-level entries `keys` of a MaxText checkpoint's state (`<step>/items`), as numpy."""
+def read_checkpoint(items: Path, keys: Iterable[str], optional: Iterable[str] = ()) -> dict[str, Any]:
+    """The top-level entries `keys` (and those of `optional` it has) of a MaxText checkpoint's state
+    (`<step>/items`), as numpy."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
@@ -30,7 +31,7 @@ def read_checkpoint(items: Path, keys: Iterable[str]) -> dict[str, Any]:
     missing = [k for k in keys if k not in tree]
     if missing:
         raise ConfigError(f"{items} holds no {missing[0]!r} (a MaxText training checkpoint has params and step)")
-    wanted = {k: tree[k] for k in keys}
+    wanted = {k: tree[k] for k in [*keys, *optional] if k in tree}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     return checkpointer.restore(str(items), args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
                                                                        partial_restore=True))
@@ -77,9 +78,12 @@ def export_hf(module: ResolvedModule, run_dir: Path, step: int | None, out_dir: 
     configured = module.module.checkpoint.dir  # where training put them, as RunContext.checkpoint_dir says
     checkpoint_dir = Path(configured).expanduser().resolve() if configured else run_dir / "checkpoints"
     items = find_step(checkpoint_dir, step)
-    state = read_checkpoint(items, ("params", "step"))
+    # MaxText keeps variables other than parameters (DeepSeek's selection bias, a MoEBiasVar) under nnx_aux
+    state = read_checkpoint(items, ("params", "step"), optional=("nnx_aux",))
     layout = Layout.from_config({**base_defaults(), **module.native})
-    tensors = to_hf(state["params"], spec, layout)
+    aux = (state.get("nnx_aux") or {}).get("model")
+    tensors = to_hf({"params": state["params"].get("params", state["params"]), **({"nnx_aux": aux} if aux else {})},
+                    spec, layout)
     check_tensors(((n, tuple(t.shape)) for n, t in tensors.items()), spec, f"checkpoint {items.parent}")
     from safetensors.numpy import save_file
 

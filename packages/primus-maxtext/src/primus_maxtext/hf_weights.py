@@ -424,8 +424,8 @@ def _layer_to_hf(rule: Rule, layout: Layout, x: np.ndarray, name: str) -> Iterat
 
 
 def _leaf(params: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    """A leaf of MaxText's parameters: in `params`, else in another variable collection beside it
-    (a training checkpoint keeps DeepSeek's selection bias, a MoEBiasVar, in its own)."""
+    """A leaf of MaxText's parameters: in `params`, else in another variable collection beside it (a
+    training checkpoint keeps DeepSeek's selection bias, a MoEBiasVar, under `nnx_aux/model`)."""
     for tree in [params.get("params", params), *(v for k, v in params.items() if k != "params")]:
         node: Any = tree
         for key in path:
