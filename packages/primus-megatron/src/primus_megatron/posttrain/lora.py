@@ -138,7 +138,7 @@ def add_lora(model: list[torch.nn.Module], lora: Any, *, seed: int) -> list[Lora
                 setattr(parent, name, module)
                 adapted.append(module)
     trainable = sum(p.numel() for m in adapted for p in (m.lora_A, m.lora_B))
-    logger.info(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} on {len(adapted)} layers of this rank "
+    logger.info(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} on {len(adapted)} linear layers of this rank "
                 f"({', '.join(targets)}); {trainable:,} trainable parameters here, the base frozen")
     return adapted
 
