@@ -2,8 +2,8 @@
 the file and the key, nothing created.
 
 The mistakes are the model's, so any backend shows them: the toy backend in the core session, the
-hf backend where it is installed (tests/hf/test_families.py runs this test again in the hf session,
-where the Llama 4 case has a backend that builds Llama 4: the toy one builds llama only)."""
+hf backend where it is installed (tests/hf/test_families.py runs the Llama 4 case in the hf session,
+where a backend builds Llama 4: the toy one builds llama only)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ model_config) whose tensors are core's `hf_tensor_shapes`, and the in-memory -> 
 an export is exact. Through the CLI: `primus eval` of each family's HF init against transformers'
 forward (FSDP 2 for DeepSeek-V3 and Llama 4, reading per-rank slices), a DeepSeek-V3 run on 2
 processes (DDP) from the HF weights that trains and exports what transformers saves, and the new
-fields' bad input. CI budget: five CLI runs in all; the new families' training is otherwise the
+fields' Llama 4 bad input. CI budget: five CLI runs in all; the new families' training is otherwise the
 generic loop llama's tests cover.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from primus.models.hf import check_tensors, hf_config, hf_tensor_shapes, read_hf_config, spec_from_hf
-from tests.core.test_model_families import (  # noqa: F401  (collected here too: the Llama 4 case needs hf)
-    test_impossible_model_families_input_is_one_line_exit_2_nothing_created,
+from tests.core.test_model_families import (
+    test_impossible_model_families_input_is_one_line_exit_2_nothing_created as core_bad_input,
 )
 from tests.hf_models import (
     EVAL_BLOCKS,
@@ -181,3 +181,8 @@ def test_deepseek_v3_trains_on_two_processes_from_the_hf_weights_and_exports(blo
     assert reference_eval(run / "hf", blocks[:4]) == reference_eval(run / "model", blocks[:4])
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert torch.equal(exported[bias], hf_tensors(tiny_hf(family))[bias])
+
+
+def test_a_llama4_chunk_above_seq_length_is_one_line_exit_2_nothing_created(tmp_path: Path):
+    """The core test's Llama 4 case, which needs a backend that builds Llama 4 (the toy one does not)."""
+    core_bad_input("llama4 chunk above seq_length", tmp_path)
