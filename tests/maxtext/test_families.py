@@ -2,8 +2,8 @@
 block from the neutral tiny presets, and transformers' own tiny models of the three families
 (tests.hf_models.NEW_FAMILIES) loaded through `model: {hf_path}`. Real CLI, real MaxText.
 
-Per family: a run on 1 host device and one on 2 (a layout that splits what is new: experts, heads or
-the FSDP shards) whose loss falls; `primus eval` of the Hugging Face init against transformers'
+Per family: a run on 2 host devices (a layout that splits what is new: experts, heads or the FSDP
+shards) whose loss falls; `primus eval` of the Hugging Face init against transformers'
 forward (tests.hf_models.PARITY_RTOL); for DeepSeek-V3 and Llama 4 (the selection bias, the
 separate dense and MoE stacks, the scanned blocks of Llama 4 and its fused experts) a step at
 learning rate 0 whose export is bit for bit the model it loaded. Fast checks first: every key of
@@ -102,18 +102,19 @@ def test_real_size_example_dry_runs_on_8_devices(example, family, patches):
 # --------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize(("family", "devices", "parallel", "changes"), [
-    ("deepseek_v3", 1, "{}", {}),
-    ("deepseek_v3", 2, "{expert: 2, fsdp: false}", {"mtp_layers": 1}),  # experts split; MaxText's MTP loss on
-    ("deepseek_v2", 1, "{}", {}),
-    ("deepseek_v2", 2, "{fsdp: true}", {}),
-    ("llama4", 1, "{}", {}),
-    ("llama4", 2, "{tensor: 2, fsdp: false}", {}),  # heads split, chunked attention and NoPE layers per shard
-], ids=lambda v: v if isinstance(v, str) and "{" not in v else None)
-def test_each_family_trains(tmp_path, family, devices, parallel, changes):
+# On 1 host device each tiny family trained too (loss fell; 2026-12-02, recorded in docs/guide/maxtext.md);
+# those runs are left out of CI for its time budget: the round trips below train a step on 1 device.
+@pytest.mark.parametrize(("family", "parallel", "changes"), [
+    # experts split over the devices; MaxText's MTP block and loss trains along
+    pytest.param("deepseek_v3", "{expert: 2, fsdp: false}", {"mtp_layers": 1}, id="deepseek_v3-expert2-mtp"),
+    pytest.param("deepseek_v2", "{fsdp: true}", {}, id="deepseek_v2-fsdp2"),
+    # heads split: chunked attention, NoPE layer and qk L2 norm per shard
+    pytest.param("llama4", "{tensor: 2, fsdp: false}", {}, id="llama4-tensor2"),
+])
+def test_each_family_trains_on_two_devices(tmp_path, family, parallel, changes):
     exp = write_yaml(tmp_path / "exp.yaml", TRAIN.format(name="exp", workspace=tmp_path / "ws", parallel=parallel,
                                                          model=tiny_model(family, **changes)))
-    result = run_primus("run", str(exp), "--nproc-per-node", str(devices))
+    result = run_primus("run", str(exp), "--nproc-per-node", "2")
     run = run_dir_for(tmp_path / "ws", "exp")
     assert_trained(result, run, 4)
     config = yaml.safe_load((run / "maxtext" / "pre_trainer.yml").read_text())
