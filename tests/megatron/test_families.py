@@ -12,7 +12,7 @@ import pytest
 from mg_helpers import assert_trained, train
 from test_weights import evaluate, experiment, two
 
-from tests.hf_models import NEW_FAMILIES, assert_parity, eval_blocks, hf_tensors, reference_eval, tiny_hf
+from tests.hf_models import assert_parity, eval_blocks, hf_tensors, reference_eval, tiny_hf
 from tests.support import assert_ok, run_dir_for, run_primus
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,9 @@ def test_eval_of_the_hf_init_matches_transformers(family: str, layout: list[str]
     assert_parity(record, reference_eval(tiny_hf(family), eval_blocks()), f"megatron {family} {' '.join(layout)}")
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+# DeepSeek-V2 differs from V3 here only by q_proj in place of the q LoRA pair (the same table,
+# hf_weights.MLA_TENSORS) and its shared experts' count: left out for CI time
+@pytest.mark.parametrize("family", ["deepseek_v3", "llama4"])
 def test_export_of_the_loaded_weights_is_exact(family: str, tmp_path: Path) -> None:
     # one step at learning rate 0 (and no selection-bias update) saves the loaded weights; the export
     # undoes every fusion: MLA's per-head projections, the router bias, shared experts, dense first
