@@ -303,7 +303,10 @@ def test_two_fsdp_ranks_train_as_one_process_does(tmp_path: Path):
      ["has no chat template", "data.chat_template: chatml"]),
     ([{"prompt": "a", "completion": "b"}], "{lora: {rank: 0}}", [], ["rank"]),
     ([{"prompt": "a", "completion": "b"}], "{}", ["pretrain"], ["post_trainer", "primus train posttrain"]),
-], ids=["no-assistant-turn", "missing-field", "unknown-lora-target", "no-chat-template", "rank-0", "pretrain-task"])
+    ([{"prompt": "a", "completion": "b"}], "{}", ["posttrain", "train.eval_interval=5"],
+     ["train.eval_interval=5: the hf post_trainer holds no records out"]),
+], ids=["no-assistant-turn", "missing-field", "unknown-lora-target", "no-chat-template", "rank-0", "pretrain-task",
+        "eval-interval"])
 def test_mistakes_are_one_line_exit_2_and_create_nothing(tmp_path: Path, records: list, finetune: str,
                                                          extra: list, needles: list):
     data = tmp_path / "records.jsonl"
