@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nox
@@ -23,7 +24,12 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 # Default sessions: a backend's session joins once its package exists in packages/.
 _BACKENDS = [b for b in ("hf", "megatron", "torchtitan", "maxtext") if (PACKAGES / f"primus-{b}").is_dir()]
-nox.options.sessions = ["lint", "core", "wheels", *_BACKENDS, "docs", "e2e", "launch"]
+SESSIONS = ["lint", "core", "wheels", *_BACKENDS, "docs", "e2e", "launch"]
+# `nox` with no -s runs `ci`: every session above, in two lanes at once (the CI machine has 2 cores
+# and most tests are one single-threaded process); `nox -s NAME` runs one session as before
+LANES = ([s for s in ("megatron", "maxtext", "wheels") if s in SESSIONS],
+         [s for s in SESSIONS if s not in ("megatron", "maxtext", "wheels")])
+nox.options.sessions = ["ci"]
 
 
 def _enable_pyenv_versions() -> None:
@@ -48,7 +54,33 @@ _enable_pyenv_versions()
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
-    session.run("python", "-m", "pytest", *paths, *session.posargs, env=TEST_ENV)
+    # the slowest tests are listed at the end of each session: where CI time goes
+    session.run("python", "-m", "pytest", "--durations=12", *paths, *session.posargs, env=TEST_ENV)
+
+
+@nox.session(python=False)
+def ci(session: nox.Session) -> None:
+    """Every default session in two lanes of `nox -s ...` at once; each line is printed as it comes,
+    prefixed with its lane; fails when a lane fails (and names its failed sessions)."""
+    import threading
+
+    def lane(index: int, names: list[str], codes: list[int]) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "nox", "--no-color", "-s", *names], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"[lane {index}] {line}", end="", flush=True)
+        codes[index] = proc.wait()
+
+    codes = [-1] * len(LANES)
+    threads = [threading.Thread(target=lane, args=(i, names, codes)) for i, names in enumerate(LANES)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [" ".join(LANES[i]) for i, code in enumerate(codes) if code != 0]
+    if failed:
+        session.error(f"failed lane(s): {'; '.join(failed)} (see the [lane N] lines above)")
 
 
 def _install_fixture_backend(session: nox.Session) -> None:
@@ -102,12 +134,15 @@ def _backend_session(session: nox.Session, name: str, *, torch: bool, extras: st
 
 @nox.session(python="3.11")
 def hf(session: nox.Session) -> None:
-    _backend_session(session, "hf", torch=True)
+    _backend_session(session, "hf", torch=True, extras="[lora]")
 
 
 @nox.session(python="3.11")
 def megatron(session: nox.Session) -> None:
-    # with the optional trackers, so their tests run (tensorboard, wandb offline, an MLflow file store)
+    # with the optional trackers, so their tests run (tensorboard, wandb offline, an MLflow file store),
+    # and primus-hf with peft: `primus generate` and peft's loader check megatron's fine-tuned models
+    session.install(TORCH)
+    session.install("-e", f"{PACKAGES / 'primus-hf'}[lora]")
     _backend_session(session, "megatron", torch=True, extras="[trackers]")
 
 

@@ -26,7 +26,7 @@ def generate(*, weights: Path, adapter: Path | None, tokenizer_dir: Path, render
             from peft import PeftModel
         except ImportError:
             raise ConfigError("generating with a LoRA adapter needs peft", key="generate",
-                              fix="pip install peft, or train with finetune.lora.merge: true") from None
+                              fix="pip install 'primus-hf[lora]', or train with finetune.lora.merge: true") from None
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     eos = tokenizer.eos_token_id

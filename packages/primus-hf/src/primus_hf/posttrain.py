@@ -92,7 +92,11 @@ class SFTAdapter(HFAdapter):
         return adapted_modules(spec, self.finetune.lora_settings.targets())
 
     def _with_lora(self, model: torch.nn.Module) -> torch.nn.Module:
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("LoRA on the hf backend needs peft", key="finetune.method",
+                              fix="pip install 'primus-hf[lora]'") from None
 
         lora = self.finetune.lora_settings
         paths = self._adapted_paths()

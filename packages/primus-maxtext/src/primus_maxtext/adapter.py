@@ -184,6 +184,14 @@ class MaxTextAdapter(Adapter):
         config["load_parameters_path"] = str(target / "items")
         return target
 
+    # training and `primus eval` apply the model's phases through these, once each, in order
+    def _build_args(self, config: dict[str, Any]) -> None:
+        self.ctx.apply_patches("build_args", maxtext_config=config)
+
+    def _setup(self, config: dict[str, Any], sft_rows: Any) -> None:
+        self.ctx.apply_patches("setup", metrics=self.ctx.metrics, maxtext_config=config,
+                               model_spec=self.ctx.module.model, sft_rows=sft_rows)
+
     def run(self) -> None:
         ctx, topology = self.ctx, self.topology
         config = build_maxtext_config(ctx.native, platform=ctx.platform, checkpoint_dir=ctx.checkpoint_dir,
@@ -197,7 +205,7 @@ class MaxTextAdapter(Adapter):
         if not posttrain:
             validate_corpora(config)  # a bad line: one error naming file:line, not a pyarrow traceback mid-run
         sft_rows = prepare_posttrain(ctx, config, topology.process_id) if posttrain else None  # core's, cached
-        ctx.apply_patches("build_args", maxtext_config=config)
+        self._build_args(config)
         config_file = write_maxtext_config(ctx.run_dir, ctx.module.name, config, ctx.run_dir / "env.json")
         logger.info(f"MaxText config: {config_file}")
 
@@ -219,8 +227,7 @@ class MaxTextAdapter(Adapter):
 
             write_init_checkpoint(config_file, hf_init, Path(ctx.module.hf_path or ""), ctx.module.model,
                                   {**base_defaults(), **config})
-        ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model,
-                          sft_rows=sft_rows)
+        self._setup(config, sft_rows)
         ctx.apply_patches("before_train")
         train.main(["primus-maxtext", str(config_file)])
         ctx.apply_patches("after_train")
@@ -245,9 +252,8 @@ class MaxTextAdapter(Adapter):
             jax = start_jax(topology)
             check_devices(jax.device_count(), topology)
             # the model patches (Llama 4's values MaxText hard-codes) build the model evaluation scores
-            ctx.apply_patches("build_args", maxtext_config=config)
-            ctx.apply_patches("setup", metrics=ctx.metrics, maxtext_config=config, model_spec=ctx.module.model,
-                              sft_rows=None)  # evaluation reads core's blocks, never post-training rows
+            self._build_args(config)
+            self._setup(config, None)  # evaluation reads core's blocks, never post-training rows
             from primus_maxtext.loading import evaluate
 
             return evaluate(config_file, {**base_defaults(), **config}, request, spec=ctx.module.model,

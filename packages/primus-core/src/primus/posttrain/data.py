@@ -1,4 +1,4 @@
-"""Post-training data, the same on every backend (docs/guide/posttrain.md, decision 29).
+"""Post-training data, the same on every backend (docs/guide/posttrain.md, decision 31).
 
 Records (JSONL, one per line) in one of three formats become conversations; a conversation becomes text segments
 marked trainable or not; segments become tokens with a per-token loss mask; samples become rows of
