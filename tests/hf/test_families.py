@@ -183,6 +183,16 @@ def test_deepseek_v3_trains_on_two_processes_from_the_hf_weights_and_exports(blo
     assert torch.equal(exported[bias], hf_tensors(tiny_hf(family))[bias])
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2", "llama4"])
+def test_deepseek_v2_and_llama4_train_in_one_process_from_the_hf_weights(family: str, tmp_path: Path):
+    """Every family the hf backend lists trains in a test (DeepSeek-V3 above on two processes)."""
+    exp, run = experiment(tmp_path, family, tiny_hf(family), steps=6, global_batch=4,
+                          overrides="{data_blocks: eval, learning_rate: 3.0e-3}")
+    assert_ok(run_primus("run", str(exp)))
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.1, losses
+
+
 def test_a_llama4_chunk_above_seq_length_is_one_line_exit_2_nothing_created(tmp_path: Path):
     """The core test's Llama 4 case, which needs a backend that builds Llama 4 (the toy one does not)."""
     core_bad_input("llama4 chunk above seq_length", tmp_path)
