@@ -124,11 +124,12 @@ def wheels(session: nox.Session) -> None:
 WEIGHTS_REFERENCE = ("transformers>=5.0,<6", "safetensors>=0.4", "tokenizers>=0.20")
 
 
-def _backend_session(session: nox.Session, name: str, *, torch: bool, extras: str = "") -> None:
+def _backend_session(session: nox.Session, name: str, *, torch: bool, extras: str = "",
+                     also: tuple[str, ...] = ()) -> None:
     if torch:
         session.install(TORCH)
     session.install("-e", str(PACKAGES / "primus-core"), "-e", f"{PACKAGES / f'primus-{name}'}{extras}", "pytest",
-                    *WEIGHTS_REFERENCE)
+                    *WEIGHTS_REFERENCE, *also)
     _pytest(session, f"tests/{name}")
 
 
@@ -141,9 +142,8 @@ def hf(session: nox.Session) -> None:
 def megatron(session: nox.Session) -> None:
     # with the optional trackers, so their tests run (tensorboard, wandb offline, an MLflow file store),
     # and primus-hf with peft: `primus generate` and peft's loader check megatron's fine-tuned models
-    session.install(TORCH)
-    session.install("-e", f"{PACKAGES / 'primus-hf'}[lora]")
-    _backend_session(session, "megatron", torch=True, extras="[trackers]")
+    _backend_session(session, "megatron", torch=True, extras="[trackers]",
+                     also=("-e", f"{PACKAGES / 'primus-hf'}[lora]"))
 
 
 @nox.session(python="3.11")
