@@ -125,16 +125,17 @@ def test_qwen3_moe_routing_follows_norm_topk_prob(norm_topk_prob: bool) -> None:
     assert native["moe_router_pre_softmax"] is (not norm_topk_prob)
 
 
-def test_llama3_rope_scaling_megatron_cannot_build_is_refused() -> None:
-    from primus.errors import ConfigError
+def test_llama3_rope_scaling_of_another_shape_reaches_megatron() -> None:
+    """megatron-core fixes the low/high frequency factors and original length (1, 4, 8192); other values are
+    translated to the keys patch megatron.rope.llama3_shape applies (it was a refusal before that patch)."""
     from primus.models.hf import read_hf_config, spec_from_hf
     from primus_megatron.translate import MegatronTranslator
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 2.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     spec = spec_from_hf({**read_hf_config(tiny_hf("llama")), "rope_parameters": rope})
-    with pytest.raises(ConfigError, match="low_freq_factor=2.0"):
-        MegatronTranslator().translate_model(spec)
+    native = MegatronTranslator().translate_model(spec).values
+    assert native["use_rope_scaling"] is True and native["rope_scaling_low_freq_factor"] == 2.0
 
 
 # ------------------------------------------------------------------------------------- weights out
