@@ -11,11 +11,24 @@ import yaml
 from primus.errors import EXIT_OK, ConfigError
 
 
+def _loaded_and_world(args: argparse.Namespace):
+    """The experiment, parsed once, and the world size its values are judged for: the options, else the
+    experiment's `launch:` section (as `primus run` reads it), else one process."""
+    from primus.config.resolve import load_experiment
+
+    loaded = load_experiment(args.exp, args.overrides)
+    launch = loaded.experiment.launch
+    nproc = args.nproc_per_node or launch.nproc_per_node or 1
+    nnodes = args.nnodes or launch.nnodes or 1
+    return loaded, nproc * nnodes
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from primus.config.resolve import resolve
     from primus.config.yamlfile import flatten
 
-    resolved = resolve(args.exp, args.overrides, module=args.module, world_size=args.nproc_per_node * args.nnodes)
+    loaded, world = _loaded_and_world(args)
+    resolved = resolve(loaded, module=args.module, world_size=world)
     for name, m in resolved.modules.items():
         for note in m.notices:
             sys.stderr.write(f"primus: warning: {name}: {note}\n")
@@ -71,7 +84,8 @@ def explain(m, key: str) -> list[str]:
 def cmd_validate(args: argparse.Namespace) -> int:
     from primus.config.resolve import resolve
 
-    resolved = resolve(args.exp, args.overrides, world_size=args.nproc_per_node * args.nnodes)
+    loaded, world = _loaded_and_world(args)
+    resolved = resolve(loaded, world_size=world)
     for m in resolved.modules.values():
         for note in m.notices:
             sys.stderr.write(f"primus: warning: {m.name}: {note}\n")

@@ -98,13 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--module")
     show.add_argument("--explain", metavar="KEY", help="which layer and file set KEY")
     show.add_argument("--sources", action="store_true", help="print the layer of every value")
-    show.add_argument("--nproc-per-node", type=_POSITIVE, default=1, help="processes per node the values are for")
-    show.add_argument("--nnodes", type=_POSITIVE, default=1)
+    show.add_argument("--nproc-per-node", type=_POSITIVE, default=None,
+                      help="processes per node the values are for (default: launch.nproc_per_node, else 1)")
+    show.add_argument("--nnodes", type=_POSITIVE, default=None, help="default: launch.nnodes, else 1")
     validate = csub.add_parser("validate", help="check an experiment without running it")
     validate.add_argument("exp")
     validate.add_argument("overrides", nargs="*", metavar="key=value")
-    validate.add_argument("--nproc-per-node", type=_POSITIVE, default=1)
-    validate.add_argument("--nnodes", type=_POSITIVE, default=1)
+    validate.add_argument("--nproc-per-node", type=_POSITIVE, default=None,
+                          help="default: launch.nproc_per_node, else 1")
+    validate.add_argument("--nnodes", type=_POSITIVE, default=None, help="default: launch.nnodes, else 1")
     csub.add_parser("schema", help="print the JSON Schema of experiment files")
 
     patches = sub.add_parser("patches", help="list patches and whether they would apply")
