@@ -1,4 +1,4 @@
-"""docs/backends/ is generated from the registries; committed pages must match (nox session `docs`)."""
+"""docs/backends/ is generated from the registries; committed pages must match (run by the nox session `e2e`; `nox -s docs -- --update` rewrites them)."""
 
 from importlib import metadata
 from pathlib import Path
@@ -34,7 +34,7 @@ def test_every_repo_backend_has_a_page():
     for pkg in repo.iterdir():
         name = pkg.name.removeprefix("primus-")
         if pkg.name != "primus-core" and name != "maxtext" and (pkg / "pyproject.toml").exists():
-            assert f"{name}.md" in pages, f"{pkg.name} is not installed in the docs session"
+            assert f"{name}.md" in pages, f"{pkg.name} is not installed in this session"
 
 
 def test_docs_check_passes_on_the_committed_pages_and_fails_on_an_edited_one(tmp_path: Path):

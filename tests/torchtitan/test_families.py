@@ -58,8 +58,10 @@ def procs(parallel: list[str]) -> list[str]:
     return [*parallel, "--nproc-per-node", "2", "--master-port", str(free_port())] if parallel else []
 
 
-@pytest.mark.parametrize("family,layout", [("deepseek_v3", "one"), ("deepseek_v3", "fsdp_ep"),
-                                           ("deepseek_v2_lite", "one"), ("llama4", "one"), ("llama4", "fsdp")])
+# DeepSeek-V3 and Llama 4 train sharded only: their one-process runs added CI time and no path
+# (the one-process forward of both is checked against transformers below)
+@pytest.mark.parametrize("family,layout", [("deepseek_v3", "fsdp_ep"), ("deepseek_v2_lite", "one"),
+                                           ("llama4", "fsdp")])
 def test_tiny_family_trains(tmp_path: Path, family: str, layout: str) -> None:
     parallel, mesh = LAYOUTS[layout]
     exp = experiment(tmp_path, PRESETS[family], data=corpus_data())
