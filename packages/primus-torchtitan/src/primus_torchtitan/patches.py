@@ -310,6 +310,24 @@ def cast_to_autocast_dtype(module: Any, inputs: Any, out: Any) -> Any:
     return None
 
 
+def _log_final_step(ctx: PatchContext) -> Undo | None:
+    # TorchTitan logs step 1 and every `metrics.log_freq`-th step: a run whose step count is not a
+    # multiple of it ends without a metrics line for its last step, so metrics.jsonl, `primus runs`
+    # and the summary line report an earlier loss as the final one. Log the final step as well
+    # (PrimusMetricsLogger already divides TorchTitan's interval time by the steps it covers).
+    from torchtitan.components.metrics import MetricsProcessor
+
+    final = ctx.config_value("training.steps")
+    if not isinstance(final, int) or final <= 0:
+        return None
+    original = MetricsProcessor.should_log
+
+    def should_log(self: Any, step: int) -> bool:
+        return step == final or original(self, step)
+
+    return replace_attr(MetricsProcessor, "should_log", should_log)
+
+
 def _route_logging(ctx: PatchContext) -> Undo:
     # TorchTitan logs through the stdlib logger "torchtitan..." (and init_logger() adds its own
     # stream handler); routing it into loguru puts its lines in Primus's sinks and log files.
@@ -405,6 +423,13 @@ PATCHES: list[Patch] = [
         description="Cast embedding outputs to the autocast dtype under mixed precision "
                     "(upstream `primus_turbo.enable_embedding_autocast`).",
         apply=_embedding_autocast),
+    Patch(
+        id="torchtitan.log_final_step", backend=BACKEND,
+        target="torchtitan.components.metrics.MetricsProcessor.should_log", phase="setup",
+        versions=FRAMEWORK_RANGE, kind="feature",
+        description="Log the final training step too, not only step 1 and every `metrics.log_freq`-th: "
+                    "metrics.jsonl and the run summary then end at the run's last loss.",
+        apply=_log_final_step),
     Patch(
         id="torchtitan.route_logging", backend=BACKEND, target="torchtitan.tools.logging.logger",
         phase="setup", versions=FRAMEWORK_RANGE, kind="feature",
