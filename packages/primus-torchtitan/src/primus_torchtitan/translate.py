@@ -478,6 +478,11 @@ class TorchTitanTranslator(Translator):
         if on_damaged not in (None, "fail", "previous"):
             raise ConfigError(f"checkpoint.on_damaged {on_damaged!r} is not one of fail, previous",
                               key="checkpoint.on_damaged")
+        if native_get(native, "training.mixed_precision_param") == "float16":
+            # FSDP2 casts the parameters to fp16 and TorchTitan has no loss scaler: small gradients
+            # underflow to zero and large ones overflow, silently
+            raise ConfigError("fp16 needs loss scaling, which TorchTitan does not have",
+                              key="training.mixed_precision_param", fix="use train.precision: bf16")
         factor = native_get(native, MIN_LR_FACTOR)
         if isinstance(factor, (int, float)) and not isinstance(factor, bool) and not 0 <= factor <= 1:
             raise ConfigError(f"lr_scheduler.min_lr_factor {factor:g} is outside [0, 1]: the schedule would end "
