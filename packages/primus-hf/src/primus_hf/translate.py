@@ -162,6 +162,11 @@ class HFTranslator(Translator):
             self._check_data(n)
         self._check_schedule(n)
         self._check_trackers(n)
+        if n.get("fp16") and n.get("fsdp"):
+            # DDP runs scale the loss (torch.amp.GradScaler); FSDP2's mixed precision casts the
+            # sharded parameters to fp16 with no scaler, so gradients would underflow silently
+            raise ConfigError("fp16 under FSDP has no loss scaling in the hf loop", key="fp16",
+                              fix="use train.precision: bf16, or drop parallel.fsdp: DDP scales fp16 losses")
 
     def _check_parallel(self, resolved: ResolvedModule) -> None:
         p = resolved.module.parallel
