@@ -328,9 +328,12 @@ def _optimizer_sharding(loop: PretrainLoop, saved: str | None = None) -> dict[st
 def _sharded_state(loop: PretrainLoop, *, with_rng: bool, with_optimizer: bool, loading: bool,
                    saved_sharding: str | None = None) -> dict[str, Any]:
     model_state: dict[str, Any] = {}
+    keep = getattr(loop, "checkpoint_filter", None)  # LoRA: the adapters only (the base is reloaded)
     for i, chunk in enumerate(loop.model):
         key = "model" if len(loop.model) == 1 else f"model{i}"
         model_state[key] = chunk.module.sharded_state_dict()  # unwrapped: keys without DDP's "module."
+        if keep is not None:
+            model_state[key] = {k: v for k, v in model_state[key].items() if keep(k)}
     state: dict[str, Any] = dict(model_state)
     if with_optimizer:
         merged = {k: v for chunk_state in model_state.values() for k, v in chunk_state.items()}
@@ -420,9 +423,17 @@ def load(root: Path, loop: PretrainLoop, *, finetune: bool = False, on_damaged: 
         state.pop("scheduler", None)
     with _weights_only_reads():
         loaded = dist_checkpointing.load(state, str(path), common_strategy=_weights_only_common())
+    keep = getattr(loop, "checkpoint_filter", None)
     for i, chunk in enumerate(loop.model):
-        # the wrapper's load: DDP loads into its module; FSDP2's shards were loaded in place
-        chunk.load_state_dict(loaded["model" if len(loop.model) == 1 else f"model{i}"])
+        part = loaded["model" if len(loop.model) == 1 else f"model{i}"]
+        if keep is None:
+            # the wrapper's load: DDP loads into its module; FSDP2's shards were loaded in place
+            chunk.load_state_dict(part)
+            continue
+        missing, unexpected = chunk.module.load_state_dict(part, strict=False)  # the rest kept as it is
+        if unexpected or any(keep(k) for k in missing):
+            raise RuntimeError(f"checkpoint {path} does not match the model's checkpointed state "
+                               f"(missing {[k for k in missing if keep(k)][:3]}, unexpected {unexpected[:3]})")
     if with_optimizer:
         with torch.no_grad():  # fp32 params: the distributed optimizer's main shards are views of them
             loop.optimizer.load_state_dict(loaded["optimizer"])

@@ -323,6 +323,10 @@ def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -
 class PretrainLoop:
     """Owns the model, optimizer, data and checkpoints of one run; `train()` runs it."""
 
+    #: which keys of the model's sharded state a checkpoint keeps (None: all); a checkpoint load then leaves the
+    #: others as they are (post-training's LoRA keeps the adapters only: the base comes from hf_path again)
+    checkpoint_filter: Callable[[str], bool] | None = None
+
     def __init__(self, args: SimpleNamespace, *, checkpoint_dir: Path, device: torch.device,
                  on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None],
                  stop_requested: Callable[[], bool] = lambda: False, on_damaged: str = "fail",
