@@ -315,8 +315,27 @@ class MegatronTranslator(Translator):
             raise ConfigError("moe_router_force_load_balancing needs an MoE model (num_experts is not set)",
                               key="moe_router_force_load_balancing")
         self._check_recompute_layer_ids(n, pp, layers)
+        self._check_layer_spec(n, cp, experts)
         self._check_trackers(n)
         self._check_data(resolved)
+
+    @staticmethod
+    def _check_layer_spec(n: dict[str, Any], cp: int, experts: Any) -> None:
+        """What the layers the trainer builds cannot do (primus_megatron.trainer.build_model): the
+        local spec's attentions (megatron-core's DotProductAttention, Primus's SDPAttention) do not
+        split the sequence, and its grouped experts (GroupedMLP) need the grouped_gemm package. Only
+        multi-latent attention with TransformerEngine installed gets megatron-core's TE spec."""
+        import importlib.util
+
+        te_spec = bool(n.get("multi_latent_attention")) and importlib.util.find_spec("transformer_engine") is not None
+        if cp > 1 and not te_spec:
+            raise ConfigError(f"context_parallel_size {cp}: the local layer spec's attention does not split the "
+                              "sequence; TransformerEngine's does, built here for multi-latent attention only",
+                              key="context_parallel_size", fix="use parallel.context: 1")
+        if experts and n.get("moe_grouped_gemm") and not te_spec and importlib.util.find_spec("grouped_gemm") is None:
+            raise ConfigError("moe_grouped_gemm: true builds megatron-core's GroupedMLP, which needs the grouped_gemm "
+                              "package, which is not installed", key="moe_grouped_gemm",
+                              fix="set moe_grouped_gemm: false, or install grouped_gemm")
 
     @staticmethod
     def _check_data(resolved: ResolvedModule) -> None:
