@@ -321,20 +321,20 @@ class MegatronTranslator(Translator):
 
     @staticmethod
     def _check_layer_spec(n: dict[str, Any], cp: int, experts: Any) -> None:
-        """What the layers the trainer builds cannot do (primus_megatron.trainer.build_model): the
-        local spec's attentions (megatron-core's DotProductAttention, Primus's SDPAttention) do not
-        split the sequence, and its grouped experts (GroupedMLP) need the grouped_gemm package. Only
-        multi-latent attention with TransformerEngine installed gets megatron-core's TE spec."""
+        """What the local layer spec cannot build (the spec a run without TransformerEngine gets, or
+        with `transformer_impl: local`): its attentions (megatron-core's DotProductAttention, Primus's
+        SDPAttention) do not split the sequence, and its grouped experts (megatron-core's GroupedMLP)
+        need the grouped_gemm package. TE's spec has context-parallel attention and TEGroupedMLP."""
         import importlib.util
 
-        te_spec = bool(n.get("multi_latent_attention")) and importlib.util.find_spec("transformer_engine") is not None
+        te_spec = n.get("transformer_impl") != "local" and importlib.util.find_spec("transformer_engine") is not None
         if cp > 1 and not te_spec:
             raise ConfigError(f"context_parallel_size {cp}: the local layer spec's attention does not split the "
-                              "sequence; TransformerEngine's does, built here for multi-latent attention only",
+                              "sequence; TransformerEngine's does, and it is not installed or transformer_impl is local",
                               key="context_parallel_size", fix="use parallel.context: 1")
         if experts and n.get("moe_grouped_gemm") and not te_spec and importlib.util.find_spec("grouped_gemm") is None:
-            raise ConfigError("moe_grouped_gemm: true builds megatron-core's GroupedMLP, which needs the grouped_gemm "
-                              "package, which is not installed", key="moe_grouped_gemm",
+            raise ConfigError("moe_grouped_gemm: true builds megatron-core's GroupedMLP without TransformerEngine, "
+                              "and its grouped_gemm package is not installed", key="moe_grouped_gemm",
                               fix="set moe_grouped_gemm: false, or install grouped_gemm")
 
     @staticmethod
