@@ -18,7 +18,7 @@ REFUSED = {
     # this machine has neither grouped_gemm nor TransformerEngine
     "grouped GEMM experts without the grouped_gemm package": (
         ["model=mixtral_tiny.yaml", "moe_grouped_gemm=true"],
-        ["command line: moe_grouped_gemm=true", "needs the grouped_gemm package", "moe_grouped_gemm: false"]),
+        ["command line: moe_grouped_gemm=true", "grouped_gemm package is not installed", "moe_grouped_gemm: false"]),
 }
 
 
