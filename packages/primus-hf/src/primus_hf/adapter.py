@@ -165,7 +165,7 @@ class HFAdapter(Adapter):
         s = self.settings
         self._start()
         checkpoint = self._eval_checkpoint(request.checkpoint)
-        model = self.build_model(weights=checkpoint is None)
+        model = self.build_model(weights=checkpoint is None or not self.checkpoints_hold_every_weight)
         encode, eos_id, vocab = _eval_tokenizer(Path(request.tokenizer))
         model_vocab = int(model.config.vocab_size)
         if vocab > model_vocab:
@@ -180,11 +180,9 @@ class HFAdapter(Adapter):
         self.autocast, _ = self._precision()
         step = None
         if checkpoint is not None:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
             state = self._read(checkpoint, "model.pt",
                                lambda f: torch.load(f, map_location="cpu", weights_only=True))
-            set_model_state_dict(self.model, state, options=self._state_dict_options())
+            self.load_model_state(state, checkpoint)
             del state
             step = int(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"])
             logger.info(f"evaluating the weights of {checkpoint} (step {step})")
@@ -310,11 +308,13 @@ class HFAdapter(Adapter):
 
         dtype = self._half_dtype()
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
-        layers = getattr(getattr(model, "model", model), "layers", [])
-        for layer in layers:  # one shard group per decoder layer, the usual FSDP granularity
+        for layer in self._decoder_layers(model):  # one shard group per decoder layer, the usual FSDP granularity
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
+
+    def _decoder_layers(self, model: torch.nn.Module) -> Any:
+        return getattr(getattr(model, "model", model), "layers", [])
 
     def _half_dtype(self) -> torch.dtype | None:
         n = self.ctx.native
@@ -501,15 +501,30 @@ class HFAdapter(Adapter):
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
+    #: a checkpoint's model.pt holds every weight (a LoRA run's holds the adapter only: its base is hf_path)
+    checkpoints_hold_every_weight = True
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint's model.pt holds: the whole model (every rank calls: FSDP gathers)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=self._state_dict_options())
+
+    def load_model_state(self, state: dict[str, torch.Tensor], checkpoint: Path) -> None:
+        """Set the model from a `model_state` read back from `checkpoint`."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state, options=self._state_dict_options())
+
     def save_checkpoint(self, step: int) -> None:
         """Write `.tmp-checkpoint-<step>` completely, then rename it: a crash never leaves a half checkpoint."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.checkpoint_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
         options = self._state_dict_options()
         # every rank joins the gathers (FSDP needs it); rank 0 writes the shared state
-        model_state = get_model_state_dict(self.model, options=options)
+        model_state = self.model_state()
         optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -572,7 +587,7 @@ class HFAdapter(Adapter):
         """Weights, optimizer, schedule and RNG from `path`; tensors and plain values only
         (`weights_only=True`: a file that would unpickle code is refused). A file missing or cut
         short raises DamagedCheckpoint on every rank (see `_read`)."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         def tensors(file: Path) -> Any:
             return torch.load(file, map_location="cpu", weights_only=True)
@@ -584,7 +599,7 @@ class HFAdapter(Adapter):
                               f"{self.settings.seq_length}", key="checkpoint.resume",
                               fix="resume with the same batch and sequence length, or checkpoint.resume: never")
         options = self._state_dict_options()
-        set_model_state_dict(self.model, self._read(path, "model.pt", tensors), options=options)
+        self.load_model_state(self._read(path, "model.pt", tensors), path)
         set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", tensors),
                                  options=options)
         schedule = self._read(path, "scheduler.pt", tensors)

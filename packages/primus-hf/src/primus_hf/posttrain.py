@@ -23,6 +23,7 @@ The pre_trainer loop (`HFAdapter`) runs unchanged; this subclass swaps what it t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from loguru import logger
 
-from primus.errors import ConfigError
+from primus.errors import ConfigError, TrainingError
 from primus.posttrain.data import IGNORE_INDEX, Rows, SFTData, load_or_tokenize, template_text
 from primus.posttrain.lora import adapted_modules, adapter_key, write_adapter
 from primus.runs.export import HF_EXPORT_DIR
@@ -70,6 +71,35 @@ def trained_labels(rows: torch.Tensor) -> int:
     return int((rows[:, 1] != IGNORE_INDEX).sum())
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (a LoRA run's adapter matrices), whole and on the CPU, by state-dict name.
+    Every rank calls: an FSDP-sharded parameter is gathered."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def base_name(name: str) -> str:
+    """A peft model's parameter name as the base model's (`...q_proj.base_layer.weight` -> `...q_proj.weight`)."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    """sha256 over the frozen parameters this rank holds (its shards under FSDP), in order of their base-model
+    names: name, then the tensor's bytes. One process's digest of a LoRA model is that of its base's weights."""
+    h = hashlib.sha256()
+    frozen = {base_name(n): p for n, p in model.named_parameters() if not p.requires_grad}
+    for name in sorted(frozen):
+        p = frozen[name]
+        local = p.to_local() if hasattr(p, "to_local") else p
+        h.update(name.encode())
+        h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class SFTAdapter(HFAdapter):
     """`HFAdapter` for post_trainer modules (core's ResolvedModule.kind == "posttrain")."""
 
@@ -84,6 +114,38 @@ class SFTAdapter(HFAdapter):
         if self.finetune.is_lora:
             model = self._with_lora(model)
         return model
+
+    @property
+    def checkpoints_hold_every_weight(self) -> bool:  # type: ignore[override]
+        return not self.finetune.is_lora
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """LoRA: the adapter's matrices only (the base is `hf_path`'s, frozen); full: the whole model."""
+        if not self.finetune.is_lora:
+            return super().model_state()
+        return trainable_state(self.model)
+
+    def load_model_state(self, state: dict[str, torch.Tensor], checkpoint: Path) -> None:
+        if not self.finetune.is_lora:
+            return super().load_model_state(state, checkpoint)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        wanted = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(wanted - set(state))
+        if missing:
+            raise ConfigError(f"checkpoint {checkpoint} is not one of this LoRA run: it has no {missing[0]}",
+                              key="checkpoint.resume", fix="resume with the run's own finetune.lora settings, or "
+                                                           "checkpoint.resume: never")
+        set_model_state_dict(self.model, {k: state[k] for k in wanted},
+                             options=self._state_dict_options(strict=False))
+
+    def _decoder_layers(self, model: torch.nn.Module) -> Any:
+        # a peft model: the decoder layers of the model inside it
+        return super()._decoder_layers(model.get_base_model() if self.finetune.is_lora else model)
+
+    def _slice_loading(self, path: Path) -> bool:
+        # LoRA wraps the loaded model before sharding (peft renames the layers it adapts): every rank loads it
+        return not self.finetune.is_lora and super()._slice_loading(path)
 
     def _adapted_paths(self) -> dict[str, tuple[int, int]]:
         spec = self.ctx.module.model
@@ -160,6 +222,19 @@ class SFTAdapter(HFAdapter):
         return sft_forward(self.train_model, rows, torch.tensor(share, device=rows.device),
                            isolated=self.isolated).loss
 
+    def train(self, start: int) -> bool:
+        """LoRA: the frozen base is checked bit-identical after the steps (a digest before and after, every
+        rank; the log gives it)."""
+        if not self.finetune.is_lora:
+            return super().train(start)
+        before = frozen_digest(self.model)
+        finished = super().train(start)
+        after = frozen_digest(self.model)
+        if after != before:
+            raise TrainingError("LoRA: a frozen base weight changed during training")
+        logger.info(f"LoRA: base weights bit-identical after training (frozen weights sha256 {after})")
+        return finished
+
     @torch.no_grad()
     def held_out_loss(self) -> float:
         return float("nan")  # post-training holds nothing out (train.eval_interval has nothing to score)
@@ -171,9 +246,7 @@ class SFTAdapter(HFAdapter):
         last step's checkpoint (`checkpoint.export: hf`, core's default for a full fine-tune)."""
         if not self.finetune.is_lora:
             return
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(self.model, options=self._state_dict_options())  # every rank joins
+        state = self.model_state()  # every rank joins
         if self.rank == 0:
             with tempfile.TemporaryDirectory(dir=self.ctx.run_dir, prefix=TMP_PREFIX) as tokenizer_dir:
                 self.blocks.tokenizer.save_pretrained(tokenizer_dir)

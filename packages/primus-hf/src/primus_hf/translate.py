@@ -277,7 +277,7 @@ _MODEL_ORIGINS = {
 
 def _check_post_training(resolved: ResolvedModule) -> None:
     """What the hf post_trainer needs beyond core's rules (primus.posttrain.rules): SFT records in data.path,
-    a tokenizer that fits the model, and for LoRA a pretrained model to adapt, replicated (DDP)."""
+    a tokenizer that fits the model, and for LoRA a pretrained model to adapt."""
     n, module = resolved.native, resolved.module
     if n.get("stage", "sft") != "sft":
         raise ConfigError(f"stage {n.get('stage')!r}: the hf post_trainer does supervised fine-tuning only",
@@ -304,9 +304,6 @@ def _check_post_training(resolved: ResolvedModule) -> None:
     if not base or not Path(str(base)).is_dir():
         raise ConfigError("LoRA adapts a pretrained model: the hf backend needs its local directory",
                           key="finetune.method", fix="set model: {hf_path: DIR}, or finetune.method: full")
-    if n.get("fsdp"):
-        raise ConfigError("LoRA on the hf backend replicates the model (DDP); FSDP is for full fine-tuning",
-                          key="parallel.fsdp", fix="remove parallel.fsdp, or use finetune.method: full")
     if module.checkpoint.export:
         raise ConfigError("a LoRA run writes its adapter (and the merged model with lora.merge) itself",
                           key="checkpoint.export", fix="remove checkpoint.export; set finetune.lora.merge: true "
