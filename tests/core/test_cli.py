@@ -147,8 +147,12 @@ def test_resume_auto_matches_uninterrupted_run(toy_exp, tmp_path):
     assert full.returncode == 0, full.stderr
     first = run_primus("run", str(exp), f"workspace={tmp_path}/resumed", "train.steps=5", "save_interval=5")
     assert first.returncode == 0, first.stderr
-    second = run_primus("run", str(exp), f"workspace={tmp_path}/resumed")
+    ledger = tmp_path / "resumed/team/me/toy/checkpoints.json"  # which attempt wrote each checkpoint
+    assert json.loads(ledger.read_text())["pre_trainer"]["steps"] == {"5": 1}
+    second = run_primus("run", str(exp), f"workspace={tmp_path}/resumed", "save_interval=5")
     assert second.returncode == 0, second.stderr
+    steps = json.loads(ledger.read_text())["pre_trainer"]["steps"]
+    assert steps["5"] == 1 and {a for s, a in steps.items() if s != "5"} == {2}, steps
     a = read_metrics(tmp_path / "full/team/me/toy/metrics.jsonl")
     b = read_metrics(tmp_path / "resumed/team/me/toy/metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 13))

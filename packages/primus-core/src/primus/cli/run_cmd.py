@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
                                   workdir=Path.cwd(), platform=target.platform or platform.kind)
             rendered = {name: shlex.join(argv)}
 
-    from primus.runs.resume import RunLock, check_resume, next_attempt
+    from primus.runs.resume import RunLock, check_resume, checkpoint_dir, next_attempt, record_checkpoints
 
     if args.dry_run:
         for name in names:
@@ -152,6 +152,10 @@ def cmd_run(args: argparse.Namespace, *, preflight: bool = False) -> int:
     # node 0's is not visible (node-local workspaces); metrics come from global rank 0 alone
     if opts.node_rank == 0 or not (run_dir / "config.yaml").exists():
         try:
+            if existed:  # what the previous attempt left, even if it crashed before recording it
+                for name in names:
+                    record_checkpoints(run_dir, name, checkpoint_dir(resolved.modules[name], run_dir),
+                                       next_attempt(run_dir) - 1)
             create_run_dir(resolved, env_changes, platform.describe(), attempt=next_attempt(run_dir))
         except OSError as exc:
             if not existed:

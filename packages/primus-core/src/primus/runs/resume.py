@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 SHAPE_FILE = "shape.json"
 LOCK_FILE = ".primus.lock"
+LEDGER_FILE = "checkpoints.json"  # which attempt wrote each checkpoint (record_checkpoints)
 _HASH_LIMIT = 16 * 1024 * 1024  # tokenizer files are a few MB; hash at most this much of one
 
 
@@ -81,7 +82,7 @@ class ResumeCheck:
 
 def check_resume(m: ResolvedModule, run_dir: Path) -> ResumeCheck:
     """Refuse an attempt that would resume foreign checkpoints; say what a resume will change."""
-    checkpoints = Path(m.module.checkpoint.dir) if m.module.checkpoint.dir else run_dir / "checkpoints"
+    checkpoints = checkpoint_dir(m, run_dir)
     notices: list[str] = []
     if not _checkpoints_present(checkpoints):
         return ResumeCheck(notices)
@@ -117,21 +118,54 @@ def check_resume(m: ResolvedModule, run_dir: Path) -> ResumeCheck:
     return ResumeCheck(notices)
 
 
-def newest_checkpoint_step(directory: Path) -> int | None:
-    """The highest step among a checkpoint folder's entries, read off their names as every backend
+def checkpoint_steps(directory: Path) -> list[int]:
+    """The steps of a checkpoint folder's entries, ascending, read off their names as every backend
     writes them (`step-40`, `iter_0000040`, `40`); partial saves (dot-files) are not counted."""
     import re
 
-    steps = []
+    steps = set()
     try:
         entries = list(directory.iterdir())
     except OSError:
-        return None
+        return []
     for entry in entries:
         match = re.fullmatch(r"(?:step[-_]?|iter_?)?(\d+)(?:\.json)?", entry.name)
         if match and not entry.name.startswith("."):
-            steps.append(int(match.group(1)))
-    return max(steps) if steps else None
+            steps.add(int(match.group(1)))
+    return sorted(steps)
+
+
+def newest_checkpoint_step(directory: Path) -> int | None:
+    """The highest step among a checkpoint folder's entries (`checkpoint_steps`)."""
+    steps = checkpoint_steps(directory)
+    return steps[-1] if steps else None
+
+
+def checkpoint_dir(m: ResolvedModule, run_dir: Path) -> Path:
+    return Path(m.module.checkpoint.dir) if m.module.checkpoint.dir else run_dir / "checkpoints"
+
+
+def record_checkpoints(run_dir: Path, module: str, checkpoints: Path, attempt: int) -> dict[int, int]:
+    """Record which attempt wrote each checkpoint on disk, in `<run dir>/checkpoints.json`.
+
+    Every checkpoint not yet in the ledger is this attempt's; steps no longer on disk (rotated,
+    moved aside as damaged) leave it. Called by global rank 0 when an attempt ends, and before the
+    next attempt starts, so checkpoints of an attempt that crashed are still attributed to it.
+    Checkpoints never need the ledger to load: it is for people and tools (`primus runs`).
+    Returns {step: attempt}."""
+    from primus.runs.files import write_atomic
+
+    path = run_dir / LEDGER_FILE
+    ledger = _read_json(path)
+    ledger = ledger if isinstance(ledger, dict) else {}
+    entry = ledger.get(module) if isinstance(ledger.get(module), dict) else {}
+    known = entry.get("steps") if isinstance(entry.get("steps"), dict) else {}
+    on_disk = checkpoint_steps(checkpoints)
+    steps = {step: known.get(str(step)) if isinstance(known.get(str(step)), int) else attempt for step in on_disk}
+    if steps or known:
+        ledger[module] = {"dir": str(checkpoints), "steps": {str(k): v for k, v in steps.items()}}
+        write_atomic(path, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
+    return steps
 
 
 def _steps_of(module: dict[str, Any]) -> int | None:

@@ -12,11 +12,15 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from primus.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError
 from primus.runs.signals import EXIT_INTERRUPTED
+
+if TYPE_CHECKING:
+    from primus.backends.adapter import RunContext
 
 
 def _int_env(name: str, default: int) -> int:
@@ -138,6 +142,8 @@ def run_worker(run_dir: Path, module_name: str) -> int:
         return EXIT_FAILURE
     finally:
         patches.undo_all()
+    if rank == 0:
+        _record_checkpoints(ctx, module_name)
     if ctx.stop_requested and (metrics.last_step is None or metrics.last_step < total):
         # the checkpoint is written and the process is leaving: a further SIGTERM (Slurm and
         # torchrun may both send one) must not turn exit 143 into death by signal during shutdown,
@@ -160,6 +166,15 @@ def run_worker(run_dir: Path, module_name: str) -> int:
     if rank == 0:
         logger.info(metrics.summary_line(checkpoints=ctx.checkpoint_dir, run_dir=run_dir))
     return EXIT_OK
+
+
+def _record_checkpoints(ctx: RunContext, module_name: str) -> None:
+    from primus.runs.resume import record_checkpoints
+
+    try:
+        record_checkpoints(ctx.run_dir, module_name, ctx.checkpoint_dir, ctx.metrics.attempt)
+    except OSError as exc:  # bookkeeping only: the checkpoints themselves are complete
+        logger.warning(f"could not record this attempt's checkpoints in {ctx.run_dir}: {_os_cause(exc)}")
 
 
 def export_when_asked(run_dir: Path, module_name: str) -> int:
