@@ -86,10 +86,27 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def fast_path(args: SimpleNamespace, device: torch.device) -> Any:
+    """The layer spec, attention, precision, fusions and overlap for this device
+    (primus_megatron.fast_path.decide, the same decision `--dry-run` prints for the target)."""
+    from primus_megatron.fast_path import decide
+
+    platform, arch = "cpu", None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        if torch.version.hip:
+            platform, arch = "rocm", str(props.gcnArchName).split(":")[0]
+        else:
+            platform, arch = "cuda", f"sm{props.major}{props.minor}"
+    return decide(vars(args), platform, arch)
+
+
 def transformer_config(args: SimpleNamespace, device: torch.device) -> TransformerConfig:
-    """Megatron's TransformerConfig from the native args. Fusions are off: they need CUDA kernels."""
+    """Megatron's TransformerConfig from the native args, with the fast path's spec, fp8 and fusions
+    (fusions on a GPU only: they need GPU kernels)."""
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     on_gpu = device.type == "cuda"
+    path = fast_path(args, device)
     kwargs: dict[str, Any] = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -124,19 +141,21 @@ def transformer_config(args: SimpleNamespace, device: torch.device) -> Transform
         deallocate_pipeline_outputs=bool(args.deallocate_pipeline_outputs),
         variable_seq_lengths=bool(args.variable_seq_lengths),
         calculate_per_token_loss=bool(args.calculate_per_token_loss),
-        transformer_impl="local",  # the layers come from primus_megatron.layers (FSDP2 reads this)
+        transformer_impl=path.spec,  # FSDP2 reads this
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
+        bias_activation_fusion=path.fusions,
+        bias_dropout_fusion=path.fusions,
+        masked_softmax_fusion=path.fusions and path.attention == "local",
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=path.fusions and path.spec == "transformer_engine",
         recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
     )
+    if path.fp8:
+        kwargs.update(fp8=path.fp8, fp8_recipe=path.fp8_recipe)
     split = args.decoder_pipeline_manual_split_list
     if split is not None:
         middle = split[1:-1]
@@ -201,22 +220,24 @@ def padded_vocab_size(args: SimpleNamespace) -> int:
 
 def block_spec(config: TransformerConfig, args: SimpleNamespace, *, vp_stage: int | None,
                use_te: bool = False) -> Any:
-    """megatron-core's decoder block spec for this stage: its local (TE-free) layers, dense or MoE by
-    moe_layer_freq. Patch megatron.layers.sdpa_core_attention puts primus_megatron.layers's in its place
-    for the models that need SDPAttention (multi-latent attention, Llama 4)."""
+    """megatron-core's decoder block spec for this stage, dense or MoE by moe_layer_freq: its TE spec
+    (use_te), else its local spec with Primus's SDPAttention (primus_megatron.layers), or with its own
+    DotProductAttention when `use_flash_attn: false` (fast_path.decide says which). Patch
+    megatron.layers.sdpa_core_attention puts primus_megatron.layers's in place for the models that need
+    SDPAttention whatever use_flash_attn says (multi-latent attention, Llama 4)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    if use_te or getattr(args, "use_flash_attn", True) is not False:
+        from primus_megatron.layers import decoder_block_spec
+
+        return decoder_block_spec(config, args, vp_stage=vp_stage, use_te=use_te)
     return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=args.normalization,
                                       qk_l2_norm=bool(args.qk_l2_norm), vp_stage=vp_stage)
 
 
 def build_model(args: SimpleNamespace, config: TransformerConfig, device: torch.device) -> list[torch.nn.Module]:
     """One GPTModel chunk per virtual pipeline stage (one chunk without interleaving)."""
-    from primus_megatron.layers import have_transformer_engine
-
-    # MLA on a GPU with TransformerEngine: megatron-core's TE spec (TE's attention takes separate key
-    # and value head sizes); everywhere else the local spec
-    use_te = bool(args.multi_latent_attention) and device.type == "cuda" and have_transformer_engine()
+    use_te = fast_path(args, device).spec == "transformer_engine"
     chunks = args.virtual_pipeline_model_parallel_size or 1
     model = []
     for vp_stage in range(chunks):
@@ -250,11 +271,13 @@ def build_model(args: SimpleNamespace, config: TransformerConfig, device: torch.
 def wrap_ddp(args: SimpleNamespace, config: TransformerConfig, model: list[torch.nn.Module]) -> list[Any]:
     """megatron-core's DDP (grad buffers; sharded optimizer state with the distributed optimizer), or
     with `use_torch_fsdp2` its torch FSDP2 wrapper (each transformer layer, the embedding and the root
-    module `fully_shard`ed over the data-parallel group)."""
+    module `fully_shard`ed over the data-parallel group). Overlap of the grad reduce and the param
+    gather as the fast path decides (on with a GPU unless written)."""
+    path = fast_path(args, next(model[0].parameters()).device)
     ddp_kwargs: dict[str, Any] = dict(
         grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
-        overlap_grad_reduce=bool(args.overlap_grad_reduce),
-        overlap_param_gather=bool(args.overlap_param_gather),
+        overlap_grad_reduce=path.overlap_grad_reduce,
+        overlap_param_gather=path.overlap_param_gather,
         use_distributed_optimizer=bool(args.use_distributed_optimizer),
         check_for_nan_in_grad=bool(args.check_for_nan_in_loss_and_grad),
     )
@@ -349,6 +372,7 @@ class PretrainLoop:
         a = self.args
         init_distributed(a, self.device)
         seed_everything(a.seed)
+        logger.info("fast path: " + "; ".join(f"{key} {value}" for key, value in fast_path(a, self.device).lines().items()))
         self.config = transformer_config(a, self.device)
         model = build_model(a, self.config, self.device)
         if self.hf_path and not self._resuming():
@@ -452,8 +476,31 @@ class PretrainLoop:
         return StepReport(step=step, loss=loss, lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
                           tokens=a.global_batch_size * a.seq_length, step_time_s=time.perf_counter() - started)
 
+    def synced_params(self) -> Any:
+        """A context in which every rank holds the updated parameters: with overlap_param_gather the
+        all-gather after an optimizer step runs in the next forward's pre-hooks, so evaluation and
+        checkpoints gather synchronously first (hooks off, back on after), as Megatron-LM does."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def synced() -> Iterator[None]:
+            hooked = [chunk for chunk in self.model if getattr(chunk, "use_forward_hook", False)]
+            for chunk in hooked:
+                chunk.disable_forward_pre_hook(param_sync=True)
+            try:
+                yield
+            finally:
+                for chunk in hooked:
+                    chunk.enable_forward_pre_hook()
+
+        return synced()
+
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
+        with self.synced_params():
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> float:
         for chunk in self.model:
             chunk.eval()
         losses: list[dict] = []
@@ -503,7 +550,8 @@ class PretrainLoop:
         return bool(flag.item())
 
     def save_checkpoint(self) -> None:
-        ckpt.save(self.save_dir, self.step, self, keep_last=self.args.ckpt_keep_last)
+        with self.synced_params():
+            ckpt.save(self.save_dir, self.step, self, keep_last=self.args.ckpt_keep_last)
 
     def save_last_checkpoint(self) -> None:
         """The checkpoint after the last step (`disable_last_saving` replaces this with a no-op)."""

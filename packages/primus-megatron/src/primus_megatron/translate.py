@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # Upstream Primus flags that need Primus-Turbo (AMD GPU kernels) or TransformerEngine. An upstream
 # experiment file that sets them still loads; a truthy value is reported as unavailable here.
 _TURBO = "needs Primus-Turbo, which this package does not use"
-_TE = "needs TransformerEngine; this trainer builds megatron-core's local (TE-free) layer spec"
+_TE = "not built by this trainer, with or without TransformerEngine"
 UNAVAILABLE: dict[str, str] = {
     **{key: _TURBO for key in (
         "enable_primus_turbo", "use_turbo_autotune", "turbo_gemm_backend", "turbo_grouped_gemm_backend",
@@ -34,8 +34,10 @@ UNAVAILABLE: dict[str, str] = {
         "mxfp4_gradient_stochastic_rounding", "mxfp4_scale_rounding_mode", "te_precision_config_file",
         "no_fp8_weight_transpose_cache", "patch_zero_bubble", "enable_zero_bubble", "zero_bubble_v_schedule",
     )},
-    **{key: _TE for key in ("fp8", "fp8_recipe", "fp4", "te_rng_tracker", "transformer_impl")},
+    **{key: _TE for key in ("fp4", "te_rng_tracker")},
 }
+# TransformerEngine's layer spec and fp8, decided per platform by primus_megatron.fast_path
+FAST_PATH_KEYS = frozenset({"fp8", "fp8_recipe", "transformer_impl"})
 
 # Which neutral value became which native key, for the sections that map one to one.
 _TRAIN = {
@@ -57,6 +59,7 @@ SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mixtral", "deepseek", "llama4"
 class MegatronTranslator(Translator):
     default_module_preset = "pre_trainer.yaml"
     unavailable_keys = UNAVAILABLE
+    extra_native_keys = FAST_PATH_KEYS
     # upstream's Megatron argument handling takes 0/1 for its flags (`sequence_parallel: 1`)
     int_bools = True
     trainer_classes = frozenset({"MegatronPretrainTrainer"})
@@ -316,6 +319,11 @@ class MegatronTranslator(Translator):
                               key="moe_router_force_load_balancing")
         self._check_recompute_layer_ids(n, pp, layers)
         self._check_layer_spec(n, cp, experts)
+        # what cannot work on any GPU (fp8 without TransformerEngine, bad values); the platform's own
+        # limits (fp8 on a CPU, a recipe the arch lacks) are judged by the dry run and the trainer
+        from primus_megatron.fast_path import decide
+
+        decide(n, "cuda")
         self._check_trackers(n)
         self._check_data(resolved)
 
@@ -414,8 +422,13 @@ class MegatronTranslator(Translator):
                               "interleaved pipeline", key="deallocate_pipeline_outputs",
                               fix="set deallocate_pipeline_outputs: false or overlap_p2p_comm: false")
 
-    def summary(self, resolved: ResolvedModule) -> dict[str, Any]:
+    def summary(self, resolved: ResolvedModule, platform: Any = None) -> dict[str, Any]:
+        """The dry-run lines, with the fast path (spec, attention, precision, fusions, overlap) the run
+        takes on `platform` (core's Platform of the target: kind and arch; None: this host's CPU view)."""
+        from primus_megatron.fast_path import decide
+
         n = resolved.native
+        kind, arch = (platform.kind, platform.arch) if platform is not None else ("cpu", None)
         return {
             "parallel": f"tp {n.get('tensor_model_parallel_size')}, pp {n.get('pipeline_model_parallel_size')}, "
                         f"ep {n.get('expert_model_parallel_size')}",
@@ -423,6 +436,7 @@ class MegatronTranslator(Translator):
                      f"seq {n.get('seq_length')}",
             "steps": n.get("train_iters"),
             "data": "mock" if n.get("mock_data") else n.get("data_path"),
+            **decide(n, kind, arch).lines(),
         }
 
 
