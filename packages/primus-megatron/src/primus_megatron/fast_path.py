@@ -52,7 +52,7 @@ class FastPath:
     precision: str  # "bf16", "fp16", "fp32", "bf16 + fp8 hybrid (delayed recipe)"
     fp8: str | None
     fp8_recipe: str | None
-    fusions: bool  # bias+activation, bias+dropout, masked softmax (local attention), RoPE (TE)
+    fusions: bool  # bias+activation, bias+dropout; masked softmax (local attention); RoPE (TE spec)
     fusions_why: str
     overlap_grad_reduce: bool
     overlap_param_gather: bool
@@ -62,12 +62,13 @@ class FastPath:
         """The dry-run lines (key: value)."""
         attention = {"te": "TransformerEngine fused attention", "sdpa": "SDPA (torch scaled_dot_product_attention)",
                      "local": "local (megatron-core DotProductAttention, full score matrix)"}[self.attention]
-        on = "on" if self.fusions else "off"
+        fused = ["bias+activation", "bias+dropout"] + (["masked softmax"] if self.attention == "local" else []) + (
+            ["RoPE"] if self.spec == "transformer_engine" else [])
         return {
             "attention": f"{attention}; {self.why}",
             "spec": f"{self.spec} layer spec",
             "precision": self.precision,
-            "fusions": f"bias+activation, bias+dropout, masked softmax, RoPE {on} ({self.fusions_why})",
+            "fusions": f"{', '.join(fused)} {'on' if self.fusions else 'off'} ({self.fusions_why})",
             "overlap": f"grad reduce {'on' if self.overlap_grad_reduce else 'off'}, param gather "
                        f"{'on' if self.overlap_param_gather else 'off'} ({self.overlap_why})",
         }

@@ -239,6 +239,18 @@ def _check_launcher_tools(launcher: str, container_command: str | None) -> None:
                               fix="install it or set launch.container.runtime")
 
 
+def _summary(translator, m, host, target) -> dict:
+    """The translator's dry-run lines; a translator whose `summary` takes `platform` gets the target's
+    (kind and arch: a Platform), else this host's, to say what the run will take there."""
+    import inspect
+
+    if "platform" not in inspect.signature(translator.summary).parameters:
+        return translator.summary(m)
+    from primus.platform.detect import Platform
+
+    return translator.summary(m, platform=Platform(kind=target.platform, arch=target.arch) if target else host)
+
+
 def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes, target=None, notes=()) -> None:
     from primus.patches.registry import PatchContext, PatchSet
 
@@ -265,9 +277,9 @@ def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes, ta
             alias = f", upstream name {m.model_alias}" if m.model_alias else ""
             print(f"  model     {m.model.family}, {m.model.parameter_count() / 1e6:,.1f}M parameters "
                   f"({m.model_file}{alias})")
-        for key, value in translator.summary(m).items():
-            print(f"  {key:<9} {value}")
         on = target if target is not None and target.platform else None  # the target's patches, when known
+        for key, value in _summary(translator, m, platform, on).items():
+            print(f"  {key:<9} {value}")
         ctx = PatchContext(backend=backend.name, platform=on.platform if on else platform.kind,
                            arch=on.arch if on else platform.arch,
                            framework_version=backend.framework_version, config=m.native,
