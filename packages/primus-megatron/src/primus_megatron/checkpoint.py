@@ -362,7 +362,7 @@ def save(root: Path, step: int, loop: PretrainLoop, *, keep_last: int | None = N
     args = loop.args
     state = _sharded_state(loop, with_rng=not args.no_save_rng, with_optimizer=not args.no_save_optim,
                            loading=False)
-    dist_checkpointing.save(state, str(tmp))
+    dist_checkpointing.save(state, str(tmp), _save_strategy(args))
     torch.distributed.barrier()
     if rank == 0:
         if final.exists():
@@ -374,6 +374,22 @@ def save(root: Path, step: int, loop: PretrainLoop, *, keep_last: int | None = N
         logger.info(f"saved checkpoint {final}")
     torch.distributed.barrier()
     return final
+
+
+def _save_strategy(args: Any) -> Any:
+    """megatron-core's default save, spread over the data-parallel ranks with
+    `ckpt_fully_parallel_save` (as Megatron-LM does): each replicated shard (the weights under DP,
+    the optimizer state without the distributed optimizer) is written by one of its replicas, not
+    all by data-parallel rank 0. None (the plain default) on one data-parallel rank."""
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_data_parallel_group(with_context_parallel=True)
+    if not args.ckpt_fully_parallel_save or torch.distributed.get_world_size(group) < 2:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
 
 
 def _prune(root: Path, keep_last: int) -> None:
