@@ -112,13 +112,21 @@ def corpus_fingerprint(corpus: Path, tokenizer_dir: Path, json_key: str) -> str:
     return h.hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    """Where converted corpora live: `$PRIMUS_CACHE_DIR/megatron`, else `~/.cache/primus/megatron`.
+def default_cache_dir(run_dir: str | Path | None = None) -> Path:
+    """Where converted corpora go when `data_cache_path` is not set: `$PRIMUS_CACHE_DIR/megatron`,
+    else `<workspace>/.cache/megatron` for a run (its run directory is
+    `<workspace>/<work_group>/<user_name>/<exp_name>`): on the filesystem every node of a cluster
+    sees, which a node-local `~/.cache` is not, and shared by the workspace's runs. Without a run
+    (`primus data prepare`), `~/.cache/primus/megatron`.
 
     Not next to the corpus: shared datasets are often read-only, and a source tree stays clean.
     """
-    root = os.environ.get("PRIMUS_CACHE_DIR") or Path.home() / ".cache" / "primus"
-    return Path(root) / "megatron"
+    root = os.environ.get("PRIMUS_CACHE_DIR")
+    if root:
+        return Path(root) / "megatron"
+    if run_dir is not None:
+        return Path(run_dir).parents[2] / ".cache" / "megatron"
+    return Path.home() / ".cache" / "primus" / "megatron"
 
 
 def prepare_indexed_dataset(corpus: str | Path, tokenizer_dir: str | Path, *, json_key: str = "text",
@@ -212,8 +220,10 @@ class _Progress:
 # ------------------------------------------------------------------------------------ datasets
 
 
-def build_datasets(args: SimpleNamespace, vocab_size: int) -> tuple[Any, Any]:
-    """Train and validation datasets with as many samples as the run will read."""
+def build_datasets(args: SimpleNamespace, vocab_size: int, *, run_dir: Path | None = None) -> tuple[Any, Any]:
+    """Train and validation datasets with as many samples as the run will read. A JSONL corpus is
+    converted, and GPTDataset's sample index is cached, in `data_cache_path`, else in
+    `default_cache_dir(run_dir)` (the index in its index-cache/)."""
     train_samples = args.train_iters * args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     valid_samples = max(evals * (args.eval_iters or 0) * args.global_batch_size, 1)
@@ -226,13 +236,14 @@ def build_datasets(args: SimpleNamespace, vocab_size: int) -> tuple[Any, Any]:
         config = GPTDatasetConfig(tokenizer=MockTokenizer(args.vocab_size), split="99,1,0", **common)
         cls: type = MockGPTDataset
     else:
-        prefix = resolve_data_prefix(args)
+        cache = Path(args.data_cache_path) if args.data_cache_path else default_cache_dir(run_dir)
+        prefix = resolve_data_prefix(args, cache_dir=cache)
         tokenizer = LocalTokenizer(args.tokenizer_model) if args.tokenizer_model else MockTokenizer(vocab_size)
         if tokenizer.vocab_size > vocab_size:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                               f"{args.vocab_size}", key="vocab_size", fix="use a model preset with a large enough vocab")
         config = GPTDatasetConfig(tokenizer=tokenizer, blend=([prefix], None), split=args.split or "99,1,0",
-                                  path_to_cache=args.data_cache_path or str(Path(prefix).parent / "index-cache"),
+                                  path_to_cache=str(cache if args.data_cache_path else cache / "index-cache"),
                                   **common)
         cls = GPTDataset
     train, valid, _ = BlendedMegatronDatasetBuilder(cls, [train_samples, valid_samples, 0], lambda: True,
@@ -240,18 +251,17 @@ def build_datasets(args: SimpleNamespace, vocab_size: int) -> tuple[Any, Any]:
     return train, valid
 
 
-def resolve_data_prefix(args: SimpleNamespace) -> str:
+def resolve_data_prefix(args: SimpleNamespace, *, cache_dir: str | Path | None = None) -> str:
     path = args.data_path[0] if isinstance(args.data_path, list) else args.data_path
     if str(path).endswith((".jsonl", ".json", ".txt")):
         key = (args.json_keys or ["text"])[0]
+        cache_dir = cache_dir or args.data_cache_path
         # One rank converts; the others wait, then find the cache entry it wrote.
         if torch.distributed.get_rank() == 0:
-            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key,
-                                             cache_dir=args.data_cache_path)
+            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key, cache_dir=cache_dir)
         torch.distributed.barrier()
         if torch.distributed.get_rank() != 0:
-            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key,
-                                             cache_dir=args.data_cache_path)
+            prefix = prepare_indexed_dataset(path, args.tokenizer_model, json_key=key, cache_dir=cache_dir)
         return prefix
     return str(path)
 

@@ -6,7 +6,6 @@ config dict in place and restore it on undo); `before_train` patches change the 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from loguru import logger
@@ -149,44 +148,36 @@ def _recompute_listed_layers(ctx: PatchContext) -> Undo:
     return undo_and_report
 
 
-def _rocm_memory(local_rank: int) -> str:
-    """One line on this rank's GPU memory from rocm-smi (JSON output)."""
-    import json
-    import shutil
-    import subprocess
+def _gpu_memory() -> str:
+    """One line on this rank's GPU memory, without a subprocess: in use on its device (the driver's
+    free/total for the device torch uses, whatever the visibility mask) and this process's peak
+    reserved by torch's allocator."""
+    import torch
 
-    if not shutil.which("rocm-smi"):
-        return "rocm-smi is not on PATH"
-    out = subprocess.run(["rocm-smi", "--showmeminfo", "vram", "--json"], capture_output=True, text=True, timeout=60)
-    try:
-        cards = json.loads(out.stdout)
-    except json.JSONDecodeError:
-        return f"rocm-smi gave no JSON (exit {out.returncode}): {out.stderr.strip()[:200]}"
-    card = cards.get(f"card{local_rank}") or next(iter(cards.values()), {})
-    used, total = int(card.get("VRAM Total Used Memory (B)", 0)), int(card.get("VRAM Total Memory (B)", 0))
-    gib = 1024**3
-    share = f" ({100 * used / total:.1f}%)" if total else ""
-    return f"card{local_rank} vram used {used / gib:.2f} GiB of {total / gib:.2f} GiB{share}"
+    device = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(device)
+    used, peak, gib = total - free, torch.cuda.max_memory_reserved(device), 1024**3
+    return (f"device {device}: {used / gib:.2f} of {total / gib:.2f} GiB in use ({100 * used / max(total, 1):.1f}%), "
+            f"this rank's peak reserved {peak / gib:.2f} GiB")
 
 
 def _report_rocm_memory(ctx: PatchContext) -> Undo:
     loop = ctx.state["loop"]
     every = bool(ctx.config.get("use_rocm_mem_info"))
     iterations = set(ctx.config.get("use_rocm_mem_info_iters") or [])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     train_step = loop.train_step
 
     def train_step_and_report(step: int) -> Any:
         report = train_step(step)
         if every or step in iterations:
-            logger.info(f"rocm memory after step {step}: {_rocm_memory(local_rank)}")
+            logger.info(f"rocm memory after step {step}: {_gpu_memory()}")
         return report
 
     return replace_attr(loop, "train_step", train_step_and_report)
 
 
 def _rocm_memory_notice(ctx: PatchContext) -> None:
-    logger.warning(f"use_rocm_mem_info: rocm-smi reports ROCm GPUs only; nothing to report on {ctx.platform}")
+    logger.warning(f"use_rocm_mem_info: reports ROCm GPUs only; nothing to report on {ctx.platform}")
 
 
 def _force_load_balancing_notice(ctx: PatchContext) -> None:
@@ -265,19 +256,19 @@ FEATURE_PATCHES: list[Patch] = [
     Patch(id="megatron.rocm_mem_info", backend="megatron", phase="before_train", kind="feature",
           platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
           enabled_by="use_rocm_mem_info", enabled_by_default=False,
-          description="Logs this rank's GPU memory from rocm-smi after every step.", needs=("loop",),
+          description="Logs this rank's GPU memory (torch.cuda.mem_get_info, max_memory_reserved) after every step.", needs=("loop",),
           notes="without it, after the steps in use_rocm_mem_info_iters",
           apply=_report_rocm_memory),
     Patch(id="megatron.rocm_mem_info_iters", backend="megatron", phase="before_train", kind="feature",
           platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
           enabled_by="use_rocm_mem_info_iters", enabled_by_default=False,
           predicate=lambda ctx: not ctx.config.get("use_rocm_mem_info"), predicate_doc="use_rocm_mem_info is off",
-          description="Logs this rank's GPU memory from rocm-smi after the listed steps.", needs=("loop",),
+          description="Logs this rank's GPU memory (torch.cuda.mem_get_info, max_memory_reserved) after the listed steps.", needs=("loop",),
           apply=_report_rocm_memory),
     Patch(id="megatron.rocm_mem_info.unavailable", backend="megatron", phase="before_train", kind="feature",
           platforms=frozenset({"cpu", "cuda"}), target="primus_megatron.trainer", check_target=False,
           enabled_by="use_rocm_mem_info", enabled_by_default=False,
-          description="A notice that rocm-smi has nothing to report on this platform.",
+          description="A notice that use_rocm_mem_info has nothing to report on this platform.",
           apply=_rocm_memory_notice),
     Patch(id="megatron.moe.force_load_balancing", backend="megatron", phase="build_args", kind="feature",
           versions=FRAMEWORK_RANGE, target="megatron.core.transformer.moe.router.TopKRouter",

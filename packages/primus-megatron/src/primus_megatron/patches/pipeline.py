@@ -7,7 +7,8 @@ it leaves the weights, gradients and RNG streams exactly as they were, so the lo
 `dump_pp_data` times every microbatch's forward and backward on every rank and writes, per rank,
 `<run dir>/pp_data/rank-<r>.json` in Chrome's trace format (open the files in Perfetto or
 chrome://tracing: one process per pipeline stage, one row per rank), with the step and microbatch of
-each event. Clocks are wall-clock microseconds, comparable across the ranks of one node.
+each event. Clocks are wall-clock microseconds, comparable across the ranks of one node; on a GPU they
+come from device events (the kernels' run time, not their launch time).
 """
 
 from __future__ import annotations
@@ -68,12 +69,48 @@ def _pp_warmup(ctx: PatchContext) -> None:
 
 
 class ScheduleRecorder:
-    """Collects (kind, step, microbatch, start, end) for every forward and backward of this rank."""
+    """Collects (kind, step, microbatch, start, end) for every forward and backward of this rank.
+
+    On a GPU the times are device events recorded on the current stream around each call (what the
+    kernels took, not how long queueing them took), placed on the wall clock by one event recorded
+    after a synchronize at the start; they are read when the dump is written. On CPU, where work
+    is done when the call returns, the wall clock itself.
+    """
 
     def __init__(self, loop: Any) -> None:
+        import torch
+
         self.loop = loop
         self.events: list[dict[str, Any]] = []
         self.seen: Counter[tuple[str, int]] = Counter()
+        self.pending: list[tuple[dict[str, Any], Any, Any]] = []  # (event, start, end) device events
+        self.origin: Any = None
+        if getattr(loop, "device", None) is not None and loop.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.origin_us = time.time_ns() // 1000
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+
+    def _mark(self) -> Any:
+        import torch
+
+        if self.origin is None:
+            return time.time_ns() // 1000
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def resolve(self) -> None:
+        """Device events -> wall-clock microseconds (waits for the device)."""
+        import torch
+
+        if not self.pending:
+            return
+        torch.cuda.synchronize()
+        for event, start, end in self.pending:
+            event["start_us"] = self.origin_us + round(self.origin.elapsed_time(start) * 1000)
+            event["end_us"] = self.origin_us + round(self.origin.elapsed_time(end) * 1000)
+        self.pending.clear()
 
     def timed(self, kind: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -83,19 +120,27 @@ class ScheduleRecorder:
             step = self.loop.step
             microbatch = self.seen[(phase, step)]
             self.seen[(phase, step)] += 1
-            start = time.time_ns() // 1000
+            start = self._mark()
             try:
                 return fn(*args, **kwargs)
             finally:
-                end = time.time_ns() // 1000
+                end = self._mark()
                 event = {"kind": phase, "step": step, "microbatch": microbatch, "start_us": start, "end_us": end}
                 if kwargs.get("vp_stage") is not None:
                     event["model_chunk"] = kwargs["vp_stage"]
+                if self.origin is not None:
+                    self.pending.append((event, start, end))
                 self.events.append(event)
 
         return wrapper
 
     def write(self, path: Path, rank: int, pp_rank: int, pp_size: int) -> None:
+        try:
+            self.resolve()
+        except RuntimeError as exc:  # the device failed (the dump is written after a failure too)
+            logger.warning(f"dump_pp_data: device times unreadable ({exc}); writing the events already read")
+            unread = {id(event) for event, _, _ in self.pending}
+            self.events = [e for e in self.events if id(e) not in unread]
         trace: list[dict[str, Any]] = [
             {"ph": "M", "name": "process_name", "pid": pp_rank, "args": {"name": f"pipeline stage {pp_rank}"}},
             {"ph": "M", "name": "thread_name", "pid": pp_rank, "tid": rank, "args": {"name": f"rank {rank}"}},
