@@ -3,7 +3,8 @@ fine-tunes it on the bundled toy instruction set (loss on the completions only) 
 training prompts from `<run dir>/hf/` (the base: the hf backend's tests' tiny Llama, tests/hf/test_posttrain.py);
 isolated packing gives unpacked's per-token loss; upstream's SFT files
 resolve and refuse a hub dataset in one line; LoRA under TP=2 leaves the base weights bit-identical and writes a
-peft adapter whose merge equals base + adapter."""
+peft adapter whose merge equals base + adapter; its checkpoints hold the adapters only and resume to the same
+losses; masked positions (the loop built in this process) change neither the loss nor a gradient."""
 
 from __future__ import annotations
 
@@ -87,16 +88,24 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir_for(tmp / "ws", "full")
 
 
+def lora_experiment(tmp: Path) -> Path:
+    """LoRA rank 8 on every linear layer under TP=2, merged at the end, a checkpoint after step 57 and 60."""
+    rows = toy_rows(packing=True).count
+    return experiment(tmp, "lora", steps=60, gbs=rows, mbs=rows, lr=1e-2,
+                      data={"path": str(INSTRUCTIONS), "packing": True},
+                      sections="finetune: {method: lora, lora: {rank: 8, alpha: 16, merge: true}}\n    "
+                               "parallel: {tensor: 2}\n    checkpoint: {interval: 57}")
+
+
+def train_lora(exp: Path, *args: str) -> None:
+    train(exp, *args, "--nproc-per-node", "2", "--master-port", str(free_port()))
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LoRA rank 8 on every linear layer under TP=2 (two processes), merged at the end."""
+    """The LoRA run (two processes)."""
     tmp = tmp_path_factory.mktemp("lora")
-    rows = toy_rows(packing=True).count
-    exp = experiment(tmp, "lora", steps=60, gbs=rows, mbs=rows, lr=1e-2,
-                     data={"path": str(INSTRUCTIONS), "packing": True},
-                     sections="finetune: {method: lora, lora: {rank: 8, alpha: 16, merge: true}}\n    "
-                              "parallel: {tensor: 2}")
-    train(exp, "--nproc-per-node", "2", "--master-port", str(free_port()))
+    train_lora(lora_experiment(tmp))
     return run_dir_for(tmp / "ws", "lora")
 
 
@@ -131,6 +140,27 @@ def test_lora_adapter_loads_in_peft_and_the_merge_equals_base_plus_adapter(lora_
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5 * adapted.abs().max().item())  # of their scale
 
 
+def test_lora_checkpoint_holds_the_adapters_only_and_resumes_to_the_same_losses(lora_run: Path,
+                                                                               tmp_path: Path) -> None:
+    """A LoRA checkpoint keeps A and B (with their optimizer state, schedule, step and RNG), never the frozen base;
+    a run resumed from the one after step 57 (the base loaded from hf_path again) logs steps 58-60 with the
+    uninterrupted run's losses, bit for bit (a restart from step 1, or from the base without the adapters or
+    their optimizer state, logs other steps or other losses)."""
+    from primus_megatron.checkpoint import _read_metadata, checkpoints
+
+    saved = checkpoints(lora_run / "checkpoints")
+    assert [p.name for p in saved] == ["iter_0000057", "iter_0000060"]
+    keys = list(_read_metadata(saved[0] / ".metadata").state_dict_metadata)
+    model_keys = [k for k in keys if k.startswith(("decoder.", "embedding.", "output_layer."))]
+    assert model_keys and all(k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for k in model_keys), keys
+    train_lora(lora_experiment(tmp_path), f"overrides.load={saved[0]}", "overrides.finetune=false",
+               "overrides.disable_last_saving=true")  # Megatron-LM's resume from a named checkpoint
+    whole = {r["step"]: r["loss"] for r in read_metrics(lora_run / "metrics.jsonl")}
+    resumed = read_metrics(run_dir_for(tmp_path / "ws", "lora") / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [58, 59, 60]
+    assert [r["loss"] for r in resumed] == [whole[s] for s in (58, 59, 60)]
+
+
 def test_isolated_packing_gives_the_unpacked_loss(full_run: Path) -> None:
     """The packed run's first step (every sample once, several to a row, attention kept inside each) has the loss
     transformers gives the same samples one per row: the mean over their completion tokens."""
@@ -149,6 +179,78 @@ def test_isolated_packing_gives_the_unpacked_loss(full_run: Path) -> None:
             count += int((labels != -100).sum())
     first = read_metrics(full_run / "metrics.jsonl")[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sft_loop(tmp_path_factory: pytest.TempPathFactory):
+    """The megatron SFT loop of a full fine-tune (one sample per row, a step is the whole toy set), built in this
+    process as one rank: the adapter's build_args and setup patches applied (undone after), PostTrainLoop.setup."""
+    from importlib.metadata import version
+    from types import SimpleNamespace
+
+    import torch
+
+    from primus.config.resolve import resolve
+    from primus.patches.registry import PatchContext, PatchSet
+    from primus_megatron.patches import PATCHES
+    from primus_megatron.posttrain.loop import PostTrainLoop
+    from primus_megatron.posttrain.settings import read_settings
+
+    tmp = tmp_path_factory.mktemp("mask")
+    rows = toy_rows(packing=False).count
+    m = resolve(experiment(tmp, "mask", steps=1, gbs=rows, mbs=rows), [], world_size=1,
+                environ={}).modules["post_trainer"]
+    sft = read_settings(m, m.native)
+    patches = PatchSet(PATCHES, environ={})
+    ctx = PatchContext(backend="megatron", platform="cpu", framework_version=version("megatron-core"),
+                       config=m.native, state={"checkpoint_dir": tmp / "checkpoints", "run_dir": tmp, "rank": 0})
+    loop = None
+    try:
+        patches.apply_phase("build_args", ctx)
+        patches.apply_phase("setup", ctx)
+        loop = PostTrainLoop(SimpleNamespace(**m.native), ctx=SimpleNamespace(module=m, run_dir=tmp, rank=0), sft=sft,
+                             checkpoint_dir=tmp / "checkpoints", device=torch.device("cpu"), on_step=print,
+                             on_eval=print, model_spec=m.model)
+        loop.setup()
+        yield loop
+    finally:
+        if loop is not None:
+            loop.close()
+        patches.undo_all()
+
+
+def test_masked_positions_contribute_nothing_to_loss_or_gradients(sft_loop) -> None:
+    """The hf test of the same name on megatron, through the loop's own rows, forward step, loss function and
+    gradient reduction: megatron's loss counts exactly the completion tokens and EOS of the records; changing the
+    padding tokens leaves the loss and every gradient bit-identical; training the masked positions too (labels =
+    the next input token, as pretraining does) changes the loss, so the mask is what this test sees."""
+    import torch
+    from transformers import AutoTokenizer
+
+    loop = sft_loop
+    samples = [loop.train_data[i] for i in range(loop.args.global_batch_size)]  # the first step: the whole set
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    want = sum(len(tokenizer.encode(r["completion"], add_special_tokens=False)) + 1 for r in read_jsonl(INSTRUCTIONS))
+    params = [p for chunk in loop.model for p in chunk.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch: list[dict]) -> tuple[float, int, list[torch.Tensor]]:
+        for chunk in loop.model:
+            chunk.zero_grad_buffer()
+        losses = loop._forward_backward(batch, 0, forward_only=False)
+        counted = int(sum(item["lm loss"][1].item() for item in losses))
+        return loop._mean_loss(losses), counted, [p.main_grad.clone() for p in params]
+
+    loss, counted, grads = loss_and_grads(samples)
+    assert counted == want and loss > 0
+    padding = [s["tokens"] == tokenizer.pad_token_id for s in samples]
+    assert all(p.any() for p in padding)
+    repadded = [{**s, "tokens": s["tokens"].masked_fill(p, 77)} for s, p in zip(samples, padding, strict=True)]
+    again, _, grads_again = loss_and_grads(repadded)
+    assert again == loss and all(torch.equal(a, b) for a, b in zip(grads, grads_again, strict=True))
+    unmasked = [{**s, "labels": torch.where(s["loss_mask"] > 0, s["labels"], torch.roll(s["tokens"], -1)),
+                 "loss_mask": torch.ones_like(s["loss_mask"])} for s in samples]
+    leaked, leaked_count, _ = loss_and_grads(unmasked)
+    assert leaked_count > counted and leaked != pytest.approx(loss, rel=1e-3)
 
 
 @pytest.mark.parametrize("path", sorted((EXAMPLES / "megatron").glob("*sft*.yaml")) + [

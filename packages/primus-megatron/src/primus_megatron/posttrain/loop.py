@@ -11,6 +11,9 @@ the loss on response tokens only, optionally LoRA adapters on the frozen base, a
   mask goes to megatron-core's local attention (its softmax takes a given mask in place of its causal one),
   so a sample attends only to itself (RoPE is relative, so the offset inside the row changes nothing);
   else attention is causal across the row (upstream's default regime).
+- **Checkpoints.** Full fine-tune: pretraining's. LoRA: the same checkpoints (checkpoint.interval, exit_interval,
+  SIGTERM, the end) holding only the adapters of the model's state, with their optimizer state, the schedule,
+  the step and the RNG; the frozen base is not written, and a resumed run loads it from `hf_path` again.
 - **End.** Full fine-tune: core exports the last checkpoint to `<run dir>/hf/` (any layout).
   LoRA: `<run dir>/adapter/` (peft) from the live adapters, and `<run dir>/hf/` merged on request.
 """
@@ -86,6 +89,11 @@ def isolation_mask(segments: torch.Tensor) -> torch.Tensor:
     return (~keep).unsqueeze(0)
 
 
+def is_adapter_key(key: str) -> bool:
+    """Whether a key of the model's sharded state is a LoRA matrix (what a LoRA checkpoint keeps)."""
+    return key.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+
+
 class PostTrainLoop(PretrainLoop):
     """PretrainLoop with `build_data`, `adapt_model` and the end of the run replaced (see the module doc)."""
 
@@ -146,12 +154,12 @@ class PostTrainLoop(PretrainLoop):
                               fix="set model: {hf_path: DIR} (a local Hugging Face model directory)")
         self.lora_layers = add_lora(model, self.sft.lora, seed=self.args.seed)
         self.base_digest = base_fingerprint(model)
-        logger.info("LoRA runs keep no megatron checkpoints: the adapter written at the end is the result")
+        self.checkpoint_filter = is_adapter_key
         return model
 
-    def save_checkpoint(self) -> None:
-        if self.sft.lora is None:
-            super().save_checkpoint()
+    def _resuming(self) -> bool:
+        """A LoRA checkpoint holds the adapters only: the base is loaded from hf_path whether or not it resumes."""
+        return self.sft.lora is None and super()._resuming()
 
     def finish(self) -> None:
         """LoRA's result: `<run dir>/adapter/` (+ merged `<run dir>/hf/`); every rank calls, rank 0 writes. A full

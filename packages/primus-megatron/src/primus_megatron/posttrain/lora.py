@@ -16,7 +16,8 @@ left out of a fused layer has its rows of B held at zero. Routed experts are not
 
 At the end the adapters are gathered over TP and the pipeline to rank 0 and written as a peft adapter (core's
 `write_adapter`), and, with `finetune.lora.merge`, the base model with `W + (alpha / r) B A` as `<run dir>/hf/`.
-LoRA runs keep no megatron checkpoints: the adapter is the result.
+Checkpoints of a LoRA run hold A and B (sharded as above), their optimizer state, the schedule, the step and the
+RNG, never the frozen base: a resumed run loads the base from `hf_path` again (PostTrainLoop).
 """
 
 from __future__ import annotations
@@ -77,7 +78,15 @@ class LoraLinear(torch.nn.Module):
         return out + F.linear(h, self.b()) * self.scale, bias
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> Any:
-        return self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        """The base layer's keys as they were, plus `lora_A` / `lora_B` sharded over TP as the parameters are
+        (a LoRA checkpoint keeps only these: PostTrainLoop.checkpoint_filter)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        axis = {"lora_B": 0} if self.parallel == "column" else {"lora_A": 1}
+        state.update(make_sharded_tensors_for_checkpoint({"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix,
+                                                         axis, sharded_offsets))
+        return state
 
 
 def _rows_mask(name: str, targets: tuple[str, ...], config: Any) -> torch.Tensor | None:
