@@ -39,6 +39,17 @@ def _run(workspace: Path, home: Path, *args: str, nproc: int = 1):
                               env={"HOME": str(home), "PRIMUS_CACHE_DIR": ""}, cwd=REPO)
 
 
+def test_a_corpus_is_converted_in_the_workspace_not_under_home(tmp_path: Path) -> None:
+    # on a cluster ~/.cache is often node-local: the other nodes would convert again, or not find it
+    workspace, home = tmp_path / "ws", tmp_path / "home"
+    home.mkdir()
+    data = [f"data.path={support.CORPUS}", f"data.tokenizer={support.TOKENIZER}", "data.mock=false"]
+    support.assert_ok(_run(workspace, home, *data, "train.steps=2", "disable_last_saving=true"))
+    assert len(list((workspace / ".cache" / "megatron").glob("corpus-*.idx"))) == 1
+    assert list((workspace / ".cache" / "megatron" / "index-cache").iterdir())  # GPTDataset's sample index
+    assert not list(home.rglob("*")), list(home.rglob("*"))
+
+
 def test_a_fully_parallel_save_at_dp2_resumes_to_the_same_losses(tmp_path: Path) -> None:
     # ckpt_fully_parallel_save (the default): the replicated weights are split over the two
     # data-parallel ranks instead of all written by rank 0 (before: 1.67 MB vs 1.0 MB of shards)

@@ -60,7 +60,7 @@ class MegatronAdapter(Adapter):
             on_eval=lambda step, loss: ctx.metrics.eval_step(step, loss=loss),
             stop_requested=lambda: ctx.stop_requested,
             on_damaged=ctx.module.module.checkpoint.on_damaged or "fail",
-            hf_path=ctx.module.hf_path, model_spec=ctx.module.model,
+            hf_path=ctx.module.hf_path, model_spec=ctx.module.model, run_dir=ctx.run_dir,
         )
         ctx.state["loop"] = loop
         try:

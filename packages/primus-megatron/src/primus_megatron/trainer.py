@@ -353,8 +353,9 @@ class PretrainLoop:
     def __init__(self, args: SimpleNamespace, *, checkpoint_dir: Path, device: torch.device,
                  on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None],
                  stop_requested: Callable[[], bool] = lambda: False, on_damaged: str = "fail",
-                 hf_path: str | None = None, model_spec: Any = None) -> None:
+                 hf_path: str | None = None, model_spec: Any = None, run_dir: Path | None = None) -> None:
         self.args = args
+        self.run_dir = run_dir  # a converted corpus is cached in its workspace (data.default_cache_dir)
         self.hf_path = hf_path  # model: {hf_path: DIR}: the init comes from DIR's safetensors
         self.model_spec = model_spec
         self.on_damaged = on_damaged  # checkpoint.on_damaged: fail | previous
@@ -407,7 +408,7 @@ class PretrainLoop:
 
     def build_data(self) -> tuple[Any, Any]:
         """(train, valid) datasets: indexable, each item a dict of one sample's tensors (data.microbatches)."""
-        return build_datasets(self.args, padded_vocab_size(self.args))
+        return build_datasets(self.args, padded_vocab_size(self.args), run_dir=self.run_dir)
 
     def _resuming(self) -> bool:
         """Whether setup will load a checkpoint (whose weights replace an init)."""
