@@ -128,3 +128,61 @@ def test_post_training_settings_are_refused_where_they_cannot_apply(write, tmp_p
         resolve(path)
     assert message in str(err.value) and str(err.value).startswith(f"{path}:")
     assert "\n" not in str(err.value)
+
+
+def test_squad_records_train_on_the_first_answer(tmp_path):
+    """SQuAD records (upstream's sft_dataset_name can name them), in the datasets library's form, SQuAD's JSON form
+    or with plain strings: the prompt is the context and question, the completion the first answer, then EOS."""
+    from primus.posttrain.generate import read_prompts
+
+    context, question = "Zorbia's capital is Ulmet.", "What is the capital of Zorbia?"
+    records = [{"context": context, "question": question, "answers": answers} for answers in (
+        {"text": ["Ulmet", "Ulmet city"], "answer_start": [19, 19]}, [{"text": "Ulmet", "answer_start": 19}],
+        ["Ulmet"])]
+    path = _jsonl(tmp_path / "squad.jsonl", records)
+    read = list(read_records(path))
+    assert {fmt for _, fmt, _ in read} == {"squad"}
+    renderer = Renderer(CharTokenizer(), "squad", None)
+    for _, _, fields in read:
+        ids, mask = renderer.tokens(fields)
+        assert _decode(ids) == f"#Context: {context} Question: {question} Answer: Ulmet#"
+        assert _decode(ids, mask) == " Ulmet#"  # the first answer and EOS
+    assert read_prompts(path) == [f"Context: {context} Question: {question} Answer:"] * 3  # as trained
+    bad = _jsonl(tmp_path / "bad.jsonl", [records[0], {"context": "c", "question": "q", "answers":
+                                                       {"text": [], "answer_start": []}}])
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: data.path: squad record has no answer text"):
+        list(read_records(bad))
+
+
+@pytest.mark.parametrize(("split", "refused"), [(None, False), ("train", False), ("validation", True)])
+def test_sft_dataset_split_of_a_local_file(tmp_path, split, refused):
+    """A local JSONL is one split: upstream's sft_dataset_split may say train (its default), not another."""
+    from primus.config.schema import ModuleConfig
+    from primus.posttrain.rules import POST_TRAINING, check_post_training
+
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
+    module = ModuleConfig.model_validate({"framework": "hf", "data": {"path": str(path), "tokenizer": str(tmp_path)},
+                                          "overrides": {"sft_dataset_split": split} if split else {}})
+    if not refused:
+        check_post_training(module, "posttrain", POST_TRAINING, "hf", None)
+        assert module.data.format == "prompt_completion"
+        return
+    with pytest.raises(ConfigError) as err:
+        check_post_training(module, "posttrain", POST_TRAINING, "hf", None)
+    assert str(err.value) == (f"sft_dataset_split: 'validation': the local file {path} is one split, read whole "
+                              f"(point data.path (or sft_dataset_name) at the validation split's JSONL and remove "
+                              f"sft_dataset_split)")
+
+
+def test_the_run_template_replaces_the_copied_one(tmp_path):
+    """What every backend's outputs get (core, after the run / in the export): chat_template.jinja with the run's
+    template, and no other template left in tokenizer_config.json."""
+    from primus.posttrain.data import CHATML_TEMPLATE, carry_chat_template
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": "{{ old }}"}))
+    assert not carry_chat_template(out, "tokenizer")  # the tokenizer's own: copied with its files
+    assert carry_chat_template(out, "chatml")
+    assert (out / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"eos_token": "</s>"}

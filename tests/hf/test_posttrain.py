@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 INSTRUCTIONS = EXAMPLES / "data" / "instructions.jsonl"
 STEPS = 150
+LORA = "{method: lora, lora: {rank: 8, alpha: 16, merge: true}}"
 
 EXPERIMENT = """
 work_group: team
@@ -98,13 +99,14 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train(write_sft(tmp_path_factory.mktemp("full"), "full"))
 
 
+def lora_experiment(directory: Path) -> Path:
+    """LoRA (rank 8 on every linear layer) of the base, merged at the end; every step logged."""
+    return write_sft(directory, "lora", lr=1e-2, finetune=LORA, checkpoint="{resume: auto}")
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LoRA (rank 8 on every linear layer) of the same base, merged at the end; a checkpoint of the last
-    step keeps the trained model's base weights for the bit-identity check."""
-    return train(write_sft(tmp_path_factory.mktemp("lora"), "lora", lr=1e-2,
-                           finetune="{method: lora, lora: {rank: 8, alpha: 16, merge: true}}",
-                           checkpoint=f"{{interval: {STEPS}}}"))
+    return train(lora_experiment(tmp_path_factory.mktemp("lora")), "train.log_interval=1")
 
 
 def _accuracy(run_dir: Path) -> float:
@@ -146,21 +148,23 @@ def test_full_run_exports_a_hugging_face_model(full_run: Path):
 
 
 def test_lora_keeps_the_base_weights_and_the_merge_equals_base_plus_adapter(lora_run: Path):
-    """Every base weight in the trained model (the last checkpoint) is bit-identical to the base model's;
-    peft loads the adapter; the merged hf/ gives the logits of base + adapter to 1e-5 (relative to the
-    largest logit), and they are not the base's."""
+    """The frozen weights after training are bit-identical to the base model's (the run logs a digest of them,
+    compared here with one of the base's safetensors); peft loads the adapter; the merged hf/ gives the logits
+    of base + adapter to 1e-5 (relative to the largest logit), and they are not the base's."""
+    import hashlib
+
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     base = load_file(str(base_model() / "model.safetensors"))
-    trained = torch.load(lora_run / "checkpoints" / f"checkpoint-{STEPS}" / "model.pt", weights_only=True)
-    frozen = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v for k, v in trained.items()
-              if "lora_" not in k}
-    assert set(frozen) == set(base)
-    for name, tensor in base.items():
-        assert torch.equal(frozen[name], tensor), name
+    digest = hashlib.sha256()
+    for name in sorted(base):
+        digest.update(name.encode())
+        digest.update(base[name].contiguous().view(torch.uint8).numpy().tobytes())
+    log = (lora_run / "logs" / "post_trainer" / "rank-0" / "primus.log").read_text()
+    assert f"base weights bit-identical after training (frozen weights sha256 {digest.hexdigest()})" in log
     config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and len(config["target_modules"]) == 7
 
@@ -175,6 +179,30 @@ def test_lora_keeps_the_base_weights_and_the_merge_equals_base_plus_adapter(lora
     assert torch.allclose(merged, adapter_logits, atol=1e-5 * float(adapter_logits.abs().max()), rtol=0), \
         (merged - adapter_logits).abs().max()
     assert (adapter_logits - base_logits).abs().max() > 0.1
+
+
+def test_a_stopped_lora_run_resumes_to_the_uninterrupted_losses(lora_run: Path, tmp_path: Path):
+    """The LoRA experiment stopped after step 3 checkpoints the adapter and its optimizer state only (a fraction of
+    the model's size); resumed (and stopped again after step 6) it logs the uninterrupted run's losses bit for bit."""
+    import torch
+
+    path = lora_experiment(tmp_path)
+    run = train(path, "train.log_interval=1", "exit_at_step=3")
+    checkpoint = run / "checkpoints" / "checkpoint-3"
+    saved = torch.load(checkpoint / "model.pt", weights_only=True)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:3]
+    assert len(saved) == 2 * 7 * 2  # A and B of 7 modules in 2 layers
+    size = sum(f.stat().st_size for f in checkpoint.iterdir())
+    model_size = (base_model() / "model.safetensors").stat().st_size
+    assert size < model_size / 2, (size, model_size)  # a whole-model checkpoint is over 1.5x the model
+    assert not (run / "adapter").exists()
+    train(path, "train.log_interval=1", "exit_at_step=6")
+    log = (run / "logs" / "post_trainer" / "rank-0" / "primus.log").read_text()
+    assert "resumed from" in log and "checkpoint-3" in log
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+    uninterrupted = {r["step"]: r["loss"] for r in read_metrics(lora_run / "metrics.jsonl")}
+    assert sorted(resumed) == list(range(1, 7))
+    assert [resumed[s] for s in range(4, 7)] == [uninterrupted[s] for s in range(4, 7)]  # bit for bit
 
 
 # --------------------------------------------------------------------------- the loss, in process
@@ -270,11 +298,13 @@ def test_packed_rows_give_each_token_the_loss_it_has_unpacked(model: Any):
 # --------------------------------------------------------------------------- processes
 
 
-def test_two_fsdp_ranks_train_as_one_process_does(tmp_path: Path):
-    """The loss is the mean over the trained tokens of the global batch, not of each rank's rows: records
-    whose completions have different lengths, split over 2 FSDP ranks, give the one-process losses."""
+@pytest.fixture(scope="module", params=["full", "lora"])
+def fsdp_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """One process and two FSDP ranks, 4 steps of full fine-tuning or LoRA (merged), on records whose completions
+    have different lengths, rendered with the ChatML template."""
     import random
 
+    tmp_path = tmp_path_factory.mktemp(request.param)
     rng = random.Random(0)
     records = tmp_path / "varied.jsonl"
     names = ["Ada", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana"]
@@ -283,12 +313,44 @@ def test_two_fsdp_ranks_train_as_one_process_does(tmp_path: Path):
         words = rng.sample(names, rng.randint(1, 6))
         lines.append(json.dumps({"prompt": f"reverse: {' '.join(words)} ->", "completion": " " + " ".join(words[::-1])}))
     records.write_text("\n".join(lines) + "\n")
-    data = {"path": str(records)}
-    one = train(write_sft(tmp_path, "one", steps=4, micro=4, seq=32, data=data), "train.log_interval=1")
-    two = train(write_sft(tmp_path, "two", steps=4, micro=4, seq=32, data=data), "train.log_interval=1",
-                "--nproc-per-node", "2", "--master-port", str(free_port()), "parallel.fsdp=true")
+    kw = {"steps": 4, "micro": 4, "seq": 64, "data": {"path": str(records), "chat_template": "chatml"},
+          **({"finetune": LORA, "lr": 1e-2} if request.param == "lora" else {})}
+    one = train(write_sft(tmp_path, "one", **kw), "train.log_interval=1")
+    two = train(write_sft(tmp_path, "two", **kw), "train.log_interval=1", "--nproc-per-node", "2",
+                "--master-port", str(free_port()), "parallel.fsdp=true")
+    return request.param, one, two
+
+
+def test_two_fsdp_ranks_train_as_one_process_does(fsdp_pair: tuple[str, Path, Path]):
+    """The loss is the mean over the trained tokens of the global batch, not of each rank's rows: records
+    whose completions have different lengths, split over 2 FSDP ranks, give the one-process losses, for full
+    fine-tuning and for LoRA (peft's model sharded by FSDP2), and the same adapter."""
+    method, one, two = fsdp_pair
     losses = [[r["loss"] for r in read_metrics(run / "metrics.jsonl")] for run in (one, two)]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5), losses
+    assert losses[0][-1] < losses[0][0] - 0.05, losses  # it trains: the steps are not all the first one's
+    if method == "lora":
+        import torch
+        from safetensors.torch import load_file
+
+        adapters = [load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (one, two)]
+        assert set(adapters[0]) == set(adapters[1])
+        for key, value in adapters[0].items():
+            assert torch.allclose(value, adapters[1][key], atol=1e-5), key
+
+
+def test_the_chat_template_travels_with_the_model(fsdp_pair: tuple[str, Path, Path]):
+    """`data.chat_template: chatml` (the tokenizer has none): the exported model (full: core's export; LoRA: the
+    merged model) and the adapter carry it, as transformers 5 saves one, and render a chat with it."""
+    from transformers import AutoTokenizer
+
+    method, one, two = fsdp_pair
+    chat = [{"role": "user", "content": "hi"}]
+    for directory in [one / "hf", two / "hf"] + ([one / "adapter"] if method == "lora" else []):
+        assert (directory / "chat_template.jinja").is_file(), directory
+        rendered = AutoTokenizer.from_pretrained(str(directory)).apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True)
+        assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", (directory, rendered)
 
 
 # --------------------------------------------------------------------------- mistakes

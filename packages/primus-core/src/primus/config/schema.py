@@ -77,9 +77,10 @@ class DataSection(_Strict):
     tokenizer: str | None = Field(None, description="Local tokenizer directory.")
     valid_fraction: FiniteFloat | None = Field(None, ge=0, lt=1, description="Share of documents held out for validation.")
     # post-training (docs/guide/posttrain.md)
-    format: Literal["text", "messages", "alpaca", "prompt_completion"] | None = Field(
+    format: Literal["text", "messages", "alpaca", "prompt_completion", "squad"] | None = Field(
         None, description="Records of data.path: text (pretraining), messages (chats: {messages: [{role, content}]}), "
-                          "alpaca ({instruction, input?, output}) or prompt_completion ({prompt, completion}). "
+                          "alpaca ({instruction, input?, output}), prompt_completion ({prompt, completion}) or squad "
+                          "({context, question, answers: {text: [...]}}: trained on the first answer). "
                           "Default: text for pre_trainer modules; for post_trainer modules, read off the first record.")
     chat_template: str | None = Field(
         None, description="tokenizer (its own template, the default for messages), chatml, a Jinja template inline, "

@@ -38,7 +38,7 @@ from typing import Any
 
 from primus.errors import ConfigError
 
-FORMATS = ("messages", "alpaca", "prompt_completion")
+FORMATS = ("messages", "alpaca", "prompt_completion", "squad")
 ROLES = ("system", "user", "assistant")
 #: the label of a position whose next token is not trained (PyTorch's cross-entropy ignore_index default)
 IGNORE_INDEX = -100
@@ -59,6 +59,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+#: a SQuAD record's prompt (Megatron-Bridge's SQuAD form); its completion is " " + the first answer's text
+SQUAD_PROMPT = "Context: {context} Question: {question} Answer:"
 
 
 # --------------------------------------------------------------------------- records
@@ -74,6 +76,8 @@ def detect_format(record: Any) -> str | None:
         return "alpaca"
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
+    if "context" in record and "question" in record and "answers" in record:
+        return "squad"
     return None
 
 
@@ -101,6 +105,9 @@ def _check_record(record: Any, fmt: str, path: Path, line: int) -> dict[str, Any
         return {"instruction": text("instruction"), "input": text("input", optional=True), "output": text("output")}
     if fmt == "prompt_completion":
         return {"prompt": text("prompt"), "completion": text("completion")}
+    if fmt == "squad":
+        return {"prompt": SQUAD_PROMPT.format(context=text("context"), question=text("question")),
+                "completion": " " + _first_answer(record.get("answers"), path, line)}
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _record_error(path, line, "messages record: 'messages' must be a non-empty list of {role, content}",
@@ -117,9 +124,25 @@ def _check_record(record: Any, fmt: str, path: Path, line: int) -> dict[str, Any
     return {"messages": turns}
 
 
+def _first_answer(answers: Any, path: Path, line: int) -> str:
+    """The text of a SQuAD record's first answer: `answers` as the datasets library writes it ({text: [...],
+    answer_start: [...]}), as SQuAD's JSON does ([{text, answer_start}, ...]) or a list of strings."""
+    if isinstance(answers, dict):
+        answers = answers.get("text")
+    texts = [a.get("text") if isinstance(a, dict) else a for a in answers] if isinstance(answers, list) else None
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        raise _record_error(path, line, "squad record: 'answers' must be {text: [...]}, [{text}, ...] or [...] of "
+                                        "strings", fix=f"a squad record has {FORMAT_FIELDS['squad']}")
+    if not texts or not texts[0].strip():
+        raise _record_error(path, line, "squad record has no answer text (an unanswerable SQuAD 2.0 question): "
+                                        "nothing to train on", fix="leave out the records whose answers are empty")
+    return texts[0]
+
+
 FORMAT_FIELDS = {"messages": "messages: [{role: system|user|assistant, content}]",
                  "alpaca": "instruction, output and optionally input",
-                 "prompt_completion": "prompt and completion"}
+                 "prompt_completion": "prompt and completion",
+                 "squad": "context, question and answers: {text: [...]}"}
 
 
 def read_records(path: Path | str, fmt: str | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -145,9 +168,8 @@ def read_records(path: Path | str, fmt: str | None = None) -> Iterator[tuple[int
                     fields = ", ".join(sorted(str(k) for k in record)) if isinstance(record, dict) else "none"
                     raise _record_error(path, number, f"record is none of the post-training formats (fields: "
                                                       f"{fields})",
-                                        fix="messages: " + FORMAT_FIELDS["messages"] + "; alpaca: "
-                                            + FORMAT_FIELDS["alpaca"] + "; prompt_completion: "
-                                            + FORMAT_FIELDS["prompt_completion"] + " (or set data.format)")
+                                        fix="; ".join(f"{f}: {FORMAT_FIELDS[f]}" for f in FORMATS)
+                                            + " (or set data.format)")
             count += 1
             yield number, fmt, _check_record(record, fmt, path, number)
     if not count:
@@ -181,6 +203,35 @@ def template_text(setting: str | None) -> str | None:
     if "{%" in setting or "{{" in setting:
         return setting
     return Path(setting).read_text(encoding="utf-8")
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's (single) template
+
+
+def carry_chat_template(out_dir: Path, setting: str | None, tokenizer_dir: Path | str | None = None) -> bool:
+    """Give the tokenizer files in `out_dir` (an exported model, an adapter) the chat template the run used, as
+    transformers 5 saves one: `chat_template.jinja`, and no `chat_template` left in tokenizer_config.json (the
+    file wins when loading; two templates would only mislead). `setting` None / tokenizer: the tokenizer's own
+    template, already copied with its files, except a legacy `chat_template.json` of `tokenizer_dir`, copied
+    here. Returns whether `out_dir` now carries a template of the run's."""
+    out_dir = Path(out_dir)
+    text = template_text(setting)
+    if not out_dir.is_dir():
+        return False
+    if text is None:
+        legacy = Path(tokenizer_dir) / "chat_template.json" if tokenizer_dir else None
+        if legacy is not None and legacy.is_file() and not (out_dir / CHAT_TEMPLATE_FILE).is_file():
+            (out_dir / legacy.name).write_bytes(legacy.read_bytes())
+            return True
+        return False
+    (out_dir / CHAT_TEMPLATE_FILE).write_text(text, encoding="utf-8")
+    (out_dir / "chat_template.json").unlink(missing_ok=True)
+    config = out_dir / "tokenizer_config.json"
+    if config.is_file():
+        values = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(values, dict) and values.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
 
 
 def conversation(fields: dict[str, Any], fmt: str) -> list[dict[str, str]]:

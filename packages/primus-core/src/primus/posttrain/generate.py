@@ -24,8 +24,9 @@ MAX_PROMPTS = 10_000
 
 
 def read_prompts(path: Path) -> list[str]:
-    """A .jsonl of {"prompt": ...} (or a messages/alpaca record: its first user text), else one prompt per line."""
-    from primus.posttrain.data import conversation, detect_format
+    """A .jsonl of {"prompt": ...} (or a messages/alpaca record: its first user text; a squad record: its context
+    and question as training rendered them), else one prompt per line."""
+    from primus.posttrain.data import SQUAD_PROMPT, conversation, detect_format
 
     prompts = []
     with path.open(encoding="utf-8") as f:
@@ -45,6 +46,8 @@ def read_prompts(path: Path) -> list[str]:
             fmt = detect_format(record)
             if isinstance(record, dict) and isinstance(record.get("prompt"), str):
                 prompts.append(record["prompt"])
+            elif fmt == "squad" and isinstance(record.get("context"), str) and isinstance(record.get("question"), str):
+                prompts.append(SQUAD_PROMPT.format(context=record["context"], question=record["question"]))
             elif fmt in ("messages", "alpaca") and isinstance(record, dict):
                 try:
                     turns = conversation(record if fmt == "messages" else {"input": "", **record}, fmt)

@@ -56,6 +56,22 @@ def _set_fields(module: Any) -> list[str]:
     return out
 
 
+#: upstream's `sft_dataset_split` values a local JSONL (one file, one split) stands for
+SPLITS_OF_A_FILE = (None, "train")
+
+
+def check_split(overrides: Any, path: str | None) -> None:
+    """Upstream's `sft_dataset_split` names a split of a hub dataset; a local JSONL is one split, read whole, so
+    only `train` (upstream's default) means it. Another split of a local file is refused: the records of that
+    split are another file (`data.path` / `sft_dataset_name`). A hub dataset is refused when the run starts."""
+    split = overrides.get("sft_dataset_split") if isinstance(overrides, dict) else None
+    if split in SPLITS_OF_A_FILE or not path:
+        return
+    raise ConfigError(f"{split!r}: the local file {path} is one split, read whole",
+                      key="sft_dataset_split", fix=f"point data.path (or sft_dataset_name) at the {split} split's "
+                                                   "JSONL and remove sft_dataset_split")
+
+
 def check_post_training(module: Any, kind: str, can: frozenset[str], backend: str, hf_path: str | None) -> None:
     """`kind`: the module's (pretrain, posttrain); `can`: the backend translator's `post_training`.
     A post_trainer module's `data.format`, when left to the records, is set to what they are."""
@@ -80,7 +96,8 @@ def check_post_training(module: Any, kind: str, can: frozenset[str], backend: st
                           fix="use packed_attention: causal (samples attend across their boundaries) or no packing")
     if data.format == "text":
         raise ConfigError("post-training reads records, not plain text", key="data.format",
-                          fix="use messages, alpaca or prompt_completion")
+                          fix="use messages, alpaca, prompt_completion or squad")
+    check_split(module.overrides, data.path)
     if data.mock:
         raise ConfigError("post-training has no mock data", key="data.mock", fix="set data.path to a JSONL of records")
     template = data.chat_template

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from primus.errors import ConfigError
 
@@ -37,6 +38,7 @@ def export_run(run_dir: Path, module_name: str, step: int | None, out_dir: Path,
     from primus.backends.discovery import discover
     from primus.backends.spec import load_object
     from primus.models.hf import CONFIG_FILE, TOKENIZER_FILES, hf_config, legacy_rope_keys
+    from primus.posttrain.data import carry_chat_template
     from primus.runs.rundir import read_module
 
     if not replace and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -61,6 +63,7 @@ def export_run(run_dir: Path, module_name: str, step: int | None, out_dir: Path,
             for file in TOKENIZER_FILES:
                 if (Path(tokenizer) / file).is_file():
                     shutil.copyfile(Path(tokenizer) / file, tmp / file)
+            carry_chat_template(tmp, module.module.data.chat_template, tokenizer)  # post-training's template
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
             out_dir.rename(old)  # empty, or the previous export when replacing
@@ -80,8 +83,22 @@ def export_after_run(run_dir: Path, module_name: str) -> None:
     from primus.runs.rundir import read_module
 
     module, _ = read_module(run_dir, module_name)
-    if module.module.checkpoint.export != "hf":
+    if module.module.checkpoint.export == "hf":
+        step, files = export_run(run_dir, module_name, None, run_dir / HF_EXPORT_DIR, replace=True)
+        logger.info(f"exported step {step} to {run_dir / HF_EXPORT_DIR} ({len(files)} files)")
+        print(f"primus: exported step {step} to {run_dir / HF_EXPORT_DIR}", flush=True)
+    carry_template(run_dir, module)
+
+
+def carry_template(run_dir: Path, module: Any) -> None:
+    """A post-training run's chat template into what its backend wrote itself (a LoRA run's `adapter/` and merged
+    `hf/`), whichever backend: the model answers as it was trained wherever it goes."""
+    from primus.posttrain.data import carry_chat_template
+    from primus.posttrain.generate import ADAPTER_DIR
+
+    data = module.module.data
+    if getattr(module, "kind", None) != "posttrain" or data.chat_template is None:
         return
-    step, files = export_run(run_dir, module_name, None, run_dir / HF_EXPORT_DIR, replace=True)
-    logger.info(f"exported step {step} to {run_dir / HF_EXPORT_DIR} ({len(files)} files)")
-    print(f"primus: exported step {step} to {run_dir / HF_EXPORT_DIR}", flush=True)
+    for name in (HF_EXPORT_DIR, ADAPTER_DIR):
+        if (run_dir / name / "tokenizer_config.json").is_file():
+            carry_chat_template(run_dir / name, data.chat_template, data.tokenizer or module.hf_path)
