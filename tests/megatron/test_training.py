@@ -134,7 +134,7 @@ def test_feature_flags_keep_the_loss_curve_and_trackers_record_it(tmp_path: Path
     log = result.stdout + result.stderr
     # 6 steps x 2 microbatches x 1 listed layer went through the checkpointed path, the other layer did not
     assert "recompute_layer_ids [0]: 12 layer forwards checkpointed (recomputed in backward), 12 kept" in log
-    assert "use_rocm_mem_info: reports ROCm GPUs only; nothing to report on cpu" in log
+    assert "use_rocm_mem_info: reports GPU memory only; nothing to report on cpu" in log
 
     out = run_dir(featured)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

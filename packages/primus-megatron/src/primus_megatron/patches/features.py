@@ -170,14 +170,14 @@ def _report_rocm_memory(ctx: PatchContext) -> Undo:
     def train_step_and_report(step: int) -> Any:
         report = train_step(step)
         if every or step in iterations:
-            logger.info(f"rocm memory after step {step}: {_gpu_memory()}")
+            logger.info(f"GPU memory after step {step}: {_gpu_memory()}")
         return report
 
     return replace_attr(loop, "train_step", train_step_and_report)
 
 
 def _rocm_memory_notice(ctx: PatchContext) -> None:
-    logger.warning(f"use_rocm_mem_info: reports ROCm GPUs only; nothing to report on {ctx.platform}")
+    logger.warning(f"use_rocm_mem_info: reports GPU memory only; nothing to report on {ctx.platform}")
 
 
 def _force_load_balancing_notice(ctx: PatchContext) -> None:
@@ -254,21 +254,21 @@ FEATURE_PATCHES: list[Patch] = [
           notes="logs how many layer forwards were checkpointed at the end of the run",
           apply=_recompute_listed_layers),
     Patch(id="megatron.rocm_mem_info", backend="megatron", phase="before_train", kind="feature",
-          platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
+          platforms=frozenset({"rocm", "cuda"}), target="primus_megatron.trainer.PretrainLoop.train_step",
           enabled_by="use_rocm_mem_info", enabled_by_default=False,
           description="Logs this rank's GPU memory (torch.cuda.mem_get_info, max_memory_reserved) after every step.", needs=("loop",),
           notes="without it, after the steps in use_rocm_mem_info_iters",
           apply=_report_rocm_memory),
     Patch(id="megatron.rocm_mem_info_iters", backend="megatron", phase="before_train", kind="feature",
-          platforms=frozenset({"rocm"}), target="primus_megatron.trainer.PretrainLoop.train_step",
+          platforms=frozenset({"rocm", "cuda"}), target="primus_megatron.trainer.PretrainLoop.train_step",
           enabled_by="use_rocm_mem_info_iters", enabled_by_default=False,
           predicate=lambda ctx: not ctx.config.get("use_rocm_mem_info"), predicate_doc="use_rocm_mem_info is off",
           description="Logs this rank's GPU memory (torch.cuda.mem_get_info, max_memory_reserved) after the listed steps.", needs=("loop",),
           apply=_report_rocm_memory),
     Patch(id="megatron.rocm_mem_info.unavailable", backend="megatron", phase="before_train", kind="feature",
-          platforms=frozenset({"cpu", "cuda"}), target="primus_megatron.trainer", check_target=False,
+          platforms=frozenset({"cpu"}), target="primus_megatron.trainer", check_target=False,
           enabled_by="use_rocm_mem_info", enabled_by_default=False,
-          description="A notice that use_rocm_mem_info has nothing to report on this platform.",
+          description="A notice that use_rocm_mem_info has nothing to report on CPU.",
           apply=_rocm_memory_notice),
     Patch(id="megatron.moe.force_load_balancing", backend="megatron", phase="build_args", kind="feature",
           versions=FRAMEWORK_RANGE, target="megatron.core.transformer.moe.router.TopKRouter",
