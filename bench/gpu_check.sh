@@ -72,7 +72,9 @@ write_exp() {  # write_exp BACKEND -> the experiment file's path
   local backend="$1" file="$OUT/$1.yaml" overrides model="$MODEL"
   if [ "$backend" = megatron_mla ]; then model="$MODEL_MLA"; fi
   case "$backend" in
-    megatron|megatron_mla) overrides='{log_interval: 1, disable_last_saving: true, save_interval: 100000}' ;;
+    # dump_pp_data: forward/backward timed by device events; use_rocm_mem_info: torch's memory figures
+    megatron|megatron_mla) overrides='{log_interval: 1, disable_last_saving: true, save_interval: 100000,
+                                      dump_pp_data: true, use_rocm_mem_info: true}' ;;
     torchtitan) overrides='{compile: {enable: false}, activation_checkpoint: {mode: none}}' ;;
     hf) overrides='{optim: adamw_torch_fused}' ;;
     maxtext) overrides='{enable_checkpointing: false, dataset_type: synthetic}' ;;
@@ -145,6 +147,23 @@ print("  ".join(p for p in parts if p))
 print(f"{'':<11} metrics keys: {', '.join(sorted(rows[-1]))}")
 if attention:
     print(f"{'':<11} attention: {attention}")
+memory = ""
+for log in sorted(run_dir.glob("logs/**/*.log")):
+    found = re.findall(r"GPU memory after step \d+: [^\n]*", log.read_text(errors="replace"))
+    memory = found[-1] if found else memory
+if memory:
+    print(f"{'':<11} {memory}")
+try:  # megatron's dump_pp_data: the device-event time of each step's forwards and backwards
+    events = json.loads((run_dir / "pp_data" / "rank-0.json").read_text())["primus"]["events"]
+    busy = {}
+    for e in events:
+        if e["kind"] in ("forward", "backward") and e["step"] > 5:
+            busy[e["step"]] = busy.get(e["step"], 0.0) + (e["end_us"] - e["start_us"]) / 1e6
+    if busy and st:
+        print(f"{'':<11} device-timed forward+backward {statistics.median(busy.values()):.3f} s of the "
+              f"{st:.3f} s step (dump_pp_data)")
+except (OSError, ValueError, KeyError):
+    pass
 EOF
 }
 
