@@ -1,7 +1,8 @@
-"""Post-training's overhead on the hf backend: SFT through `primus train posttrain` and through a plain script.
+"""Post-training's overhead: SFT through `primus train posttrain` and through a plain script (hf, megatron).
 
     python bench/sft_overhead.py [--rounds 3 --steps 300]
     python bench/sft_overhead.py --plain --steps 300      (one run of the plain side, what the bench starts)
+    python bench/sft_overhead.py --backend megatron --rounds 7 --steps 60   (plain side: plain_megatron_sft.py)
 
 Both sides fine-tune the same tiny Llama (llama3_tiny.yaml: random init, fp32, CPU) on the bundled toy
 instruction set (examples/data/instructions.jsonl), one sample per row of 64 tokens, 8 rows a step, with the
@@ -30,6 +31,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "instructions.jsonl"
@@ -57,12 +59,11 @@ modules:
 # --------------------------------------------------------------------------- the plain side
 
 
-def plain(steps: int, seq_length: int = 64, seed: int = 1234) -> None:
+def plain_rows(seq_length: int) -> tuple[Any, Any]:
+    """(inputs, labels of the next token) of the toy records, one per row of `seq_length`, tokenized here: the
+    prompt, then the completion and EOS; -100 on the prompt and the padding (the masking of core's rows)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from plain_hf import CONFIG  # llama3_tiny.yaml as the hf backend translates it
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     rows, labels = [], []
@@ -75,7 +76,17 @@ def plain(steps: int, seq_length: int = 64, seed: int = 1234) -> None:
         rows.append(ids + [tokenizer.pad_token_id] * pad)
         labels.append([-100] * len(prompt) + answer[:len(ids) - len(prompt)] + [-100] * pad)
     tokens, targets = torch.tensor(rows), torch.tensor(labels)
-    inputs, targets = tokens[:, :-1], targets[:, 1:]  # labels of the next token, as core's rows
+    return tokens[:, :-1], targets[:, 1:]  # labels of the next token, as core's rows
+
+
+def plain(steps: int, seq_length: int = 64, seed: int = 1234) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from plain_hf import CONFIG  # llama3_tiny.yaml as the hf backend translates it
+
+    inputs, targets = plain_rows(seq_length)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -132,11 +143,50 @@ def row_contents(packing: bool) -> tuple[float, float]:
     return rows.stats["samples"] / rows.count, real / rows.count
 
 
+def megatron(pairs: int, steps: int, env: dict[str, str]) -> None:
+    """SFT steps/s of examples/megatron/llama3_sft_tiny.yaml (one sample per row of 64, 8 rows a step) through
+    `primus train posttrain` and of bench/plain_megatron_sft.py, in alternating pairs; the median per-pair ratio."""
+    from overhead import primus_loop_seconds, run_child
+    from plain_megatron_sft import PRIMUS_OVERRIDES, SETTINGS
+
+    from primus.config.resolve import resolve
+
+    example = ROOT / "examples" / "megatron" / "llama3_sft_tiny.yaml"
+    overrides = [f"train.steps={steps}", *PRIMUS_OVERRIDES]
+    native = resolve(example, overrides, world_size=1, environ={}).modules["post_trainer"].native
+    differ = {k: (v, native.get(k)) for k, v in SETTINGS.items() if native.get(k) != v}
+    if differ:
+        sys.exit(f"plain settings differ from what Primus resolves (plain, primus): {differ}")
+    plain_script = ROOT / "bench" / "plain_megatron_sft.py"
+    ratios: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="primus-bench-") as tmp:
+        for pair in range(pairs):
+            rate: dict[str, float] = {}
+            for side in ("primus", "plain") if pair % 2 == 0 else ("plain", "primus"):
+                if side == "plain":
+                    import re
+
+                    text, _ = run_child([sys.executable, str(plain_script), "--steps", str(steps)], env)
+                    seconds = float(re.search(r"loop_s=(\S+)", text).group(1))
+                else:
+                    workspace = Path(tempfile.mkdtemp(dir=tmp))
+                    run_child([sys.executable, "-m", "primus", "train", "posttrain", "--config", str(example),
+                               f"workspace={workspace}", *overrides], env)
+                    seconds = primus_loop_seconds(workspace, steps, module="post_trainer")
+                rate[side] = (steps - 1) / seconds
+            ratios.append(rate["primus"] / rate["plain"])
+            print(f"pair {pair + 1}: primus {rate['primus']:6.2f} steps/s, plain {rate['plain']:6.2f} steps/s, "
+                  f"ratio {ratios[-1]:.3f}", flush=True)
+    print(f"\nmegatron SFT: primus / plain, median of {pairs} pairs {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.97)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backend", choices=("hf", "megatron"), default="hf")
+    parser.add_argument("--rounds", type=int, default=3, help="hf: rounds; megatron: alternating pairs (>= 7)")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--plain", action="store_true", help="run the plain side once and print its loop time")
+    parser.add_argument("--plain", action="store_true", help="run the hf plain side once and print its loop time")
     args = parser.parse_args()
     if args.plain:
         plain(args.steps)
@@ -145,6 +195,9 @@ def main() -> None:
     from overhead import run_child
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    if args.backend == "megatron":
+        megatron(args.rounds, args.steps, {**env, "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+        return
     rates: dict[str, list[float]] = {"primus": [], "plain": [], "packed": []}
     with tempfile.TemporaryDirectory(prefix="primus-bench-") as tmp:
         for round_index in range(args.rounds):
