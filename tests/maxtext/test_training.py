@@ -5,6 +5,7 @@ Each run costs seconds of imports and XLA compilation, so every run here checks 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -63,6 +64,11 @@ def test_resumed_run_matches_the_uninterrupted_one(reference, tmp_path):
     steps = [m["step"] for m in read_metrics(directory)]
     assert steps == [1, 2, 3, 4], steps  # the second run started at step 3
     assert losses(directory)[4] == pytest.approx(losses(ref_dir)[4], rel=1e-5, abs=1e-6)
+    # `primus runs` and `primus compare` read a maxtext run as any other (issue 15): two attempts, one history
+    row, = json.loads(run_primus("runs", str(tmp_path / "ws"), "--json").stdout)
+    assert (row["backend"], row["state"], row["step"], row["steps"], row["attempts"]) == ("maxtext", "done", 4, 4, 2)
+    compared, = json.loads(run_primus("compare", str(directory), "--json").stdout)
+    assert compared["last_loss"] == pytest.approx(losses(directory)[4]) and compared["tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize(("layout", "parallel", "data"), [
