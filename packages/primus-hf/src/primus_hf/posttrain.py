@@ -14,7 +14,10 @@ The pre_trainer loop (`HFAdapter`) runs unchanged; this subclass swaps what it t
   block-diagonal causal mask; flash-attention's varlen path the same way); `causal` passes an all-ones mask,
   so samples attend to the ones packed before them (upstream's regime).
 - **LoRA** (`finetune.method: lora`) with peft on exactly the modules core's `adapted_modules` names
-  (Hugging Face paths, dense MLP layers only), base weights frozen.
+  (Hugging Face paths, dense MLP layers only), base weights frozen and checked bit-identical at the end (a digest
+  of the frozen weights before and after the steps). DDP, or FSDP2 with one group per decoder layer of the model
+  inside peft's (every rank loads the base whole, then shards it). A checkpoint holds the adapter's matrices
+  and their optimizer state only: resume rebuilds the base from `hf_path` and sets the adapter.
 - **Out.** Full: `<run dir>/hf/`, core's export of the last step's checkpoint (`checkpoint.export: hf` is core's
   default for a full fine-tune). LoRA: `<run dir>/adapter/` written by core's `write_adapter` (peft's format, with
   the tokenizer and the chat template the run used) and, with `lora.merge`, the base model with
