@@ -117,6 +117,8 @@ class HFAdapter(Adapter):
             model.gradient_checkpointing_enable()
         self.model = model  # the unwrapped model: saved, and what the state dicts are keyed by
         self.train_model = self._wrap(model)
+        if n.get("torch_compile"):  # train.compile: the wrapped model's forward and backward through inductor
+            self.train_model = torch.compile(self.train_model)
         self.optimizer = self._optimizer(model)
         self.scheduler = self._scheduler(self.optimizer)
         self.autocast, self.scaler = self._precision()

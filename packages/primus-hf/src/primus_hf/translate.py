@@ -111,6 +111,7 @@ class HFTranslator(Translator):
             out.set("eval_strategy", "steps", "train.eval_interval")
             out.set("eval_steps", t.eval_interval, "train.eval_interval")
         out.set("eval_iters", t.eval_steps, "train.eval_steps")
+        out.set("torch_compile", t.compile, "train.compile")
 
         if module.parallel.fsdp is not None:
             out.set("fsdp", "full_shard" if module.parallel.fsdp else "", "parallel.fsdp")

@@ -84,7 +84,7 @@ class MegatronTranslator(Translator):
     }
     # every neutral field translate_sections maps (prepare.py reads data.path/tokenizer/text_key too)
     neutral_fields = frozenset(
-        [f"train.{name}" for name in _TRAIN] + ["train.precision"]
+        [f"train.{name}" for name in _TRAIN] + ["train.precision", "train.compile"]
         + [f"parallel.{name}" for name in _PARALLEL]
         + ["data.mock", "data.path", "data.tokenizer", "data.text_key", "data.valid_fraction"]
         + ["checkpoint.interval", "checkpoint.keep_last", "checkpoint.resume", "checkpoint.on_damaged"])
@@ -229,6 +229,10 @@ class MegatronTranslator(Translator):
         from primus_megatron.posttrain.settings import native_to_neutral
 
         native_to_neutral(module)  # upstream's post-training keys (lora, sft_dataset_name, ...) as neutral fields
+        if module.train.compile:
+            raise ConfigError("the megatron backend does not torch.compile the model: megatron-core 0.16 compiles "
+                              "only its fused kernels (on by default with a GPU, see --dry-run)", key="train.compile",
+                              fix="drop train.compile, or use the hf or torchtitan backend")
         out = NativeValues()
         for neutral, native in _TRAIN.items():
             out.set(native, getattr(module.train, neutral), f"train.{neutral}")

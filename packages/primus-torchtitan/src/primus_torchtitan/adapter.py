@@ -187,7 +187,10 @@ def build_trainer_config(native: dict[str, Any], *, run_dir: str, checkpoint_dir
     config.dump_folder = run_dir
     config.checkpoint.folder = checkpoint_dir  # absolute: os.path.join keeps it as is
     config.hf_assets_path = tokenizer_directory(tokenizer_location(native), mock=mock, fallback=run_dir)
-    config.training.disable_cuda_graphs = True  # cuda graphs are captured per device; Primus leaves them off
+    if native_get(native, "training.disable_cuda_graphs") is None:
+        # off unless written: TorchTitan's CUDA graphs need fixed shapes and no host sync in the step
+        # (no pipeline, EP only with some dispatchers); `training.disable_cuda_graphs: false` turns them on
+        config.training.disable_cuda_graphs = True
     return config
 
 

@@ -237,7 +237,7 @@ class TorchTitanTranslator(Translator):
         "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule",
         "train.micro_batch_size", "train.global_batch_size", "train.seq_length", "train.seed",
         "train.weight_decay", "train.grad_clip", "train.precision", "train.log_interval", "train.eval_interval",
-        "train.eval_steps",
+        "train.eval_steps", "train.compile",
         "parallel.tensor", "parallel.pipeline", "parallel.context", "parallel.expert", "parallel.data",
         "parallel.fsdp",
         "data.mock", "data.path", "data.text_key", "data.tokenizer",
@@ -348,6 +348,7 @@ class TorchTitanTranslator(Translator):
         out.set("training.global_batch_size", t.global_batch_size, "train.global_batch_size")
         out.set("training.seq_len", t.seq_length, "train.seq_length")
         out.set("debug.seed", t.seed, "train.seed")
+        out.set("compile.enable", t.compile, "train.compile")
         out.set("optimizer.weight_decay", t.weight_decay, "train.weight_decay")
         out.set("training.max_norm", t.grad_clip, "train.grad_clip")
         if t.precision in ("fp32", "bf16", "fp16"):

@@ -59,6 +59,10 @@ class TrainSection(_Strict):
     log_interval: PositiveInt | None = Field(None, description="Steps between logged metrics.")
     eval_interval: PositiveInt | None = Field(None, description="Steps between validation passes.")
     eval_steps: PositiveInt | None = Field(None, description="Batches per validation pass.")
+    compile: bool | None = Field(
+        None, description="torch.compile the model (unset: off). hf: torch_compile; torchtitan: compile.enable; "
+                          "megatron refuses it (megatron-core compiles its fused kernels only). "
+                          "docs/guide/performance.md.")
 
 
 class ParallelSection(_Strict):
