@@ -106,8 +106,9 @@ def test_sigterm_to_the_launcher_under_torchrun_is_a_graceful_143(tmp_path: Path
 
     exp = write_experiment(tmp_path, name="t", steps=400, micro=2, global_batch=4,
                            checkpoint="{interval: 1000, resume: auto}")
+    # two ranks agree on the stop flag every log interval (2 here), not every step
     proc = subprocess.Popen([sys.executable, "-m", "primus", "run", str(exp), f"workspace={workspace}",
-                             "--nproc-per-node", "2", "--master-port", str(free_port())],
+                             "train.log_interval=2", "--nproc-per-node", "2", "--master-port", str(free_port())],
                             env=primus_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir(workspace, "t") / "metrics.jsonl"
@@ -122,4 +123,5 @@ def test_sigterm_to_the_launcher_under_torchrun_is_a_graceful_143(tmp_path: Path
     statuses = [json.loads((run_dir(workspace, "t") / f"logs/pre_trainer/rank-{r}/status.json").read_text())
                 for r in (0, 1)]
     assert {s["state"] for s in statuses} == {"preempted"} and statuses[0]["step"] == statuses[1]["step"]
+    assert statuses[0]["step"] % 2 == 0, statuses  # stopped at a step that logs
     assert (run_dir(workspace, "t") / "checkpoints" / f"checkpoint-{statuses[0]['step']}").is_dir()

@@ -407,7 +407,7 @@ class HFAdapter(Adapter):
             evaluating = bool(s.eval_every) and step % s.eval_every == 0
             if evaluating:
                 self.ctx.metrics.eval_step(step, loss=self.held_out_loss())
-            stopping = (bool(s.exit_at_step) and step == s.exit_at_step or self._stop_requested()) \
+            stopping = (bool(s.exit_at_step) and step == s.exit_at_step or self._stop_requested(check=logged)) \
                 and step < s.max_steps
             saving = (bool(s.save_every) and step % s.save_every == 0 and step < s.max_steps) or stopping
             if saving:
@@ -450,11 +450,16 @@ class HFAdapter(Adapter):
             return _RestoreGradientSync(m)
         return nullcontext()
 
-    def _stop_requested(self) -> bool:
-        """SIGTERM seen by any rank (core's stop flag): all ranks stop after the same step."""
+    def _stop_requested(self, *, check: bool) -> bool:
+        """SIGTERM seen by any rank (core's stop flag): all ranks stop after the same step. Several
+        ranks agree through an all-reduce, whose `.item()` waits for the device: asked only on the
+        steps that log (`check`: every logging_steps, where the loss is read anyway), so a signalled
+        job stops within one log interval and the host runs ahead of the device in between."""
         stop = self.ctx.stop_requested
         if not dist.is_initialized() or self.world_size == 1:
             return stop
+        if not check:
+            return False
         flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -298,17 +298,23 @@ def stop_when_asked(trainer: Any, ctx: Any) -> Callable[[], bool]:
 
     TorchTitan asks `should_continue_training` before each step; the ranks all-reduce their stop
     flag there, so one signalled rank cannot leave the others waiting in the next step's collectives.
-    Returns whether training stopped that way.
+    The all-reduce's `.item()` waits for the device, so several ranks agree only every
+    `metrics.log_freq` steps (where the loss is read anyway): a signalled job stops within one log
+    interval. Returns whether training stopped that way.
     """
     import torch
 
     keep_going = trainer.should_continue_training
+    every = max(1, int(trainer.config.metrics.log_freq or 1))
     stopped = False
 
     def should_continue_training() -> bool:
         nonlocal stopped
         if not keep_going():
             return False
+        several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        if several and trainer.step % every:
+            return True
         flag = torch.tensor([1 if ctx.stop_requested else 0], dtype=torch.int32, device=trainer.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
