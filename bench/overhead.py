@@ -9,7 +9,9 @@ What is compared is the training loop: the wall time from the end of step 1 to t
 read from Primus's rank-0 log timestamps (so metrics.jsonl, the progress line and the status file
 are all inside it) and printed by the plain script. Start-up (imports, model build) is left out
 because on a shared 2-core machine it varies by more than the loop takes. Prints steps/s of each
-side (median over rounds), their ratio (target >= 0.97) and the peak RSS of each process.
+side, the ratio of each alternating pair (primus / plain, so the machine's drift between pairs
+cancels) as median with min-max (target >= 0.99), the loop time per step of each side and the peak
+RSS of each process. At least 7 pairs (`paired_report` is shared by every backend's bench).
 Not run by the tests; uses OMP_NUM_THREADS=1 as they do.
 """
 
@@ -44,6 +46,23 @@ modules:
     overrides: {{disable_last_saving: true, save_strategy: "no"}}
 """
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \S+\s+step (\d+)/(\d+) ")
+
+
+MIN_PAIRS = 7
+
+
+def paired_report(name: str, primus: list[float], plain: list[float], *, other: str = "plain") -> float:
+    """Print and return the median of the per-pair ratios primus[i] / plain[i] (steps/s of the two
+    sides of round i, run back to back), with their min-max and each side's median step time."""
+    ratios = sorted(p / q for p, q in zip(primus, plain, strict=True))
+    median = statistics.median(ratios)
+    print(f"\n{name}: {len(ratios)} alternating pairs; steps/s primus {statistics.median(primus):.2f}, "
+          f"{other} {statistics.median(plain):.2f}")
+    print(f"loop time per step: primus {1000 / statistics.median(primus):.2f} ms, "
+          f"{other} {1000 / statistics.median(plain):.2f} ms")
+    print(f"ratio primus/{other} per pair: median {median:.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f}; "
+          f"target >= 0.99)" + ("" if len(ratios) >= MIN_PAIRS else f"  [fewer than {MIN_PAIRS} pairs]"))
+    return median
 
 
 def run_child(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
@@ -111,7 +130,7 @@ def main() -> None:
         sys.argv[1:1] = ["--backend", backend]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=sorted(BACKENDS), default="hf")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=MIN_PAIRS)
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
@@ -130,9 +149,7 @@ def main() -> None:
                 print(f"round {round_index + 1} {side:>6}: {rates[side][-1]:7.2f} steps/s, peak RSS {rss / 1024:.0f} MiB",
                       flush=True)
 
-    primus, plain = statistics.median(rates["primus"]), statistics.median(rates["plain"])
-    print(f"\n{args.backend}: primus {primus:.2f} steps/s, plain {plain:.2f} steps/s, "
-          f"ratio {primus / plain:.3f} (target >= 0.97)")
+    paired_report(args.backend, rates["primus"], rates["plain"])
     print(f"peak RSS: primus {peak_rss['primus'] / 1024:.0f} MiB, plain {peak_rss['plain'] / 1024:.0f} MiB")
 
 

@@ -25,6 +25,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from overhead import MIN_PAIRS, paired_report  # bench/ is on sys.path when these run as scripts
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = ROOT / "examples" / "torchtitan" / "llama3_tiny_cpu.yaml"
 TPS_LINE = re.compile(r"step:\s*(\d+).*?tps:\s*([\d,]+)")
@@ -90,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", type=Path, default=DEFAULT_EXPERIMENT)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=MIN_PAIRS)
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -140,8 +142,8 @@ def main() -> None:
         rss = max(r[2] for r in rows)
         summary[name] = rate
         print(f"{name:<11} {rate:8.2f} {wall:8.1f} {rss:13.0f}")
-    ratio = summary["primus"] / summary["torchtitan"]
-    print(f"ratio primus/torchtitan steps/s: {ratio:.3f} (target >= 0.97)")
+    paired_report(args.experiment.name, [r[0] for r in results["primus"]], [r[0] for r in results["torchtitan"]],
+                  other="torchtitan")
 
 
 if __name__ == "__main__":
