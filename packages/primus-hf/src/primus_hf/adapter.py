@@ -112,7 +112,8 @@ class HFAdapter(Adapter):
         self._start()
         model = self.build_model()
         self.load_data(model)
-        model.to(self.device)
+        if not n.get("fsdp"):  # FSDP moves each layer to the device as it shards it: never the whole model
+            model.to(self.device)
         if n.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable()
         self.model = model  # the unwrapped model: saved, and what the state dicts are keyed by
@@ -173,9 +174,10 @@ class HFAdapter(Adapter):
         if vocab > model_vocab:
             raise ConfigError(f"tokenizer {request.tokenizer} has {vocab} tokens but the model's vocab_size is "
                               f"{model_vocab}", key="data.tokenizer", fix="evaluate with the model's own tokenizer")
-        model.to(self.device)
-        self.model = model
         n = self.ctx.native
+        if not n.get("fsdp"):  # FSDP moves each layer to the device as it shards it (fully_shard)
+            model.to(self.device)
+        self.model = model
         self.train_model = self._wrap(model) if n.get("fsdp") else model  # DDP replicas: the model itself
         if n.get("fsdp"):  # no backward follows: the root's parameters (embeddings) are freed after each forward too
             self.train_model.set_reshard_after_forward(True)
