@@ -134,3 +134,23 @@ def test_train_compile_sets_the_frameworks_switch(exp: str, native: tuple[str, .
 def test_train_compile_on_megatron_is_one_line() -> None:
     assert_config_error(run_primus("run", str(EXAMPLE), "--dry-run", "modules.pre_trainer.train.compile=true"),
                         "train.compile", "megatron-core 0.16 compiles only its fused kernels")
+
+
+def test_the_train_loader_reads_what_the_inline_batches_read() -> None:
+    # on a GPU the training batches come from train_loader's workers (pinned, one batch ahead); they
+    # must be data.microbatches' samples: global batch b is samples [b * gbs, (b + 1) * gbs), each
+    # data-parallel rank a contiguous share of it, micro_batch_size at a time, wrapping the dataset
+    from types import SimpleNamespace
+
+    import torch
+
+    from primus_megatron.loader import train_loader
+
+    dataset = [{"tokens": torch.full((3,), i), "attention_mask": None} for i in range(10)]
+    args = SimpleNamespace(global_batch_size=4, micro_batch_size=1, train_iters=5)
+    streamed = [b["tokens"][:, 0].tolist() for b in train_loader(dataset, 2, args, dp_rank=1, dp_size=2, workers=1)]
+    assert streamed == [[0], [1], [4], [5], [8], [9]]  # batches 2, 3, 4: samples 10-11, 14-15, 18-19
+    assert all(set(b) == {"tokens"} for b in train_loader(dataset, 4, args, dp_rank=0, dp_size=2, workers=1))
+    assert decide({**PRESET, "num_workers": 8}, "rocm", "gfx942", te=False).lines()["data"] == (
+        "8 workers, pinned memory, 1 batch of prefetch per worker")
+    assert decide({**PRESET, "num_workers": 8}, "cpu", te=False).data_workers == 0

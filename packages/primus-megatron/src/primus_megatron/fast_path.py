@@ -17,6 +17,8 @@ The choices, each with its reason:
 - fusions (bias+activation, bias+dropout, masked softmax, RoPE): on a GPU, off on CPU.
 - overlap of the gradient reduce and the parameter gather: `null` in the preset means on with a GPU
   (the parameter gather with the distributed optimizer only), off on CPU; true/false as written wins.
+- data: on a GPU, `num_workers` DataLoader workers build the training batches into pinned memory,
+  one batch ahead per worker; on CPU they are built in the training process (the cores train).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class FastPath:
     overlap_grad_reduce: bool
     overlap_param_gather: bool
     overlap_why: str
+    data_workers: int  # DataLoader workers for the training batches (0: built inline, as on CPU)
 
     def lines(self) -> dict[str, str]:
         """The dry-run lines (key: value)."""
@@ -71,6 +74,9 @@ class FastPath:
             "fusions": f"{', '.join(fused)} {'on' if self.fusions else 'off'} ({self.fusions_why})",
             "overlap": f"grad reduce {'on' if self.overlap_grad_reduce else 'off'}, param gather "
                        f"{'on' if self.overlap_param_gather else 'off'} ({self.overlap_why})",
+            "data": (f"{self.data_workers} workers, pinned memory, 1 batch of prefetch per worker"
+                     if self.data_workers else "batches built in the training process"
+                     + (" (num_workers: 0)" if self.fusions else " (CPU)")),
         }
 
 
@@ -147,7 +153,8 @@ def decide(native: Mapping[str, Any], platform: str, arch: str | None = None, *,
             overlap_why += "; the param gather needs the distributed optimizer"
     return FastPath(spec=spec, attention=attention, why=why, precision=precision, fp8=fp8, fp8_recipe=recipe,
                     fusions=gpu, fusions_why="GPU" if gpu else "CPU: they need GPU kernels",
-                    overlap_grad_reduce=overlap_grad, overlap_param_gather=overlap_gather, overlap_why=overlap_why)
+                    overlap_grad_reduce=overlap_grad, overlap_param_gather=overlap_gather, overlap_why=overlap_why,
+                    data_workers=int(native.get("num_workers") or 0) if gpu else 0)
 
 
 def _check_fp8(fp8: Any, recipe: Any, te_missing: str, platform: str, arch: str | None) -> None:

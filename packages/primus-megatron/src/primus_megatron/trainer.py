@@ -39,6 +39,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from primus.errors import ConfigError
 from primus_megatron import checkpoint as ckpt
 from primus_megatron.data import build_datasets, microbatches
+from primus_megatron.loader import train_loader
 
 
 @dataclass
@@ -428,6 +429,14 @@ class PretrainLoop:
 
     def _iterators(self, dataset: Any, batch_index: int) -> Any:
         make = partial(microbatches, dataset, batch_index, self.args, self.dp_rank, self.dp_size, self.device)
+        workers = fast_path(self.args, self.device).data_workers
+        if dataset is self.train_data and workers:
+            if getattr(self, "_stream", None) is None:  # from this step on, in the order the steps read
+                self._stream = iter(train_loader(dataset, batch_index, self.args, self.dp_rank, self.dp_size,
+                                                 workers))
+            batches = [{k: v.to(self.device, non_blocking=True) for k, v in next(self._stream).items()}
+                       for _ in range(self.microbatches_per_step)]
+            make = partial(iter, batches)
         if len(self.model) == 1:
             return make()
         return [make() for _ in self.model]  # each model chunk reads the same microbatches in order
