@@ -374,7 +374,8 @@ class PretrainLoop:
         a = self.args
         init_distributed(a, self.device)
         seed_everything(a.seed)
-        logger.info("fast path: " + "; ".join(f"{key} {value}" for key, value in fast_path(a, self.device).lines().items()))
+        self.fast_path = fast_path(a, self.device)
+        logger.info("fast path: " + "; ".join(f"{key} {value}" for key, value in self.fast_path.lines().items()))
         self.config = transformer_config(a, self.device)
         model = build_model(a, self.config, self.device)
         if self.hf_path and not self._resuming():
@@ -429,7 +430,7 @@ class PretrainLoop:
 
     def _iterators(self, dataset: Any, batch_index: int) -> Any:
         make = partial(microbatches, dataset, batch_index, self.args, self.dp_rank, self.dp_size, self.device)
-        workers = fast_path(self.args, self.device).data_workers
+        workers = self.fast_path.data_workers
         if dataset is self.train_data and workers:
             if getattr(self, "_stream", None) is None:  # from this step on, in the order the steps read
                 self._stream = iter(train_loader(dataset, batch_index, self.args, self.dp_rank, self.dp_size,
