@@ -18,6 +18,11 @@ Measured on the 2-core development machine while other jobs shared it (load aver
 rounds vary by 2x; medians of 3 rounds of 200 steps): primus 14.6 steps/s, plain 12.9 steps/s, ratio 1.13
 (the loop adds nothing measurable per step); packed rows 2.3x the samples/s and real tokens/s of one sample
 per row at the same seq_length 64 (271 vs 117 samples/s). Rerun on a quiet machine for figures to quote.
+
+megatron (`--backend megatron --rounds 7 --steps 60`, 2026-12-03, the same 2-core machine at load average 7 to 19
+during a CI run): primus / plain per pair 0.33, 2.08, 2.62, 0.59, 0.49, 1.35, 0.90, median 0.90 (min 0.33, max
+2.62); single runs ranged 5 to 29 steps/s on both sides, so the load decides these numbers, not the loop. Both
+sides log the same losses (step 5 of a 6-step check: 5.7171 on each). Rerun on a quiet machine for figures to quote.
 """
 
 from __future__ import annotations
