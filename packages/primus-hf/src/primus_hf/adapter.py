@@ -91,6 +91,7 @@ class HFAdapter(Adapter):
         self.settings = LoopSettings.from_native(ctx.native)
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.presharded = False  # build_model already applied fully_shard (FSDP loading hf_path slices)
+        self.rank0_init: dict[str, torch.Tensor] | None = None  # FSDP: rank 0's random init, sent to every rank
 
     # ======================================================================= the run
 
@@ -286,7 +287,20 @@ class HFAdapter(Adapter):
         else:
             values = dict(n["model_config"])
             config = AutoConfig.for_model(values.pop("model_type"), **values)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+        if not (n.get("fsdp") and dist.is_initialized() and self.world_size > 1):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+        # FSDP: only rank 0 holds the random init in host memory; the others build on the meta device
+        # and get their shards of rank 0's weights when sharded (_send_rank0_init)
+        if self.rank == 0:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+        self.rank0_init = model.state_dict() if self.rank == 0 else {}
+        rng = [_rng_state()]  # every rank goes on with rank 0's random stream, as if it had built the init too
+        dist.broadcast_object_list(rng, src=0)
+        _set_rng_state(rng[0])
+        return model
 
     def _slice_loading(self, path: Path) -> bool:
         """FSDP with a local directory of safetensors (core checked their headers): read per-rank slices."""
@@ -296,7 +310,12 @@ class HFAdapter(Adapter):
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         n = self.ctx.native
         if n.get("fsdp"):
-            return model if self.presharded else self._fully_shard(model)
+            if self.presharded:
+                return model
+            model = self._fully_shard(model)
+            if self.rank0_init is not None:
+                self._send_rank0_init(model)
+            return model
         if not dist.is_initialized() or self.world_size == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -316,6 +335,19 @@ class HFAdapter(Adapter):
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
+
+    def _send_rank0_init(self, model: torch.nn.Module) -> None:
+        """Each rank's shards of rank 0's init (the other ranks' parameters are on the meta device
+        until now), and rank 0's buffers (RoPE's inverse frequencies are in no state dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.rank != 0:
+            model.to_empty(device=self.device)
+        set_model_state_dict(model, self.rank0_init or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+        self.rank0_init = None
 
     def _decoder_layers(self, model: torch.nn.Module) -> Any:
         return getattr(getattr(model, "model", model), "layers", [])
