@@ -1,7 +1,8 @@
 """A pretraining loop on megatron.core, read top to bottom.
 
 The megatron-core wheel has no `megatron/training`, so this is ours: process groups, the GPT model
-from megatron-core's local (TransformerEngine-free) layer spec, megatron-core's DDP and optimizer,
+from the layer spec primus_megatron.fast_path decides (TransformerEngine's where installed on a GPU,
+else megatron-core's local spec with SDPAttention), megatron-core's DDP and optimizer,
 a warmup + cosine/linear schedule, microbatches through `get_forward_backward_func` (which runs the
 pipeline schedule when there is more than one stage), loss masking, grad clipping, validation and
 distributed checkpoints. `args` are Megatron's argument names (the resolved native config).
