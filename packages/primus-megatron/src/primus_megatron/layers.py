@@ -5,11 +5,13 @@ local spec cannot build multi-latent attention (DeepSeek's query/key heads are n
 wide, its value heads `v_head_dim`), and it has neither Llama 4's chunked local attention nor its
 attention temperature tuning. `SDPAttention` below is a core attention on
 `torch.nn.functional.scaled_dot_product_attention` that handles all three and serves dense models
-too. It is selected per layer in `decoder_block_spec`, which patch megatron.layers.sdpa_core_attention
-puts in place of the trainer's `block_spec` (megatron-core's local spec as it is).
+too: it is the default core attention without TransformerEngine (primus_megatron.fast_path decides;
+megatron-core's local DotProductAttention only with `use_flash_attn: false`). It is selected per layer
+in `decoder_block_spec`, which the trainer's `block_spec` calls (and patch
+megatron.layers.sdpa_core_attention puts in its place for the models only SDPAttention builds).
 
-With TransformerEngine installed, `decoder_block_spec(..., use_te=True)` keeps megatron-core's own
-TE spec (TE's attention has separate key/value head sizes) and refuses what only SDPAttention does.
+With TransformerEngine's spec (fast_path: TE installed on a GPU), `decoder_block_spec(..., use_te=True)`
+keeps megatron-core's own TE spec and refuses what only SDPAttention does.
 """
 
 from __future__ import annotations
@@ -25,12 +27,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-
-def have_transformer_engine() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 class SDPAttention(MegatronModule):
@@ -132,4 +128,4 @@ def decoder_block_spec(config: TransformerConfig, args: Any, *, vp_stage: int | 
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)
 
 
-__all__ = ["SDPAttention", "decoder_block_spec", "have_transformer_engine"]
+__all__ = ["SDPAttention", "decoder_block_spec"]
