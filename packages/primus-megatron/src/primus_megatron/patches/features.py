@@ -27,7 +27,7 @@ def set_args(ctx: PatchContext, changes: dict[str, Any], why: str) -> Undo | Non
 
 def _cpu_arguments(ctx: PatchContext) -> Undo | None:
     # On CPU: gloo and fp32 math; the fp16/bf16 wrappers check torch.cuda tensor types and do not run
-    # here. The distributed optimizer runs (megatron.cpu.distopt_param_types; gloo has the
+    # here. No overlap (primus_megatron.fast_path decides the same for the dry run). The distributed optimizer runs (megatron.cpu.distopt_param_types; gloo has the
     # reduce-scatter and all-gather it needs), and torch FSDP2 too (megatron.cpu.fsdp2_device_mesh).
     return set_args(ctx, {"distributed_backend": "gloo", "bf16": False, "fp16": False,
                            "overlap_grad_reduce": False, "overlap_param_gather": False}, "CPU run")
@@ -194,9 +194,9 @@ def _define_missing_te_gemm(ctx: PatchContext) -> Undo:
 
 
 def _transformer_engine_missing(ctx: PatchContext) -> bool:
-    import importlib.util
+    from primus_megatron.fast_path import transformer_engine_installed
 
-    return importlib.util.find_spec("transformer_engine") is None
+    return not transformer_engine_installed()
 
 
 def _tp_of(ctx: PatchContext) -> int:
