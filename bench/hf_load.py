@@ -8,7 +8,11 @@ own `AutoModelForCausalLM.from_pretrained` of the same files in one process, eve
 once (transformers 5 maps the files lazily, so without it nothing has been read).
 
 Targets: peak RSS per rank below 0.75x the full model's size for the sharded layouts (each rank
-reads only its slices), load time within 1.5x of `from_pretrained`.
+reads only its slices), load time within 1.5x of `from_pretrained`. Besides RSS it reports each
+process's peak anonymous memory (RSS minus shared): safetensors are read through mmap, and the file
+pages a rank has touched count in its RSS although the page cache owns them. Megatron and torchtitan
+log each rank's bytes read, load time and peak RSS when the weights are in; those lines are printed
+under their row.
 
     python bench/hf_load.py [--layers 16] [--targets hf,megatron-tp2,torchtitan-fsdp2] [--keep DIR]
 
@@ -62,27 +66,30 @@ def make_model(directory: Path, layers: int) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def sample_tree(proc: subprocess.Popen) -> dict[int, int]:
-    """Peak RSS of every process of the tree rooted at `proc`, until it exits."""
+def sample_tree(proc: subprocess.Popen) -> dict[int, tuple[int, int]]:
+    """Per process of the tree rooted at `proc`, until it exits: (peak RSS, peak anonymous RSS). RSS
+    counts the pages of the safetensors files a process has mapped and touched (file-backed, shared
+    with the page cache); the anonymous part (RSS minus shared) is the memory the process owns."""
     import psutil
 
-    peaks: dict[int, int] = {}
+    peaks: dict[int, tuple[int, int]] = {}
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    rss = p.memory_info().rss
+                    info = p.memory_info()
                 except psutil.Error:
                     continue
-                peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
+                rss, anon = peaks.get(p.pid, (0, 0))
+                peaks[p.pid] = (max(rss, info.rss), max(anon, info.rss - info.shared))
         except psutil.Error:
             pass
         time.sleep(0.02)
     return peaks
 
 
-def baseline(model_dir: Path) -> tuple[float, int]:
+def baseline(model_dir: Path) -> tuple[float, tuple[int, int]]:
     code = textwrap.dedent(f"""
         import time, torch
         from transformers import AutoModelForCausalLM
@@ -95,10 +102,10 @@ def baseline(model_dir: Path) -> tuple[float, int]:
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     peaks = sample_tree(proc)
-    return float(proc.stdout.read().strip().splitlines()[-1]), max(peaks.values(), default=0)
+    return float(proc.stdout.read().strip().splitlines()[-1]), max(peaks.values(), default=(0, 0))
 
 
-def run_target(name: str, model_dir: Path, work: Path) -> tuple[float, list[int], int]:
+def run_target(name: str, model_dir: Path, work: Path) -> tuple[float, list[tuple[int, int]], int]:
     backend, nproc, overrides = TARGETS[name]
     exp = work / f"{name}.yaml"
     exp.write_text(textwrap.dedent(f"""
@@ -125,6 +132,17 @@ def run_target(name: str, model_dir: Path, work: Path) -> tuple[float, list[int]
     return wall, ranks, proc.returncode
 
 
+def load_lines(name: str, work: Path) -> list[str]:
+    """What each rank logged when the weights were in (megatron and torchtitan log the bytes it read, the
+    load time and its peak RSS; hf logs no such line)."""
+    out = []
+    for log in sorted((work / "ws" / "bench" / "bench" / name).rglob("rank-*/primus.log")):
+        for line in log.read_text().splitlines():
+            if "loaded " in line and " read " in line:
+                out.append(f"  {log.parent.name}: {line[line.index('loaded '):]}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16, help="decoder layers (16: the real 1B)")
@@ -141,21 +159,26 @@ def main() -> None:
         size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         base_time, base_rss = baseline(model_dir)
         print(f"model: {size / 2**30:.2f} GiB of safetensors (fp32)")
-        print(f"{'target':<18} {'wall s':>8} {'x from_pretrained':>18} {'peak RSS/rank GiB':>20} {'x model':>8}")
-        print(f"{'from_pretrained':<18} {base_time:>8.1f} {1.0:>18.2f} {base_rss / 2**30:>20.2f} "
-              f"{base_rss / size:>8.2f}")
+        print(f"{'target':<18} {'wall s':>8} {'x from_pretrained':>18} {'peak RSS/rank GiB':>20} {'x model':>8} "
+              f"{'anon GiB':>12} {'x model':>8}")
+
+        def row(name: str, wall: float, ranks: list[tuple[int, int]], status: str = "") -> str:
+            rss, anon = max(r for r, _ in ranks), max(a for _, a in ranks)
+            return (f"{name:<18} {wall:>8.1f} {wall / base_time:>18.2f} "
+                    f"{', '.join(f'{r / 2**30:.2f}' for r, _ in ranks):>20} {rss / size:>8.2f} "
+                    f"{', '.join(f'{a / 2**30:.2f}' for _, a in ranks):>12} {anon / size:>8.2f}{status}")
+
+        print(row("from_pretrained", base_time, [base_rss]))
         for name in args.targets.split(","):
             wall, ranks, code = run_target(name, model_dir, work)
-            worst = max(ranks, default=0)
-            status = "" if code == 0 else f"  (exit {code})"
-            print(f"{name:<18} {wall:>8.1f} {wall / base_time:>18.2f} "
-                  f"{', '.join(f'{r / 2**30:.2f}' for r in ranks):>20} {worst / size:>8.2f}{status}", flush=True)
+            print(row(name, wall, ranks or [(0, 0)], "" if code == 0 else f"  (exit {code})"), flush=True)
+            for line in load_lines(name, work):
+                print(line, flush=True)
         print("wall time includes process start, model build and one evaluation block; "
               "RSS includes the framework's own import footprint")
         print(json.dumps({"model_bytes": size, "from_pretrained_s": base_time}))
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+    finally:  # the runs' workspace (and the model, unless --keep put it elsewhere)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
