@@ -12,6 +12,7 @@ import pytest
 from mg_helpers import EXAMPLE, REPO, assert_trained, run_dir, train, train_losses
 
 from tests.support import attempts, primus_env
+from tests.support import run_primus as run_primus_with
 
 pytestmark = pytest.mark.slow
 
@@ -246,3 +247,7 @@ def test_data_prepare_converts_ahead_of_the_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "indexed dataset ready" in result.stdout
     assert len(list(cache.glob("*.bin"))) == 1 and len(list(cache.glob("*.idx"))) == 1
+    # without data_cache_path it converts where a run of the experiment looks: <workspace>/.cache/megatron
+    result = run_primus_with(*args[:-1], f"workspace={tmp_path / 'ws'}", env={"PRIMUS_CACHE_DIR": ""}, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "ws" / ".cache" / "megatron").glob("*.idx"))) == 1, result.stdout

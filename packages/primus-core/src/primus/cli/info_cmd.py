@@ -138,6 +138,8 @@ def cmd_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import inspect
+
     from primus.backends.spec import load_object
     from primus.config.resolve import resolve
     from primus.errors import ConfigError
@@ -154,5 +156,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         if not m.module.data.path:
             print(f"{m.name}: no data.path (mock data?); nothing to prepare")
             continue
-        print(f"{m.name}: {load_object(spec.data_prepare)(m)}")
+        prepare = load_object(spec.data_prepare)
+        # the run directory the module would train in: a backend whose run keeps its converted data in
+        # the workspace (megatron) prepares it where the run will look; older hooks take the module only
+        takes_run_dir = "run_dir" in inspect.signature(prepare).parameters
+        print(f"{m.name}: {prepare(m, run_dir=resolved.run_dir) if takes_run_dir else prepare(m)}")
     return EXIT_OK
