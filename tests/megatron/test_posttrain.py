@@ -181,10 +181,11 @@ def test_isolated_packing_gives_the_unpacked_loss(full_run: Path) -> None:
     assert first["step"] == 1 and first["loss"] == pytest.approx(total / count, rel=1e-5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sft_loop(tmp_path_factory: pytest.TempPathFactory):
     """The megatron SFT loop of a full fine-tune (one sample per row, a step is the whole toy set), built in this
-    process as one rank: the adapter's build_args and setup patches applied (undone after), PostTrainLoop.setup."""
+    process as one rank: the adapter's build_args and setup patches applied, PostTrainLoop.setup; closed and the
+    patches undone right after the test (the other tests of this process see megatron-core unpatched)."""
     from importlib.metadata import version
     from types import SimpleNamespace
 
