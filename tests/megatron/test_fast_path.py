@@ -1,23 +1,22 @@
 """Issue 17 on the megatron backend: the fast path (layer spec, attention, precision, fusions, overlap)
 is decided once, per platform, by primus_megatron.fast_path.decide; `--dry-run` prints it for the
-target and the trainer builds it. TransformerEngine's presence is faked at the decision's own seam
-(`te=` / `fast_path.transformer_engine_installed`); nothing of megatron is mocked."""
+target and the trainer builds it (SDPAttention's parity with megatron-core's local attention is
+asserted on test_training.py's one-process run). TransformerEngine's presence is faked at the
+decision's own seam (`te=` / `fast_path.transformer_engine_installed`); nothing of megatron is mocked."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
-from mg_helpers import EXAMPLE, run_dir, run_primus, train, train_losses
-from test_training import REFERENCE
+from mg_helpers import EXAMPLE, run_primus
 
 from primus.cli.main import main
 from primus.errors import ConfigError
 from primus_megatron import fast_path
 from primus_megatron.fast_path import decide
-from tests.support import assert_config_error, assert_ok
+from tests.support import assert_config_error
 
 # the module preset's values that the decision reads
 PRESET = {"bf16": True, "fp16": False, "use_flash_attn": True, "use_distributed_optimizer": True,
@@ -104,16 +103,6 @@ def test_dry_run_says_what_the_target_gets(monkeypatch: pytest.MonkeyPatch, caps
 def test_fp8_without_transformer_engine_is_one_line() -> None:
     assert_config_error(run_primus("run", str(EXAMPLE), "--dry-run", "fp8=hybrid"),
                         "fp8=hybrid: fp8 runs through TransformerEngine's layers: TransformerEngine is not installed")
-
-
-def test_sdpa_is_the_default_and_matches_the_local_attention(tmp_path: Path) -> None:
-    # REFERENCE: the one-process losses of megatron-core's local DotProductAttention (test_training.py),
-    # recorded before SDPAttention became the default; fp32 on this CPU
-    result = train(tmp_path, "checkpoint.interval=null", "disable_last_saving=true")
-    assert_ok(result)
-    log = (run_dir(tmp_path) / "logs" / "pre_trainer" / "rank-0" / "primus.log").read_text()
-    assert "fast path: attention SDPA (torch scaled_dot_product_attention); TransformerEngine is not installed" in log
-    assert train_losses(tmp_path) == pytest.approx(REFERENCE, abs=1e-5)
 
 
 # train.compile on every torch backend (a resolve-level test: inductor's first compile of the tiny
