@@ -183,7 +183,8 @@ def test_lora_keeps_the_base_weights_and_the_merge_equals_base_plus_adapter(lora
 
 def test_a_stopped_lora_run_resumes_to_the_uninterrupted_losses(lora_run: Path, tmp_path: Path):
     """The LoRA experiment stopped after step 3 checkpoints the adapter and its optimizer state only (a fraction of
-    the model's size); resumed (and stopped again after step 6) it logs the uninterrupted run's losses bit for bit."""
+    the model's size); resumed (and stopped again after step 6) it logs the uninterrupted run's losses bit for bit;
+    `primus export` merges the checkpoint's adapter into the base."""
     import torch
 
     path = lora_experiment(tmp_path)
@@ -203,6 +204,21 @@ def test_a_stopped_lora_run_resumes_to_the_uninterrupted_losses(lora_run: Path, 
     uninterrupted = {r["step"]: r["loss"] for r in read_metrics(lora_run / "metrics.jsonl")}
     assert sorted(resumed) == list(range(1, 7))
     assert [resumed[s] for s in range(4, 7)] == [uninterrupted[s] for s in range(4, 7)]  # bit for bit
+
+    # `primus export` of a LoRA checkpoint (its exporter, in process): the base of hf_path with W + (alpha / r) B A
+    from safetensors.torch import load_file
+
+    from primus.runs.export import export_run
+
+    assert export_run(run, "post_trainer", None, tmp_path / "merged")[0] == 6
+    merged, base = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(base_model() /
+                                                                                          "model.safetensors"))
+    adapter = torch.load(run / "checkpoints" / "checkpoint-6" / "model.pt", weights_only=True)
+    prefix = "base_model.model.model.layers.1.mlp.down_proj"
+    update = 2.0 * adapter[f"{prefix}.lora_B.default.weight"] @ adapter[f"{prefix}.lora_A.default.weight"]
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert update.abs().max() > 1e-3 and torch.allclose(merged[name], base[name] + update, atol=1e-6)
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
 
 
 # --------------------------------------------------------------------------- the loss, in process

@@ -1,7 +1,7 @@
 """`primus export` for the hf backend: a checkpoint's weights under the Hugging Face on-disk names.
 
 An hf checkpoint (`checkpoint-<step>/model.pt`) holds the full state dict of the unwrapped
-transformers model, whatever the layout it was trained with (DDP replicas or FSDP shards are
+transformers model (a LoRA run's: the adapter's matrices only, merged here into the base of `hf_path`), whatever the layout it was trained with (DDP replicas or FSDP shards are
 gathered before the save), so exporting is a rename, never a reshard: the state-dict names of the
 transformers model in memory -> the names of `primus.models.hf.hf_tensor_shapes`. They differ in
 two places:
@@ -119,6 +119,30 @@ def read_state(checkpoint: Path) -> tuple[dict[str, Any], int]:
     return model, int(state["step"])
 
 
+def merged_lora(module: Any, state: Mapping[str, Any]) -> dict[str, Any]:
+    """A LoRA run's checkpoint (the adapter's matrices only) merged into its base, `module.hf_path`'s weights:
+    W + (alpha / rank) B A for every adapted layer, in float32, under the names on disk."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = module.hf_path
+    if not base or not any(Path(base).glob("*.safetensors")):
+        raise ConfigError(f"the LoRA checkpoint's base {base} has no safetensors to merge the adapter into",
+                          key="model.hf_path")
+    tensors: dict[str, Any] = {}
+    for file in sorted(Path(base).glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    lora = module.module.finetune.lora_settings
+    scale = lora.alpha / lora.rank
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        weight = key.removeprefix("base_model.model.").split(".lora_A.")[0] + ".weight"
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        tensors[weight] = tensors[weight].to(torch.float32) + scale * (b.to(torch.float32) @ a.to(torch.float32))
+    return tensors
+
+
 def export_hf(module: Any, run_dir: Path, step: int | None, out_dir: Path) -> int:
     """Core's exporter hook (BackendSpec.exporter): write the checkpoint's weights into `out_dir`."""
     checkpoint = find_checkpoint(checkpoint_dir_of(module, run_dir), step)  # before torch is imported
@@ -128,7 +152,8 @@ def export_hf(module: Any, run_dir: Path, step: int | None, out_dir: Path) -> in
     from primus.models.hf import check_tensors, write_weights
 
     state, saved_step = read_state(checkpoint)
-    tensors = to_hf_names(state, module.model)
+    lora = any(".lora_A." in name for name in state)
+    tensors = merged_lora(module, state) if lora else to_hf_names(state, module.model)
     check_tensors(((n, tuple(t.shape)) for n, t in tensors.items()), module.model, f"checkpoint {checkpoint}")
     # an expert's slice of a fused tensor is a view: safetensors writes each tensor from storage of its own
     tensors = {n: t.detach().to(torch.float32).clone() if t._base is not None else t.detach().to(torch.float32)
