@@ -287,6 +287,11 @@ def test_upstream_keys_mean_the_neutral_fields_and_a_hub_dataset_is_refused(tmp_
     d = m.module.data
     assert (d.path, d.tokenizer, d.format, d.chat_template, d.packing, d.packed_attention) == (
         str(INSTRUCTIONS), str(TOKENIZER), "prompt_completion", "chatml", True, "causal")  # the file's sft_conversation_format: chatml
+    # upstream's sft_dataset_split of a local file: train (its default) reads it whole, another split is refused
+    # wherever it is written (here on the command line), naming the file
+    assert resolve(local, ["sft_dataset_split=train"], world_size=8, environ={}).modules["post_trainer"]
+    with pytest.raises(ConfigError, match=r"'validation': the local file .*instructions.jsonl is one split"):
+        resolve(local, ["sft_dataset_split=validation"], world_size=8, environ={})
     m = resolve(exp, ["sft_dataset_name=tatsu-lab/alpaca"], world_size=8, environ={}).modules["post_trainer"]
     with pytest.raises(ConfigError) as err:
         read_settings(m, m.native)

@@ -38,6 +38,7 @@ from primus.posttrain.rules import (
     POST_TRAINING_PRESET,
     POST_TRAINING_PRESETS,
     check_post_training,
+    check_split,
     template_is_file,
 )
 from primus.suggest import did_you_mean
@@ -858,6 +859,8 @@ def resolve_module(name: str, loaded: LoadedExperiment, discovery: Discovery, wo
         check_dimensions(dims, spec, world_size)
         check_data(module)
         check_post_training(module, kind, translator.post_training, backend.name, model.hf_path)
+        if kind == "posttrain" and "sft_dataset_split" in layered.data:  # upstream's key given on the command line
+            check_split(layered.data, module.data.path)
         if kind == "posttrain" and not module.finetune.is_lora and module.checkpoint.export is None \
                 and backend.spec.exporter is not None and spec is not None:
             module.checkpoint.export = "hf"  # a full fine-tune ends as a Hugging Face model: <run dir>/hf/
