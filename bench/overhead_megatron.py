@@ -52,8 +52,10 @@ SETTINGS: dict[str, Any] = dict(
 
 def primus_overrides(steps: int) -> list[str]:
     # no evaluation, no checkpoint at the end nor at an interval: the bench measures training steps
+    # use_flash_attn: false: megatron-core's local attention, as the plain side's local spec builds
+    # (Primus's default is its SDPAttention: bench/attention.py compares the two)
     return [f"train.steps={steps}", "overrides.eval_iters=0", "overrides.disable_last_saving=true",
-            "overrides.save_interval=1000000000"]
+            "overrides.save_interval=1000000000", "overrides.use_flash_attn=false"]
 
 
 # ------------------------------------------------------------------------------ the plain side
