@@ -3,7 +3,9 @@
 A: one process, 6 steps, global batch 8 = micro 2 x accumulation 4, uninterrupted.
 B: the same, stopped after step 3 (exit_at_step), then the same command again (resume: auto).
 C: two processes under torchrun, global batch 8 = micro 2 x 2 ranks x accumulation 2, once with DDP
-   over gloo and once with FSDP (parallel.fsdp; FSDP2 runs on gloo too).
+   over gloo and once with FSDP (parallel.fsdp; FSDP2 runs on gloo too), the FSDP one stopped after
+   step 3 and resumed on two processes (rank 0 alone reads model.pt and optimizer.pt; rank 1 gets its
+   shards by broadcast).
 B must match A exactly; C reads the same samples per step, so it matches A up to summation order.
 """
 
@@ -57,15 +59,21 @@ def test_a_stopped_and_resumed_run_reaches_the_same_losses(tmp_path: Path, works
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_ranks_agree_with_one_process(tmp_path: Path, workspace: Path, uninterrupted, sharding: str):
     exp = _experiment(tmp_path, "c")
-    result = run_primus("run", str(exp), "--nproc-per-node", "2", "--master-port", str(free_port()),
-                        f"workspace={workspace}", f"parallel.fsdp={sharding == 'fsdp'}")
-    assert_ok(result)
-    ddp = train_records(run_dir(workspace, "c") / "metrics.jsonl")
-    assert [r["step"] for r in ddp] == list(range(1, STEPS + 1))
-    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in uninterrupted], abs=2e-4)
-    assert ddp[-1]["loss"] < ddp[0]["loss"]
+    fsdp = sharding == "fsdp"
+    for stop in ((3, None) if fsdp else (None,)):  # FSDP: stopped after step 3, then resumed on 2 processes
+        result = run_primus("run", str(exp), "--nproc-per-node", "2", "--master-port", str(free_port()),
+                            f"workspace={workspace}", f"parallel.fsdp={fsdp}", *([f"exit_at_step={stop}"] if stop else []))
+        assert_ok(result)
+    records = train_records(run_dir(workspace, "c") / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in uninterrupted], abs=2e-4)
+    assert records[-1]["loss"] < records[0]["loss"]
 
     logs = run_dir(workspace, "c") / "logs" / "pre_trainer"
+    if fsdp:  # only rank 0 read the checkpoint's weights and optimizer state
+        read = [(logs / f"rank-{r}" / "primus.log").read_text() for r in (0, 1)]
+        assert "checkpoint-3: read by this rank and broadcast" in read[0], read[0][-3000:]
+        assert "checkpoint-3: received by broadcast from rank 0" in read[1], read[1][-3000:]
     checksums = [re.findall(r"parameter checksum (\S+)", (logs / f"rank-{r}" / "primus.log").read_text())
                  for r in (0, 1)]
     assert checksums[0] and checksums[0] == checksums[1], checksums  # both replicas hold the same weights

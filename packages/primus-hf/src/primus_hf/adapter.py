@@ -185,8 +185,7 @@ class HFAdapter(Adapter):
         self.autocast, _ = self._precision()
         step = None
         if checkpoint is not None:
-            state = self._read(checkpoint, "model.pt",
-                               lambda f: torch.load(f, map_location="cpu", weights_only=True))
+            state = self._read(checkpoint, "model.pt", _tensors, here=self._reads_for_all_ranks())
             self.load_model_state(state, checkpoint)
             del state
             step = int(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"])
@@ -542,6 +541,25 @@ class HFAdapter(Adapter):
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
+    def _reads_for_all_ranks(self) -> bool:
+        """Whether this rank reads model.pt and optimizer.pt. Under FSDP on several ranks only rank 0
+        does (the others get their shards by broadcast: one copy in host memory per node, not one per
+        rank); a LoRA run's checkpoint (the adapter, small) and a replica's (DDP) are read by every rank."""
+        return not self._broadcasts_checkpoints() or self.rank == 0
+
+    def _broadcasts_checkpoints(self) -> bool:
+        return bool(self.ctx.native.get("fsdp")) and dist.is_initialized() and self.world_size > 1 \
+            and self.checkpoints_hold_every_weight
+
+    def _load_options(self, **kw: Any) -> Any:
+        """Options that set a model or optimizer from a full state dict: broadcast from rank 0 (the
+        others pass an empty one) when only rank 0 read it (`_reads_for_all_ranks`)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        if self._broadcasts_checkpoints():
+            return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, **kw)
+        return self._state_dict_options(**kw)
+
     #: a checkpoint's model.pt holds every weight (a LoRA run's holds the adapter only: its base is hf_path)
     checkpoints_hold_every_weight = True
 
@@ -555,7 +573,7 @@ class HFAdapter(Adapter):
         """Set the model from a `model_state` read back from `checkpoint`."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.model, state, options=self._state_dict_options())
+        set_model_state_dict(self.model, state, options=self._load_options())
 
     def save_checkpoint(self, step: int) -> None:
         """Write `.tmp-checkpoint-<step>` completely, then rename it: a crash never leaves a half checkpoint."""
@@ -627,11 +645,9 @@ class HFAdapter(Adapter):
     def load_checkpoint(self, path: Path) -> int:
         """Weights, optimizer, schedule and RNG from `path`; tensors and plain values only
         (`weights_only=True`: a file that would unpickle code is refused). A file missing or cut
-        short raises DamagedCheckpoint on every rank (see `_read`)."""
+        short raises DamagedCheckpoint on every rank (see `_read`). Under FSDP rank 0 alone reads
+        model.pt and optimizer.pt (`_reads_for_all_ranks`)."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        def tensors(file: Path) -> Any:
-            return torch.load(file, map_location="cpu", weights_only=True)
 
         state = self._read(path, STATE_FILE, lambda f: json.loads(f.read_text(encoding="utf-8")))
         if state["global_batch_size"] != self.global_batch or state["seq_length"] != self.settings.seq_length:
@@ -639,27 +655,32 @@ class HFAdapter(Adapter):
                               f"seq {state['seq_length']}; this run has {self.global_batch} x "
                               f"{self.settings.seq_length}", key="checkpoint.resume",
                               fix="resume with the same batch and sequence length, or checkpoint.resume: never")
-        options = self._state_dict_options()
-        self.load_model_state(self._read(path, "model.pt", tensors), path)
-        set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", tensors),
-                                 options=options)
-        schedule = self._read(path, "scheduler.pt", tensors)
+        here = self._reads_for_all_ranks()
+        self.load_model_state(self._read(path, "model.pt", _tensors, here=here), path)
+        set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", _tensors, here=here),
+                                 options=self._load_options())
+        if self._broadcasts_checkpoints():
+            logger.info(f"model.pt and optimizer.pt of {path}: " + (
+                "read by this rank and broadcast to every rank's shards" if here
+                else "received by broadcast from rank 0 (not read by this rank)"))
+        schedule = self._read(path, "scheduler.pt", _tensors)
         self.scheduler.load_state_dict(schedule["scheduler"])
         if self.scaler and schedule.get("scaler"):
             self.scaler.load_state_dict(schedule["scaler"])
         # absent when the world size changed: the data order does not depend on it
-        rng = self._read(path, f"rng_state_{self.rank}.pt", tensors, optional=True)
+        rng = self._read(path, f"rng_state_{self.rank}.pt", _tensors, optional=True)
         if rng is not None:
             _set_rng_state(rng)
         logger.info(f"resumed from {path} at step {state['step']}")
         return int(state["step"])
 
-    def _read(self, path: Path, name: str, read: Any, optional: bool = False) -> Any:
-        """`read(path / name)`. Every rank calls it for every file and the ranks agree on the outcome,
-        so that none goes on alone: a file missing or cut short on any rank raises DamagedCheckpoint
-        everywhere, any other failure (a refused pickle) fails every rank."""
-        value, why, error = None, None, None
-        if not (optional and not (path / name).is_file()):
+    def _read(self, path: Path, name: str, read: Any, optional: bool = False, here: bool = True) -> Any:
+        """`read(path / name)` ({} where not `here`: this rank reads nothing but joins the agreement).
+        Every rank calls it for every file and the ranks agree on the outcome, so that none goes on
+        alone: a file missing or cut short on any rank raises DamagedCheckpoint everywhere, with the
+        same reason (the first damaged rank's), any other failure (a refused pickle) fails every rank."""
+        value, why, error = None if here else {}, None, None
+        if here and not (optional and not (path / name).is_file()):
             try:
                 value = read(path / name)
             except Exception as exc:
@@ -672,8 +693,11 @@ class HFAdapter(Adapter):
         if worst == 2:
             raise TrainingError(f"checkpoint {path}: another rank failed to read it (see that rank's log)")
         if worst == 1:
-            raise DamagedCheckpoint(path, f"{name} {why}" if why else "a file another rank reads is damaged "
-                                                                       "(see that rank's log)")
+            reasons = [f"{name} {why}" if why else None]
+            if dist.is_initialized():  # every rank reports what the first damaged one found
+                reasons = [None] * self.world_size
+                dist.all_gather_object(reasons, f"{name} {why}" if why else None)
+            raise DamagedCheckpoint(path, next(r for r in reasons if r))
         return value
 
     def _worst_over_ranks(self, code: int) -> int:
@@ -779,6 +803,12 @@ def _damage(exc: Exception) -> str | None:
     if isinstance(exc, OSError) and not isinstance(exc, PermissionError):
         return f"cannot be read ({exc.strerror or exc})"
     return None
+
+
+def _tensors(file: Path) -> Any:
+    """A checkpoint file of tensors and plain values, mapped rather than read whole (a rank sends
+    each tensor on as it is needed); a pickle that would run code is refused."""
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
 
 def previous_checkpoint(path: Path) -> Path | None:
