@@ -90,6 +90,12 @@ def test_dry_run_says_what_the_target_gets(monkeypatch: pytest.MonkeyPatch, caps
     out = capsys.readouterr().out
     assert "attention SDPA (torch scaled_dot_product_attention); TransformerEngine is not installed" in out
     assert "precision fp32 (CPU)" in out and "overlap   grad reduce off, param gather off (CPU)" in out
+    # a login node without TransformerEngine submitting an fp8 job for ROCm nodes: said, not refused
+    assert main(["config", "validate", str(EXAMPLE), "fp8=hybrid"]) == 0
+    assert main(["run", str(EXAMPLE), "--dry-run", "--platform", "rocm", "fp8=hybrid"]) == 0
+    out = capsys.readouterr().out
+    assert ("attention TransformerEngine fused attention; TransformerEngine installed on rocm (if installed on the "
+            "nodes: it is not on this host)") in out and "precision bf16 + fp8 hybrid (delayed recipe)" in out
     monkeypatch.setattr(fast_path, "transformer_engine_installed", lambda: True)
     assert main(["run", str(EXAMPLE), "--dry-run", "--platform", "rocm", "fp8=hybrid"]) == 0
     out = capsys.readouterr().out

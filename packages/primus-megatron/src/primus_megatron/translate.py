@@ -7,6 +7,7 @@ so nothing here imports torch or megatron.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,11 +324,13 @@ class MegatronTranslator(Translator):
                               key="moe_router_force_load_balancing")
         self._check_recompute_layer_ids(n, pp, layers)
         self._check_layer_spec(n, cp, experts)
-        # what cannot work on any GPU (fp8 without TransformerEngine, bad values); the platform's own
-        # limits (fp8 on a CPU, a recipe the arch lacks) are judged by the dry run and the trainer
+        # what cannot work on any GPU (bad values: an fp8 format or recipe that does not exist, fp8 with
+        # transformer_impl: local or with Llama 4's SDPA-only attention). Whether TransformerEngine is
+        # installed is the compute nodes' business, not this host's (a login node validates and submits
+        # GPU jobs without it): the dry run and the trainer judge it where they run
         from primus_megatron.fast_path import decide
 
-        decide(n, "cuda")
+        decide(n, "cuda", te=True)
         self._check_trackers(n)
         self._check_data(resolved)
 
@@ -429,10 +432,19 @@ class MegatronTranslator(Translator):
     def summary(self, resolved: ResolvedModule, platform: Any = None) -> dict[str, Any]:
         """The dry-run lines, with the fast path (spec, attention, precision, fusions, overlap) the run
         takes on `platform` (core's Platform of the target: kind and arch; None: this host's CPU view)."""
-        from primus_megatron.fast_path import decide
+        from primus_megatron.fast_path import decide, transformer_engine_installed
 
         n = resolved.native
         kind, arch = (platform.kind, platform.arch) if platform is not None else ("cpu", None)
+        try:
+            path = decide(n, kind, arch)
+        except ConfigError:
+            if kind == "cpu" or transformer_engine_installed():
+                raise
+            # a GPU target judged from a host without TransformerEngine (a login node): what the run takes
+            # where TE is installed, said as such; a node without it refuses fp8 when the run starts
+            path = decide(n, kind, arch, te=True)
+            path = replace(path, why=path.why + " (if installed on the nodes: it is not on this host)")
         return {
             "parallel": f"tp {n.get('tensor_model_parallel_size')}, pp {n.get('pipeline_model_parallel_size')}, "
                         f"ep {n.get('expert_model_parallel_size')}",
@@ -440,7 +452,7 @@ class MegatronTranslator(Translator):
                      f"seq {n.get('seq_length')}",
             "steps": n.get("train_iters"),
             "data": "mock" if n.get("mock_data") else n.get("data_path"),
-            **decide(n, kind, arch).lines(),
+            **path.lines(),
         }
 
 

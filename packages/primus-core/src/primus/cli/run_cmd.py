@@ -246,9 +246,18 @@ def _summary(translator, m, host, target) -> dict:
 
     if "platform" not in inspect.signature(translator.summary).parameters:
         return translator.summary(m)
+    from primus.config.layered import COMMAND_LINE
     from primus.platform.detect import Platform
 
-    return translator.summary(m, platform=Platform(kind=target.platform, arch=target.arch) if target else host)
+    try:
+        return translator.summary(m, platform=Platform(kind=target.platform, arch=target.arch) if target else host)
+    except ConfigError as exc:  # what the target platform cannot run: located where the value was written
+        src = m.explain(exc.key) if exc.key and not exc.file else None
+        if src is not None and src.item is not None:
+            raise ConfigError(exc.message, file=COMMAND_LINE, key=src.item, fix=exc.fix) from None
+        if src is not None and src.file:
+            raise ConfigError(exc.message, file=src.file, line=src.line, key=exc.key, fix=exc.fix) from None
+        raise
 
 
 def _print_dry_run(resolved, platform, opts, launcher, rendered, env_changes, target=None, notes=()) -> None:

@@ -155,8 +155,11 @@ FAMILY_PATCHES = [
                       "Llama 4's chunked local attention on RoPE layers and temperature tuning on NoPE layers, and "
                       "the q/k L2 norm on RoPE layers only. megatron-core 0.16's local DotProductAttention has one "
                       "head size and neither Llama 4 feature.",
-          notes="On a GPU with TransformerEngine installed, multi-latent attention uses megatron-core's TE spec "
-                "instead (Llama 4's chunked attention and temperature tuning stay on SDPAttention).",
+          notes="SDPAttention is the default core attention of every model without TransformerEngine "
+                "(primus_megatron.fast_path); this patch keeps it for these models when use_flash_attn: false "
+                "asks for megatron-core's local attention. On a GPU with TransformerEngine installed, "
+                "multi-latent attention uses megatron-core's TE spec instead (Llama 4's chunked attention and "
+                "temperature tuning stay on SDPAttention).",
           apply=_sdpa_layer_spec),
     Patch(id="megatron.layers.mla_without_te", backend="megatron", phase="setup", versions=FRAMEWORK_RANGE,
           target="megatron.core.transformer.multi_latent_attention.HAVE_TE",
