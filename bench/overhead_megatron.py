@@ -70,8 +70,10 @@ class MockTokenizer:
         self.unique_identifiers = {"class": "MockTokenizer", "vocab_size": vocab_size}
 
 
-def plain_main(steps: int) -> None:
-    """Train SETTINGS for `steps` steps on megatron-core alone; print the wall time of steps 2..N."""
+def build_plain(s: dict[str, Any], steps: int, **config_extra: Any) -> tuple[Any, Any, Any, Any]:
+    """One CPU process (gloo) with megatron-core alone: (config, ddp model, optimizer, scheduler) of the
+    tiny Llama in `s` (Megatron's argument names), seeded, fp32, every CUDA fusion off, the local layer
+    spec, megatron-core's DDP, optimizer and LR schedule over `steps` steps."""
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     import random
 
@@ -80,8 +82,6 @@ def plain_main(steps: int) -> None:
     import torch
     import torch.nn.functional as F
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -91,7 +91,6 @@ def plain_main(steps: int) -> None:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     # the one Primus import: megatron-core 0.16 needs these patches to run on a CPU at all
@@ -102,8 +101,6 @@ def plain_main(steps: int) -> None:
     for patch in CPU_PATCHES:
         patch.apply(ctx)
 
-    s = SETTINGS
-    mbs, gbs, seq = s["micro_batch_size"], s["global_batch_size"], s["seq_length"]
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     random.seed(s["seed"])
@@ -120,7 +117,7 @@ def plain_main(steps: int) -> None:
         init_method_std=s["init_method_std"], params_dtype=torch.float32, pipeline_dtype=torch.float32,
         use_cpu_initialization=True, deallocate_pipeline_outputs=True, gradient_accumulation_fusion=False,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, **config_extra,
     )
     divisor = s["make_vocab_size_divisible_by"]
     model = GPTModel(
@@ -148,7 +145,61 @@ def plain_main(steps: int) -> None:
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
+    return config, ddp, optimizer, scheduler
 
+
+def masked_loss(loss_mask: Any, per_token: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(loss sum, token count, what to report): the schedule divides by the count."""
+    import torch
+
+    mask = loss_mask.reshape(-1).float()
+    loss = (per_token.reshape(-1).float() * mask).sum()
+    count = mask.sum().int()
+    return loss, count, {"lm loss": torch.stack([loss.detach(), count.detach().float()])}
+
+
+def train_plain(s: dict[str, Any], steps: int, ddp: Any, optimizer: Any, scheduler: Any, microbatches: Any,
+                forward_step: Any) -> tuple[float, float]:
+    """megatron-core's forward/backward schedule over `microbatches(step)` for `steps` steps, the step's mean
+    loss reduced and read back every step as a logging loop would; (last loss, seconds of steps 2..N,
+    timed like Primus's log timestamps of step 1 and step N). Ends the process group."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    mbs, gbs, seq = s["micro_batch_size"], s["global_batch_size"], s["seq_length"]
+    forward_backward = get_forward_backward_func()
+    ddp.train()
+    first_step_done, last_loss = 0.0, float("nan")
+    for step in range(steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(forward_step_func=forward_step, data_iterator=microbatches(step),
+                                   model=ddp, num_microbatches=gbs // mbs, seq_length=seq,
+                                   micro_batch_size=mbs, decoder_seq_length=seq, forward_only=False)
+        ok, _grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=1)
+        totals = torch.stack([r["lm loss"] for r in reports]).sum(0).double()
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        last_loss = (totals[0] / totals[1]).item()
+        if step == 0:
+            first_step_done = time.perf_counter()
+    loop_s = time.perf_counter() - first_step_done
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return last_loss, loop_s
+
+
+def plain_main(steps: int) -> None:
+    """Train SETTINGS for `steps` steps on megatron-core alone; print the wall time of steps 2..N."""
+    import torch
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+
+    s = SETTINGS
+    mbs, gbs, seq = s["micro_batch_size"], s["global_batch_size"], s["seq_length"]
+    _config, ddp, optimizer, scheduler = build_plain(s, steps)
     data_config = GPTDatasetConfig(random_seed=s["seed"], sequence_length=seq, split="99,1,0",
                                    tokenizer=MockTokenizer(s["vocab_size"]), reset_position_ids=False,
                                    reset_attention_mask=False, eod_mask_loss=False,
@@ -163,41 +214,13 @@ def plain_main(steps: int) -> None:
             keys = [key for key, value in rows[0].items() if value is not None]
             yield {key: torch.stack([row[key] for row in rows]) for key in keys}
 
-    def loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
-        # (loss sum, token count, what to report): the schedule divides by the count
-        mask = loss_mask.reshape(-1).float()
-        loss = (per_token.reshape(-1).float() * mask).sum()
-        count = mask.sum().int()
-        return loss, count, {"lm loss": torch.stack([loss.detach(), count.detach().float()])}
-
     def forward_step(batches, chunk):
         batch = next(batches)
         per_token = chunk(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
-        return per_token, lambda out: loss_func(batch["loss_mask"], out)
+        return per_token, lambda out: masked_loss(batch["loss_mask"], out)
 
-    forward_backward = get_forward_backward_func()
-    ddp.train()
-    first_step_done = 0.0
-    for step in range(steps):
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        reports = forward_backward(forward_step_func=forward_step, data_iterator=microbatches(step),
-                                   model=ddp, num_microbatches=gbs // mbs, seq_length=seq,
-                                   micro_batch_size=mbs, decoder_seq_length=seq, forward_only=False)
-        ok, _grad_norm, _ = optimizer.step()
-        if ok:
-            scheduler.step(increment=1)
-        # the step's mean loss over the data-parallel group, read back as a logging loop would
-        totals = torch.stack([r["lm loss"] for r in reports]).sum(0).double()
-        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        last_loss = (totals[0] / totals[1]).item()
-        if step == 0:
-            first_step_done = time.perf_counter()
-    # steps 2..N, timed like Primus's log timestamps of step 1 and step N
-    loop_s = time.perf_counter() - first_step_done
+    last_loss, loop_s = train_plain(s, steps, ddp, optimizer, scheduler, microbatches, forward_step)
     print(f"plain_megatron steps={steps} loss={last_loss:.4f} loop_s={loop_s:.4f}", flush=True)
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------ the bench
