@@ -185,7 +185,7 @@ class HFAdapter(Adapter):
         self.autocast, _ = self._precision()
         step = None
         if checkpoint is not None:
-            state = self._read(checkpoint, "model.pt", _tensors, here=self._reads_for_all_ranks())
+            state = self._read(checkpoint, "model.pt", _mapped_tensors, here=self._reads_for_all_ranks())
             self.load_model_state(state, checkpoint)
             del state
             step = int(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"])
@@ -656,8 +656,8 @@ class HFAdapter(Adapter):
                               f"{self.settings.seq_length}", key="checkpoint.resume",
                               fix="resume with the same batch and sequence length, or checkpoint.resume: never")
         here = self._reads_for_all_ranks()
-        self.load_model_state(self._read(path, "model.pt", _tensors, here=here), path)
-        set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", _tensors, here=here),
+        self.load_model_state(self._read(path, "model.pt", _mapped_tensors, here=here), path)
+        set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", _mapped_tensors, here=here),
                                  options=self._load_options())
         if self._broadcasts_checkpoints():
             logger.info(f"model.pt and optimizer.pt of {path}: " + (
@@ -806,8 +806,12 @@ def _damage(exc: Exception) -> str | None:
 
 
 def _tensors(file: Path) -> Any:
-    """A checkpoint file of tensors and plain values, mapped rather than read whole (a rank sends
-    each tensor on as it is needed); a pickle that would run code is refused."""
+    """A checkpoint file of tensors and plain values; a pickle that would run code is refused."""
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _mapped_tensors(file: Path) -> Any:
+    """model.pt, optimizer.pt: mapped rather than read whole (rank 0 sends each tensor on as it is needed)."""
     return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
 
