@@ -67,3 +67,24 @@ def test_validate_and_dry_run_import_no_framework(example: Path, tmp_path: Path)
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["codes"] == [0, 0], r.stderr[-3000:]
     assert result["imported"] == [], f"{example.name}: config validate / run --dry-run imported {result['imported']}"
+
+
+# issue 17: the dry run names what each torch backend will run with (megatron's fast path has its own
+# tests in tests/megatron/test_fast_path.py); train.compile is the neutral switch
+@pytest.mark.parametrize(("example", "lines"), [
+    ("hf/llama3_tiny.yaml", ["precision bf16", "attention transformers' default (sdpa)",
+                             "compile   torch.compile of the wrapped model"]),
+    ("torchtitan/llama3_tiny_cpu.yaml", ["precision bfloat16 compute, fp32 master",
+                                         "compile   torch.compile (compile.enable)"]),
+])
+def test_dry_run_names_precision_attention_and_compile(example: str, lines: list[str], tmp_path: Path):
+    from importlib.util import find_spec
+
+    if find_spec(f"primus_{example.split('/')[0]}") is None:
+        pytest.skip(f"primus-{example.split('/')[0]} not installed in this session")
+    r = subprocess.run([sys.executable, "-m", "primus", "run", str(ROOT / "examples" / example), "--dry-run",
+                        f"workspace={tmp_path}", "train.compile=true", "train.precision=bf16"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for line in lines:
+        assert f"  {line}" in r.stdout, r.stdout

@@ -261,6 +261,9 @@ class HFTranslator(Translator):
             "seq": n["seq_length"],
             "data": data,
             "parallel": "FSDP" if n.get("fsdp") else ("DDP" if resolved.world_size > 1 else "single process"),
+            "precision": "bf16" if n.get("bf16") else ("fp16 (GradScaler)" if n.get("fp16") else "fp32"),
+            "attention": n.get("attn_implementation") or "transformers' default (sdpa)",
+            "compile": "torch.compile of the wrapped model" if n.get("torch_compile") else "off",
         }
 
 

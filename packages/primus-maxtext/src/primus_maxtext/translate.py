@@ -626,4 +626,7 @@ class MaxTextTranslator(Translator):
             "mesh": ", ".join(f"{k.removesuffix('_parallelism')}={v}" for k, v in mesh_axes(n, "ici_").items()
                               if v != 1) or "single device",
             "data": n.get("dataset_type"),
+            "precision": f"{n.get('dtype')} compute, {n.get('weight_dtype')} weights",
+            "attention": n.get("attention"),
+            "compile": "XLA (every MaxText step is jit-compiled)",
         }

@@ -577,4 +577,6 @@ class TorchTitanTranslator(Translator):
         return {"network": network, "steps": native_get(n, "training.steps"),
                 "batch": f"{native_get(n, 'training.local_batch_size')} x seq {native_get(n, 'training.seq_len')}",
                 "parallel": parallel or "none", "data": "mock" if native_get(n, "training.mock_data")
-                else native_get(n, "dataloader.dataset_path") or native_get(n, "dataloader.dataset")}
+                else native_get(n, "dataloader.dataset_path") or native_get(n, "dataloader.dataset"),
+                "precision": f"{native_get(n, 'training.mixed_precision_param') or 'bfloat16'} compute, fp32 master",
+                "compile": "torch.compile (compile.enable)" if native_get(n, "compile.enable") else "off"}
