@@ -88,3 +88,24 @@ def test_dry_run_names_precision_attention_and_compile(example: str, lines: list
     assert r.returncode == 0, r.stderr
     for line in lines:
         assert f"  {line}" in r.stdout, r.stdout
+
+
+# train.compile on every torch backend (a resolve-level test: inductor's first compile of the tiny
+# model took 102 s on this CPU, too long for CI): the framework's own switch is set (megatron: exit 2,
+# tests/megatron/test_fast_path.py)
+@pytest.mark.parametrize(("exp", "native"), [("hf/llama3_tiny.yaml", ("torch_compile",)),
+                                             ("torchtitan/llama3_tiny_cpu.yaml", ("compile", "enable"))])
+def test_train_compile_sets_the_frameworks_switch(exp: str, native: tuple[str, ...]) -> None:
+    from importlib.util import find_spec
+
+    from primus.config.resolve import resolve
+
+    if find_spec(f"primus_{exp.split('/')[0]}") is None:
+        pytest.skip(f"primus-{exp.split('/')[0]} not installed in this session")
+
+    for given in (True, None):
+        overrides = [f"modules.pre_trainer.train.compile={str(given).lower()}"] if given else []
+        value = resolve(ROOT / "examples" / exp, overrides, world_size=1).modules["pre_trainer"].native
+        for part in native:
+            value = value[part]
+        assert value is bool(given)

@@ -111,21 +111,7 @@ def test_fp8_without_transformer_engine_is_one_line() -> None:
                         "fp8=hybrid: fp8 runs through TransformerEngine's layers: TransformerEngine is not installed")
 
 
-# train.compile on every torch backend (a resolve-level test: inductor's first compile of the tiny
-# model took 102 s on this CPU, too long for CI): the framework's own switch is set, or exit 2
-@pytest.mark.parametrize(("exp", "native"), [("hf/llama3_tiny.yaml", ("torch_compile",)),
-                                             ("torchtitan/llama3_tiny_cpu.yaml", ("compile", "enable"))])
-def test_train_compile_sets_the_frameworks_switch(exp: str, native: tuple[str, ...]) -> None:
-    from primus.config.resolve import resolve
-
-    for given in (True, None):
-        overrides = [f"modules.pre_trainer.train.compile={str(given).lower()}"] if given else []
-        value: Any = resolve(EXAMPLE.parents[1] / exp, overrides, world_size=1).modules["pre_trainer"].native
-        for part in native:
-            value = value[part]
-        assert value is bool(given)
-
-
+# train.compile on megatron: refused (hf and torchtitan set their switch: tests/e2e/test_all_backends.py)
 def test_train_compile_on_megatron_is_one_line() -> None:
     assert_config_error(run_primus("run", str(EXAMPLE), "--dry-run", "modules.pre_trainer.train.compile=true"),
                         "train.compile", "megatron-core 0.16 compiles only its fused kernels")
