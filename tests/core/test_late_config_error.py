@@ -19,6 +19,10 @@ if os.environ.get("PRIMUS_TEST_LATE_ERROR"):
     from primus.errors import ConfigError
 
     def _run(self):
+        import time
+
+        if os.environ.get("RANK") == "0":  # another rank fails first, as on a real cluster
+            time.sleep(float(os.environ.get("PRIMUS_TEST_LATE_ERROR_RANK0_DELAY", "0")))
         raise ConfigError("the toy cannot train this at run time", key="toy.late", fix="unset PRIMUS_TEST_LATE_ERROR")
 
     _adapter.ToyAdapter.run = _run

@@ -154,8 +154,11 @@ def test_late_config_error_under_torchrun_exits_2_and_removes_the_run_directory(
                    "modules:\n  pre_trainer:\n    framework: toy\n    train: {steps: 5}\n")
     r = subprocess.run([sys.executable, "-m", "primus", "run", str(exp), "--nproc-per-node", "2", "--master-port",
                         str(free_port())], capture_output=True, text=True, timeout=300,
-                       env=primus_env({"PYTHONPATH": _with(inject), "PRIMUS_TEST_LATE_ERROR": "1"}))
+                       env=primus_env({"PYTHONPATH": _with(inject), "PRIMUS_TEST_LATE_ERROR": "1",
+                                       "PRIMUS_TEST_LATE_ERROR_RANK0_DELAY": "2"}))
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-4000:]
+    # rank 1 fails first and torchrun stops rank 0: the user still reads the one line, once
     assert LINE in r.stderr.splitlines() and "Traceback" not in r.stderr, r.stderr[-4000:]
+    assert r.stderr.count("primus: error:") == 1, r.stderr[-4000:]
     run_dir = run_dir_for(tmp_path / "ws", "late")
     assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())

@@ -51,19 +51,34 @@ def _forward_to_workers(signum: int, frame: object) -> None:
             pass
 
 
-def _stopped_ranks(run_dir: Path | None, since: float) -> set[str]:
-    """The states the ranks of this launch wrote (older status files belong to earlier attempts)."""
+def _rank_statuses(run_dir: Path | None, since: float) -> list[dict]:
+    """The status.json of each rank of this launch (older files belong to earlier attempts), by rank."""
     if run_dir is None:
-        return set()
-    states = set()
+        return []
+    statuses = []
     for status in run_dir.glob("logs/*/rank-*/status.json"):
         try:
             if status.stat().st_mtime < since:
                 continue
-            states.add(json.loads(status.read_text(encoding="utf-8")).get("state"))
+            data = json.loads(status.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-    return states
+        if isinstance(data, dict):
+            statuses.append(data)
+    return sorted(statuses, key=lambda d: d.get("rank") if isinstance(d.get("rank"), int) else 1 << 30)
+
+
+def _stopped_ranks(run_dir: Path | None, since: float) -> set[str]:
+    """The states the ranks of this launch wrote."""
+    return {d.get("state") for d in _rank_statuses(run_dir, since)}
+
+
+def _config_error(run_dir: Path | None, since: float) -> str | None:
+    """The configuration error the lowest rank that found one wrote, for the one line the user sees."""
+    for data in _rank_statuses(run_dir, since):
+        if data.get("state") == "config-error":
+            return str(data.get("error") or "a rank stopped on a configuration error; its log file says which")
+    return None
 
 
 def _run_dir_of(argv: list[str]) -> Path | None:
@@ -110,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                   "model or training settings differ never meet, since the id carries their fingerprint "
                   "(PRIMUS_RDZV_TIMEOUT sets the wait)", file=sys.stderr)
             return 1
-        if not _received and "config-error" in _stopped_ranks(_run_dir_of(args), started):
+        error = None if _received else _config_error(_run_dir_of(args), started)
+        if error is not None:
+            print(f"primus: error: {error}", file=sys.stderr)  # one line; no launcher traceback
             _remove_new_run_dir(_run_dir_of(args))
-            return 2  # the ranks said which configuration error in one line; no launcher traceback
+            return 2
         if not _received:
             raise  # a rank failed: torchrun's own report names it and its error file
         print(f"primus: error: stopping on {signal.Signals(_received[0]).name}, a rank failed on the way out "

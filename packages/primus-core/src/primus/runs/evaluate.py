@@ -126,7 +126,8 @@ def run_eval_worker(eval_dir: Path, module_name: str) -> int:
                                          f"rank {rank}/{world_size}")
         result = adapter.evaluate(request)
     except ConfigError as exc:
-        if rank == 0 or world_size == 1:
+        ctx.metrics.set_status("config-error", error=str(exc))  # Primus's torchrun entry prints it once
+        if os.environ.get("PRIMUS_LAUNCHER") != "torchrun" and (rank == 0 or world_size == 1):
             print(f"primus: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:

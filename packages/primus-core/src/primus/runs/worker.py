@@ -119,9 +119,11 @@ def run_worker(run_dir: Path, module_name: str) -> int:
                     f"{backend.framework_version}) on {platform.describe()}, rank {rank}/{world_size}")
         adapter_cls(ctx).run()
     except ConfigError as exc:
-        metrics.set_status("config-error")
+        metrics.set_status("config-error", error=str(exc))
         logger.bind(file_only=True).error(f"configuration error: {exc}")
-        if rank == 0 or world_size == 1:  # every rank finds the same error: one line is enough
+        # one line for the user: under Primus's torchrun entry that entry prints it from status.json,
+        # since the agent may kill rank 0 before it prints once another rank has failed first
+        if os.environ.get("PRIMUS_LAUNCHER") != "torchrun" and (rank == 0 or world_size == 1):
             print(f"primus: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # a second Ctrl-C, or a backend that cannot stop between steps
