@@ -122,6 +122,16 @@ def assert_config_error(result: subprocess.CompletedProcess[str], *needles: str)
     return err
 
 
+def assert_late_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """A ConfigError the eval worker finds: exit 2, no traceback, one `primus: error:` line (the
+    worker's own INFO lines may come before it, as on `primus run`)."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("primus: error:")]
+    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
 def attempts(path: Path) -> dict[int, list[int]]:
     """The training steps each attempt of a run logged, in order: a resumed attempt must start
     after its checkpoint, not at step 1 (a test keyed by step alone cannot tell)."""

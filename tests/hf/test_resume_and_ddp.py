@@ -4,8 +4,8 @@ A: one process, 6 steps, global batch 8 = micro 2 x accumulation 4, uninterrupte
 B: the same, stopped after step 3 (exit_at_step), then the same command again (resume: auto).
 C: two processes under torchrun, global batch 8 = micro 2 x 2 ranks x accumulation 2, once with DDP
    over gloo and once with FSDP (parallel.fsdp; FSDP2 runs on gloo too), the FSDP one stopped after
-   step 3 and resumed on two processes (rank 0 alone reads model.pt and optimizer.pt; rank 1 gets its
-   shards by broadcast).
+   step 3 and resumed on two processes (each rank writes its DCP shards and reads back its own), and
+   once stopped as one process and resumed under FSDP (rank 0 reads model.pt and broadcasts).
 B must match A exactly; C reads the same samples per step, so it matches A up to summation order.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import primus_env
+from tests.support import CORPUS, TOKENIZER, assert_late_error, primus_env
 
 from .conftest import assert_ok, free_port, run_dir, run_primus, train_records, write_experiment
 
@@ -56,13 +56,17 @@ def test_a_stopped_and_resumed_run_reaches_the_same_losses(tmp_path: Path, works
     assert (run_dir(workspace, "b") / "model" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", "fsdp-after-one-process"])
 def test_two_ranks_agree_with_one_process(tmp_path: Path, workspace: Path, uninterrupted, sharding: str):
     exp = _experiment(tmp_path, "c")
-    fsdp = sharding == "fsdp"
-    for stop in ((3, None) if fsdp else (None,)):  # FSDP: stopped after step 3, then resumed on 2 processes
-        result = run_primus("run", str(exp), "--nproc-per-node", "2", "--master-port", str(free_port()),
-                            f"workspace={workspace}", f"parallel.fsdp={fsdp}", *([f"exit_at_step={stop}"] if stop else []))
+    fsdp = sharding.startswith("fsdp")
+    # FSDP: stopped after step 3, then resumed on 2 processes; the last case stops a one-process run
+    # (a whole model.pt) and resumes it under FSDP (rank 0 reads it and broadcasts the shards)
+    ranks = {"ddp": [2], "fsdp": [2, 2], "fsdp-after-one-process": [1, 2]}[sharding]
+    for attempt, nproc in enumerate(ranks):
+        stop = ["exit_at_step=3"] if attempt == 0 and len(ranks) == 2 else []
+        launch = ["--nproc-per-node", "2", "--master-port", str(free_port())] if nproc == 2 else []
+        result = run_primus("run", str(exp), *launch, f"workspace={workspace}", f"parallel.fsdp={fsdp}", *stop)
         assert_ok(result)
     records = train_records(run_dir(workspace, "c") / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -70,13 +74,25 @@ def test_two_ranks_agree_with_one_process(tmp_path: Path, workspace: Path, unint
     assert records[-1]["loss"] < records[0]["loss"]
 
     logs = run_dir(workspace, "c") / "logs" / "pre_trainer"
-    if fsdp:  # only rank 0 read the checkpoint's weights and optimizer state
+    if fsdp:  # each rank wrote its own shards
+        shards = sorted(p.name for p in (run_dir(workspace, "c") / "checkpoints" / "checkpoint-6" / "shards").iterdir())
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
         read = [(logs / f"rank-{r}" / "primus.log").read_text() for r in (0, 1)]
+    if sharding == "fsdp":  # and read back the ones it holds
+        for log in read:
+            assert "checkpoint-3: this rank read the shards it holds" in log, log[-3000:]
+        # a shard cut short is named in one line (here by a one-process eval, which reads every shard)
+        shard = run_dir(workspace, "c") / "checkpoints" / "checkpoint-6" / "shards" / "__1_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:1000])
+        damaged = run_primus("eval", str(exp), f"workspace={workspace}", "--checkpoint", "latest", "--data",
+                             str(CORPUS), f"data.tokenizer={TOKENIZER}", "parallel.fsdp=true")
+        assert_late_error(damaged, "checkpoint-6 cannot be loaded: shards/__1_0.distcp is truncated (1000 of")
+    if sharding == "fsdp-after-one-process":  # only rank 0 read the whole model.pt and optimizer.pt
         assert "checkpoint-3: read by this rank and broadcast" in read[0], read[0][-3000:]
         assert "checkpoint-3: received by broadcast from rank 0" in read[1], read[1][-3000:]
     checksums = [re.findall(r"parameter checksum (\S+)", (logs / f"rank-{r}" / "primus.log").read_text())
                  for r in (0, 1)]
-    assert checksums[0] and checksums[0] == checksums[1], checksums  # both replicas hold the same weights
+    assert checksums[1] and checksums[0][-1] == checksums[1][-1], checksums  # both ranks end with the same weights
 
 
 class _Payload:

@@ -26,6 +26,7 @@ from tests.support import (
     CORPUS,
     TOKENIZER,
     assert_config_error,
+    assert_late_error,
     assert_ok,
     corpus_data,
     experiment_template,
@@ -62,16 +63,6 @@ def primus_eval(exp: Path, *args: str) -> dict:
                         "--master-port", str(free_port()), *args)
     assert_ok(result)
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def assert_late_error(result, *needles: str) -> None:
-    """A ConfigError the eval worker finds: exit 2, no traceback, one `primus: error:` line (the
-    worker's own INFO lines may come before it, as on `primus run`)."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("primus: error:")]
-    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +148,7 @@ def test_round_trip_hf_run_export_is_exact(tmp_path: Path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """3 steps of llama from its HF init on 2 processes with FSDP (a sharded layout), checkpoint at
-    the end; (experiment, run dir). Exported and evaluated on 1 process."""
+    the end; (experiment, run dir). Exported and evaluated on 1 process (DCP reshards 2 -> 1)."""
     base = tmp_path_factory.mktemp("trained")
     exp, run = experiment(base, "trained", tiny_hf("llama"), steps=3)
     assert_ok(run_primus("run", str(exp), "--nproc-per-node", "2", "--master-port", str(free_port()),
@@ -167,7 +158,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_after_training_eval_of_the_export_equals_eval_of_the_checkpoint(trained, blocks, tmp_path: Path):
     exp, run = trained
-    record = primus_eval(exp, "--checkpoint", "latest")
+    # FSDP's ranks saved the checkpoint as DCP shards, a file each: no rank gathered the whole model
+    checkpoint = run / "checkpoints" / "checkpoint-3"
+    assert not (checkpoint / "model.pt").exists() and (checkpoint / "shards" / ".metadata").is_file()
+    assert len(list((checkpoint / "shards").glob("*.distcp"))) == 2
+    record = primus_eval(exp, "--checkpoint", "latest")  # one process reads both ranks' shards
     assert record["step"] == 3 and record["checkpoint"] == "latest"
     out = tmp_path / "exported"
     assert_ok(run_primus("export", str(run), str(out)))

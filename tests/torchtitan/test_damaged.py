@@ -107,7 +107,8 @@ def test_checkpoint_values_and_dataloader_state_are_read_without_unpickling_code
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from primus_torchtitan.checkpoint import SafePlanner, SafeReader, UnsafeCheckpoint, load_safely
+    from primus.runs.dcp import SafePlanner, SafeReader, UnsafeCheckpoint
+    from primus_torchtitan.checkpoint import load_safely
 
     marker = tmp_path / "PWNED"
     folder = tmp_path / "step-1"

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +36,7 @@ from primus_hf.data import SampleOrder, load_blocks, micro_batch
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"  # written last: a checkpoint directory without it is incomplete
+SHARDS = "shards"  # under FSDP: the model and optimizer as torch distributed-checkpoint (DCP) shards
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class HFAdapter(Adapter):
         super().__init__(ctx)
         self.settings = LoopSettings.from_native(ctx.native)
         self.rank, self.world_size = ctx.rank, ctx.world_size
+        if ctx.native.get("fsdp") and ctx.world_size == 1:
+            # one process has nothing to shard, and no process group for FSDP to shard over
+            logger.info("parallel.fsdp on one process: nothing to shard, the model stays whole")
+            ctx.native["fsdp"] = False
         self.presharded = False  # build_model already applied fully_shard (FSDP loading hf_path slices)
         self.rank0_init: dict[str, torch.Tensor] | None = None  # FSDP: rank 0's random init, sent to every rank
 
@@ -185,9 +191,16 @@ class HFAdapter(Adapter):
         self.autocast, _ = self._precision()
         step = None
         if checkpoint is not None:
-            state = self._read(checkpoint, "model.pt", _mapped_tensors, here=self._reads_for_all_ranks())
-            self.load_model_state(state, checkpoint)
-            del state
+            try:
+                if (checkpoint / SHARDS).is_dir():
+                    self._load_shards(checkpoint, optimizer=False)
+                else:
+                    state = self._read(checkpoint, "model.pt", _mapped_tensors, here=self._reads_for_all_ranks())
+                    self.load_model_state(state, checkpoint)
+                    del state
+            except DamagedCheckpoint as exc:
+                raise ConfigError(f"checkpoint {exc.path} cannot be loaded: {exc.reason}", key="--checkpoint",
+                                  fix="evaluate another checkpoint of the run (--checkpoint DIR)") from None
             step = int(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"])
             logger.info(f"evaluating the weights of {checkpoint} (step {step})")
         blocks = blocks_for(request, encode, eos_id)
@@ -236,8 +249,9 @@ class HFAdapter(Adapter):
                                       "to evaluate the model's init")
             return found[-1]
         path = Path(which)
-        if not (path / STATE_FILE).is_file() or not (path / "model.pt").is_file():
-            raise ConfigError(f"{path} is not a complete hf checkpoint (no {STATE_FILE} or model.pt)",
+        if not (path / STATE_FILE).is_file() or not ((path / "model.pt").is_file() or (path / SHARDS).is_dir()):
+            raise ConfigError(f"{path} is not a complete hf checkpoint (no {STATE_FILE}, or neither model.pt nor "
+                              f"{SHARDS}/)",
                               key="--checkpoint", fix="pass latest, or a checkpoint-<step> directory of an hf run")
         return path
 
@@ -548,8 +562,16 @@ class HFAdapter(Adapter):
         return not self._broadcasts_checkpoints() or self.rank == 0
 
     def _broadcasts_checkpoints(self) -> bool:
+        """Under FSDP, a checkpoint with a whole model.pt (one saved before shards, or by one process)
+        is read by rank 0 and broadcast."""
         return bool(self.ctx.native.get("fsdp")) and dist.is_initialized() and self.world_size > 1 \
             and self.checkpoints_hold_every_weight
+
+    def _saves_shards(self) -> bool:
+        """Under FSDP on several ranks a checkpoint holds the model and optimizer as DCP shards: each
+        rank writes the shards it holds and, on resume, reads the ones it needs (any layout reads
+        them: DCP reshards), so no rank ever holds the whole model or optimizer in host memory."""
+        return self._broadcasts_checkpoints()
 
     def _load_options(self, **kw: Any) -> Any:
         """Options that set a model or optimizer from a full state dict: broadcast from rank 0 (the
@@ -581,18 +603,26 @@ class HFAdapter(Adapter):
 
         final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = self.checkpoint_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
-        options = self._state_dict_options()
-        # every rank joins the gathers (FSDP needs it); rank 0 writes the shared state
-        model_state = self.model_state()
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        shards = self._saves_shards()
+        if not shards:  # every rank joins the gathers (FSDP needs it); rank 0 writes the whole state
+            model_state = self.model_state()
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._state_dict_options())
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self._barrier()
+        if shards:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)  # this rank's shards
+            dcp.save({"model": model_state, "optimizer": optim_state},
+                     storage_writer=dcp.FileSystemWriter(str(tmp / SHARDS)))
         torch.save(_rng_state(), tmp / f"rng_state_{self.rank}.pt")
         if self.rank == 0:
-            torch.save(model_state, tmp / "model.pt")
-            torch.save(optim_state, tmp / "optimizer.pt")
+            if not shards:
+                torch.save(model_state, tmp / "model.pt")
+                torch.save(optim_state, tmp / "optimizer.pt")
             torch.save({"scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict() if self.scaler else None}, tmp / "scheduler.pt")
         self._barrier()
@@ -646,23 +676,18 @@ class HFAdapter(Adapter):
         """Weights, optimizer, schedule and RNG from `path`; tensors and plain values only
         (`weights_only=True`: a file that would unpickle code is refused). A file missing or cut
         short raises DamagedCheckpoint on every rank (see `_read`). Under FSDP rank 0 alone reads
-        model.pt and optimizer.pt (`_reads_for_all_ranks`)."""
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
+        model.pt and optimizer.pt (`_reads_for_all_ranks`); a checkpoint of DCP shards is read shard by
+        shard (`_load_shards`)."""
         state = self._read(path, STATE_FILE, lambda f: json.loads(f.read_text(encoding="utf-8")))
         if state["global_batch_size"] != self.global_batch or state["seq_length"] != self.settings.seq_length:
             raise ConfigError(f"checkpoint {path} was written with global batch {state['global_batch_size']} x "
                               f"seq {state['seq_length']}; this run has {self.global_batch} x "
                               f"{self.settings.seq_length}", key="checkpoint.resume",
                               fix="resume with the same batch and sequence length, or checkpoint.resume: never")
-        here = self._reads_for_all_ranks()
-        self.load_model_state(self._read(path, "model.pt", _mapped_tensors, here=here), path)
-        set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", _mapped_tensors, here=here),
-                                 options=self._load_options())
-        if self._broadcasts_checkpoints():
-            logger.info(f"model.pt and optimizer.pt of {path}: " + (
-                "read by this rank and broadcast to every rank's shards" if here
-                else "received by broadcast from rank 0 (not read by this rank)"))
+        if (path / SHARDS).is_dir():
+            self._load_shards(path, optimizer=True)
+        else:
+            self._load_whole(path)
         schedule = self._read(path, "scheduler.pt", _tensors)
         self.scheduler.load_state_dict(schedule["scheduler"])
         if self.scaler and schedule.get("scaler"):
@@ -673,6 +698,55 @@ class HFAdapter(Adapter):
             _set_rng_state(rng)
         logger.info(f"resumed from {path} at step {state['step']}")
         return int(state["step"])
+
+    def _load_whole(self, path: Path) -> None:
+        """model.pt and optimizer.pt: the whole state, by every rank, or by rank 0 alone and broadcast."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        here = self._reads_for_all_ranks()
+        self.load_model_state(self._read(path, "model.pt", _mapped_tensors, here=here), path)
+        set_optimizer_state_dict(self.model, self.optimizer, self._read(path, "optimizer.pt", _mapped_tensors, here=here),
+                                 options=self._load_options())
+        if self._broadcasts_checkpoints():
+            logger.info(f"model.pt and optimizer.pt of {path}: " + (
+                "read by this rank and broadcast to every rank's shards" if here
+                else "received by broadcast from rank 0 (not read by this rank)"))
+
+    def _load_shards(self, path: Path, *, optimizer: bool) -> None:
+        """The model (and optimizer) from the checkpoint's DCP shards, into this run's layout: each
+        rank reads what it holds, whatever layout saved them; the metadata through a restricted
+        unpickler, values weights-only (primus.runs.dcp). Every rank joins the load, so a file missing
+        or cut short fails every rank alike (DamagedCheckpoint)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import state_dict as states
+
+        from primus.runs.dcp import SafePlanner, SafeReader, damage, first_failure
+
+        if optimizer:  # this layout's own state dicts (sharded under FSDP) say what to read
+            model_state, optim_state = states.get_state_dict(self.model, self.optimizer)
+            target = {"model": model_state, "optimizer": optim_state}
+        else:
+            target = {"model": states.get_model_state_dict(self.model)}
+        try:
+            with warnings.catch_warnings():  # one process reading every rank's shards is what is meant
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(target, storage_reader=SafeReader(str(path / SHARDS)), planner=SafePlanner(),
+                         no_dist=not dist.is_initialized())
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            why = damage(path / SHARDS, exc)
+            if why is not None:
+                raise DamagedCheckpoint(path, f"{SHARDS}/{why}") from None
+            if type(exc).__name__ == "CheckpointException":  # the worker reports a TrainingError in one line
+                raise TrainingError(f"checkpoint {path} cannot be loaded: {first_failure(exc)}") from None
+            raise
+        if optimizer:
+            states.set_state_dict(self.model, self.optimizer, model_state_dict=target["model"],
+                                  optim_state_dict=target["optimizer"])
+        else:
+            states.set_model_state_dict(self.model, target["model"])
+        logger.info(f"{path.name}: this rank read the shards it holds from {SHARDS}/ (DCP)")
 
     def _read(self, path: Path, name: str, read: Any, optional: bool = False, here: bool = True) -> Any:
         """`read(path / name)` ({} where not `here`: this rank reads nothing but joins the agreement).

@@ -1,8 +1,9 @@
 """`primus export` for the hf backend: a checkpoint's weights under the Hugging Face on-disk names.
 
-An hf checkpoint (`checkpoint-<step>/model.pt`) holds the full state dict of the unwrapped
-transformers model (a LoRA run's: the adapter's matrices only, merged here into the base of `hf_path`), whatever the layout it was trained with (DDP replicas or FSDP shards are
-gathered before the save), so exporting is a rename, never a reshard: the state-dict names of the
+An hf checkpoint holds the state dict of the unwrapped transformers model: whole in
+`checkpoint-<step>/model.pt` (one process, DDP; a LoRA run's: the adapter's matrices only, merged
+here into the base of `hf_path`), or as the DCP shards FSDP ranks wrote (`shards/`, whose whole
+tensors DCP assembles here in one process), so exporting is a rename: the state-dict names of the
 transformers model in memory -> the names of `primus.models.hf.hf_tensor_shapes`. They differ in
 two places:
 
@@ -20,6 +21,7 @@ Runs in one process on the CPU; imports torch and safetensors, never builds the 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +32,7 @@ from primus.errors import ConfigError
 CHECKPOINT_PREFIX = "checkpoint-"  # the adapter's names, repeated so that export never imports it
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.pt"
+SHARDS = "shards"
 
 _FUSED = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)$")
 _ROUTER = re.compile(r"^(model\.layers\.\d+\.)mlp\.gate\.weight$")
@@ -104,16 +107,31 @@ def find_checkpoint(directory: Path, step: int | None) -> Path:
 
 
 def read_state(checkpoint: Path) -> tuple[dict[str, Any], int]:
-    """(the model state dict, the step) of one hf checkpoint; tensors only (weights_only)."""
+    """(the model state dict, the step) of one hf checkpoint; tensors only (weights_only), from
+    model.pt or, for a checkpoint saved under FSDP, from its DCP shards (whole tensors assembled in
+    one process, through core's safe readers)."""
     import torch
 
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        if (checkpoint / SHARDS).is_dir():
+            from primus.runs.dcp import read_full_tensors
+
+            model = {name.removeprefix("model."): tensor
+                     for name, tensor in read_full_tensors(checkpoint / SHARDS, prefix="model.").items()}
+            return model, int(state["step"])
         model = torch.load(checkpoint / MODEL_FILE, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise ConfigError(f"checkpoint {checkpoint}: {Path(exc.filename or MODEL_FILE).name} is missing") from None
-    except (EOFError, RuntimeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (EOFError, RuntimeError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError) as exc:
         raise ConfigError(f"checkpoint {checkpoint} cannot be read ({str(exc).splitlines()[0][:200]})") from None
+    except BaseException as exc:  # DCP's CheckpointException (a BaseException): a shard file missing or cut short
+        if type(exc).__name__ != "CheckpointException":
+            raise
+        from primus.runs.dcp import damage, first_failure
+
+        why = damage(checkpoint / SHARDS, exc) or first_failure(exc)
+        raise ConfigError(f"checkpoint {checkpoint} cannot be read ({SHARDS}/{why})") from None
     if not isinstance(model, dict):
         raise ConfigError(f"checkpoint {checkpoint}: {MODEL_FILE} is not a state dict")
     return model, int(state["step"])

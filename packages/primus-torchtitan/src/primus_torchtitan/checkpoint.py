@@ -2,12 +2,10 @@
 
 - **Nothing in a checkpoint runs code.** TorchTitan saves with torch's distributed checkpoint (DCP),
   whose stock reader unpickles three things without restriction: the `.metadata` file, every
-  non-tensor value (torch's default planner loads them with the weights-only guard off), and
-  TorchTitan's dataloader state (bytes stored in the checkpoint). This module replaces all three
-  readers: the metadata goes through an unpickler that knows only DCP's metadata classes, values
-  through `torch.load(..., weights_only=True)`, and the dataloader state through an unpickler that
-  knows no class at all; a file that names anything else is refused. Nothing here ever loads with
-  the guard off.
+  non-tensor value, and TorchTitan's dataloader state (bytes stored in the checkpoint). The first
+  two go through core's safe DCP readers (`primus.runs.dcp`, shared with the hf backend), the
+  dataloader state through an unpickler that knows no class at all; a file that names anything else
+  is refused. Nothing here ever loads with the guard off.
 - **A damaged newest checkpoint** (a file missing or cut short) is named in one line, or, with
   `checkpoint.on_damaged: previous`, set aside and the newest older complete checkpoint loaded.
 
@@ -16,90 +14,26 @@ Both are installed on the trainer's own checkpointer and dataloader objects, not
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from loguru import logger
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, set_element
-from torch.distributed.checkpoint.metadata import StorageMeta
 
 from primus.errors import ConfigError, TrainingError
+from primus.runs.dcp import (
+    METADATA,
+    SafePlanner,
+    SafeReader,
+    damage,
+    first_failure,
+    restricted_loads,
+)
 
 STEP_DIR = re.compile(r"step-(\d+)")
-METADATA = ".metadata"  # written last by DCP: a step folder without it is an unfinished save
-
-
-# ----------------------------------------------------------------------------- restricted unpickling
-
-
-class UnsafeCheckpoint(pickle.UnpicklingError):
-    """A checkpoint file names a Python object that loading would construct or call."""
-
-
-def _metadata_globals() -> frozenset[tuple[str, str]]:
-    import torch.distributed.checkpoint.metadata as dcp_metadata
-
-    allowed = {("torch.distributed.checkpoint.metadata", name) for name, value in vars(dcp_metadata).items()
-               if isinstance(value, type) and value.__module__ == dcp_metadata.__name__}
-    allowed |= {("torch", name) for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
-    allowed |= {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),  # str -> torch.layout, nothing else
-        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-        ("pathlib", "PureWindowsPath"),
-        ("collections", "OrderedDict"),
-    }
-    return frozenset(allowed)
-
-
-class _Restricted(pickle.Unpickler):
-    def __init__(self, file: Any, allowed: frozenset[tuple[str, str]], what: str) -> None:
-        super().__init__(file)
-        self.allowed, self.what = allowed, what
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.allowed:
-            raise UnsafeCheckpoint(f"{self.what} names {module}.{name}, which is not checkpoint data; "
-                                   "refused to load it")
-        return super().find_class(module, name)
-
-
-def restricted_loads(data: bytes, allowed: frozenset[tuple[str, str]] = frozenset(), what: str = "pickle") -> Any:
-    """pickle.loads that constructs plain values and the `allowed` globals only."""
-    return _Restricted(io.BytesIO(data), allowed, what).load()
-
-
-class SafeReader(FileSystemReader):
-    """DCP's file reader with the `.metadata` file read by a restricted unpickler."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            metadata = _Restricted(stream, _metadata_globals(), f"{path}").load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafePlanner(DefaultLoadPlanner):
-    """DCP's default load planner, with non-tensor values read by `torch.load(weights_only=True)`."""
-
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        loaded = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 def load_safely(checkpointer: Any, dataloader: Any) -> None:
@@ -149,55 +83,6 @@ def load_safely(checkpointer: Any, dataloader: Any) -> None:
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 
-def _cause_is_damage(exc: BaseException) -> bool:
-    """A read error that means a file missing or cut short (not a refused pickle, not a permission
-    error, not a model that does not match the checkpoint)."""
-    if isinstance(exc, CheckpointException):
-        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in exc.failures.values()]
-        return bool(causes) and all(_cause_is_damage(cause) for cause in causes)
-    if isinstance(exc, UnsafeCheckpoint) or (isinstance(exc, pickle.UnpicklingError)
-                                             and str(exc).startswith("Weights only load failed")):
-        return False
-    if isinstance(exc, (EOFError, pickle.UnpicklingError)):
-        return True
-    if isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc):
-        return True
-    return isinstance(exc, OSError) and not isinstance(exc, PermissionError)
-
-
-def damage(path: Path, exc: BaseException) -> str | None:
-    """What is wrong with the files of checkpoint `path` that failed to load with `exc`; None when
-    the failure is not damage. The metadata is read again (safely) and every data file measured
-    against it, so the file is named; DCP itself folds a metadata read error into an AssertionError."""
-    try:
-        metadata = SafeReader(str(path)).read_metadata()
-    except UnsafeCheckpoint:
-        return None
-    except PermissionError:
-        return None
-    except (EOFError, pickle.UnpicklingError, OSError, AttributeError, TypeError):
-        return f"{METADATA} is truncated or corrupt"
-    ends: dict[str, int] = {}
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
-        name = str(getattr(info, "relative_path", ""))
-        if name:
-            ends[name] = max(ends.get(name, 0), int(info.offset) + int(info.length))
-    for name, end in sorted(ends.items()):
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size < end:
-            return f"{name} is truncated ({file.stat().st_size} of {end} bytes)"
-    return "a file is truncated or corrupt" if _cause_is_damage(exc) else None
-
-
-def _first_failure(exc: CheckpointException) -> str:
-    for failure in exc.failures.values():
-        cause = failure[0] if isinstance(failure, tuple) else failure
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
-    return "CheckpointException"
-
-
 def complete_steps(folder: Path) -> list[int]:
     """Steps of the `step-N` folders that hold DCP's metadata (TorchTitan's own rule), oldest first."""
     if not folder.is_dir():
@@ -238,7 +123,7 @@ def handle_damaged(checkpointer: Any, *, on_damaged: str, rank: int) -> None:
                 why = damage(path, exc)
                 if why is None and isinstance(exc, CheckpointException):
                     # a BaseException: it would pass the worker's handler by, status left "running"
-                    raise TrainingError(f"checkpoint {path} cannot be loaded: {_first_failure(exc)}") from exc
+                    raise TrainingError(f"checkpoint {path} cannot be loaded: {first_failure(exc)}") from exc
                 if why is None:
                     raise
                 if on_damaged != "previous":

@@ -5,7 +5,7 @@ evaluation blocks are scored (imports torch and torchtitan; used by the adapter 
 - Weights: the model's init (`model: {hf_path}` weights when set, else TorchTitan's seeded random
   init), the run's newest complete checkpoint (`latest`), or a checkpoint directory. A
   checkpoint's model tensors are read with DCP through the backend's safe readers
-  (primus_torchtitan.checkpoint): any saved layout loads into this layout, nothing is unpickled.
+  (primus.runs.dcp): any saved layout loads into this layout, nothing is unpickled.
 - Precision: the forward runs on the fp32 parameters. FSDP's mixed-precision parameter dtype
   (bf16 by default) is a training throughput setting; a score is computed in full precision.
 - Attention: positions 0..seq_length-1 for every block, so TorchTitan's document mask is one
@@ -81,7 +81,7 @@ def load_model_checkpoint(model_parts: list[Any], path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torchtitan.components.checkpoint import ModelWrapper
 
-    from primus_torchtitan.checkpoint import SafePlanner, SafeReader
+    from primus.runs.dcp import SafePlanner, SafeReader
 
     wrapper = ModelWrapper(model_parts)
     state = wrapper.state_dict()

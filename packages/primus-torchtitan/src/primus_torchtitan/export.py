@@ -3,8 +3,8 @@
 One process on CPU, no process group, whatever layout the checkpoint was saved with (one process,
 FSDP, TP, ...): DCP's metadata knows every tensor's global shape and where each saved shard of it
 lies, so each model tensor is allocated whole and DCP fills it from the shards. The reads go through
-the backend's safe readers (primus_torchtitan.checkpoint: the metadata through a restricted
-unpickler; only the model's tensors are requested, so no pickled value is read at all). Imports
+core's safe DCP readers (primus.runs.dcp: the metadata through a restricted unpickler; only the
+model's tensors are requested, so no pickled value is read at all). Imports
 torch, never torchtitan.
 """
 
@@ -24,24 +24,9 @@ def checkpoint_folder(module: Any, run_dir: Path) -> Path:
 
 def read_model_tensors(path: Path, names: list[str]) -> dict[str, Any]:
     """The full tensors `names` of DCP checkpoint `path` (one process, any saved layout)."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from primus.runs.dcp import read_full_tensors
 
-    from primus_torchtitan.checkpoint import SafePlanner, SafeReader
-
-    metadata = SafeReader(str(path)).read_metadata()
-    state: dict[str, Any] = {}
-    for name in names:
-        info = metadata.state_dict_metadata.get(name)
-        if info is None:
-            continue
-        if not isinstance(info, TensorStorageMetadata):
-            raise ConfigError(f"checkpoint {path}: {name} is not a tensor")
-        state[name] = torch.empty(tuple(info.size), dtype=info.properties.dtype)
-    if state:
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=True)
-    return state
+    return read_full_tensors(path, names)
 
 
 def export_hf(module: Any, run_dir: Path, step: int | None, out_dir: Path) -> int:

@@ -67,7 +67,8 @@ def setup_logging(*, run_dir: Path | None, module: str, rank: int, stderr_level:
         logger.add(sys.stderr, level=stderr_level, format=fmt, colorize=None, filter=console_filter())
     else:
         # other ranks print errors only: their warnings repeat rank 0's (all of it is in their files)
-        logger.add(sys.stderr, level="ERROR", format=fmt)
+        # (an error said on the console another way, `primus: error:`, stays in the file here too)
+        logger.add(sys.stderr, level="ERROR", format=fmt, filter=lambda record: not record["extra"].get("file_only"))
     log_file = None
     if run_dir is not None:
         log_file = run_dir / "logs" / module / f"rank-{rank}" / "primus.log"
