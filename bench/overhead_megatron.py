@@ -250,12 +250,17 @@ def measure(side: str, steps: int, workdir: Path, env: dict[str, str]) -> tuple[
     return primus_loop_seconds(workspace, steps), rss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="the plain megatron-core side of bench/overhead.py megatron")
-    parser.add_argument("--steps", type=int, default=200)
+def plain_script(description: str, default_steps: int, run: Any) -> None:
+    """The command line of a plain megatron-core side (this file's and plain_megatron_sft.py's): `--steps N`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=default_steps)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    plain_main(args.steps)
+    run(args.steps)
+
+
+def main() -> None:
+    plain_script("the plain megatron-core side of bench/overhead.py megatron", 200, plain_main)
 
 
 if __name__ == "__main__":

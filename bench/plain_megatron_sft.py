@@ -15,14 +15,12 @@ run on a CPU at all. Prints the wall time of steps 2..N.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead_megatron import SETTINGS as PRETRAIN  # noqa: E402  (llama3_tiny.yaml under Megatron's names)
-from overhead_megatron import build_plain, masked_loss, train_plain  # noqa: E402
+from overhead_megatron import build_plain, masked_loss, plain_script, train_plain  # noqa: E402
 
 #: the SFT example's settings under Megatron's argument names (the tiny model, then the bench's train: section)
 SETTINGS = {**PRETRAIN, "micro_batch_size": 8, "global_batch_size": 8, "seq_length": 64, "min_lr": 1e-3,
@@ -69,11 +67,7 @@ def plain_main(steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    plain_main(args.steps)
+    plain_script(__doc__.splitlines()[0], 60, plain_main)
 
 
 if __name__ == "__main__":
